@@ -1,0 +1,5 @@
+#![forbid(unsafe_code)]
+
+fn main() {
+    println!("registry-connector {}", env!("CARGO_PKG_VERSION"));
+}
