@@ -1,1 +1,361 @@
+//! Test support: a real local control plane (etcd, kube-apiserver, kube-controller-manager)
+//! and a real Consul agent, started by `scripts/testenv` and shared by all tests of one
+//! test binary.
+//!
+//! `TestEnv::shared()` attaches to an environment that is already up when `TESTENV_DIR`
+//! names one (CI starts one for the whole suite), otherwise it starts its own with
+//! `scripts/testenv up --watch-pid <this process>`, so the environment is torn down when
+//! the test binary exits, even after a panic or an abort. This crate never imitates a
+//! component: every client it hands out talks to the real processes.
 #![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{DeleteParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+
+/// One running test environment, described by the files `scripts/testenv up` wrote.
+#[derive(Debug, Clone)]
+pub struct TestEnv {
+    dir: PathBuf,
+    kubeconfig: PathBuf,
+    user_kubeconfig: PathBuf,
+    consul_addr: Option<String>,
+}
+
+static SHARED: OnceLock<std::result::Result<TestEnv, String>> = OnceLock::new();
+
+impl TestEnv {
+    /// The environment shared by every test in this binary (started on first use).
+    ///
+    /// Panics with the start-up error: a test cannot run without its environment.
+    pub fn shared() -> &'static TestEnv {
+        let env = SHARED.get_or_init(|| Self::attach_or_start().map_err(|e| format!("{e:#}")));
+        match env {
+            Ok(env) => env,
+            Err(e) => panic!("test environment unavailable: {e}"),
+        }
+    }
+
+    fn attach_or_start() -> Result<TestEnv> {
+        if let Ok(dir) = std::env::var("TESTENV_DIR") {
+            if !dir.is_empty() {
+                return Self::from_dir(Path::new(&dir));
+            }
+        }
+        let pid = std::process::id().to_string();
+        let out = Command::new("bash")
+            .arg(script_path())
+            .args(["up", "--with", "consul", "--watch-pid", &pid])
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .context("running scripts/testenv up")?;
+        if !out.status.success() {
+            bail!("scripts/testenv up failed with {}", out.status);
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let dir = parse_exports(&stdout)
+            .into_iter()
+            .find(|(k, _)| k == "TESTENV_DIR")
+            .map(|(_, v)| v)
+            .context("scripts/testenv up printed no TESTENV_DIR")?;
+        Self::from_dir(Path::new(&dir))
+    }
+
+    /// Reads the `env` file that `scripts/testenv up` leaves in its directory.
+    pub fn from_dir(dir: &Path) -> Result<TestEnv> {
+        let env_file = dir.join("env");
+        let text = std::fs::read_to_string(&env_file)
+            .with_context(|| format!("reading {}", env_file.display()))?;
+        let vars = parse_exports(&text);
+        let get = |name: &str| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        Ok(TestEnv {
+            dir: dir.to_path_buf(),
+            kubeconfig: get("KUBECONFIG").context("env file lacks KUBECONFIG")?.into(),
+            user_kubeconfig: get("TESTENV_USER_KUBECONFIG")
+                .context("env file lacks TESTENV_USER_KUBECONFIG")?
+                .into(),
+            consul_addr: get("CONSUL_HTTP_ADDR"),
+        })
+    }
+
+    /// The directory holding kubeconfigs, logs and pid files of this environment.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of the admin kubeconfig (bearer token of a `system:masters` identity).
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// A client with the admin identity. Made anew per call: a kube `Client` is bound to
+    /// the tokio runtime that created it, and every `#[tokio::test]` has its own.
+    pub async fn client(&self) -> Result<Client> {
+        client_from(&self.kubeconfig).await
+    }
+
+    /// A client with the unprivileged identity `tester`, for RBAC checks.
+    pub async fn user_client(&self) -> Result<Client> {
+        client_from(&self.user_kubeconfig).await
+    }
+
+    /// `host:port` of the Consul agent's HTTP API.
+    pub fn consul_addr(&self) -> Result<&str> {
+        self.consul_addr
+            .as_deref()
+            .context("this test environment was started without consul")
+    }
+
+    /// Creates a namespace with a unique name derived from `prefix`; it is deleted when
+    /// the returned guard drops.
+    pub async fn namespace(&self, prefix: &str) -> Result<TestNamespace> {
+        let client = self.client().await?;
+        let name = unique_name(prefix);
+        let ns = Namespace {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<Namespace>::all(client)
+            .create(&PostParams::default(), &ns)
+            .await
+            .with_context(|| format!("creating namespace {name}"))?;
+        Ok(TestNamespace {
+            name,
+            kubeconfig: self.kubeconfig.clone(),
+        })
+    }
+
+    /// Stops one component (`kube-apiserver`, `consul`, ...) through `scripts/testenv stop`.
+    pub fn stop_component(&self, name: &str) -> Result<()> {
+        self.run_script(&["stop", &self.dir.to_string_lossy(), name])
+    }
+
+    /// Starts a stopped component again with its original command line and waits until
+    /// it is ready.
+    pub fn start_component(&self, name: &str) -> Result<()> {
+        self.run_script(&["start", &self.dir.to_string_lossy(), name])
+    }
+
+    fn run_script(&self, args: &[&str]) -> Result<()> {
+        let status = Command::new("bash")
+            .arg(script_path())
+            .args(args)
+            .status()
+            .with_context(|| format!("running scripts/testenv {}", args.join(" ")))?;
+        if !status.success() {
+            bail!("scripts/testenv {} failed with {status}", args.join(" "));
+        }
+        Ok(())
+    }
+}
+
+/// A namespace owned by one test; deleted (without waiting) when dropped.
+#[derive(Debug)]
+pub struct TestNamespace {
+    name: String,
+    kubeconfig: PathBuf,
+}
+
+impl TestNamespace {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        // Drop cannot await, and the test's runtime may be shutting down: delete from a
+        // short-lived runtime on its own thread. Best effort: the environment's teardown
+        // removes everything anyway.
+        let name = self.name.clone();
+        let kubeconfig = self.kubeconfig.clone();
+        let deleter = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                if let Ok(client) = client_from(&kubeconfig).await {
+                    let _ = Api::<Namespace>::all(client)
+                        .delete(&name, &DeleteParams::background())
+                        .await;
+                }
+            });
+        });
+        let _ = deleter.join();
+    }
+}
+
+/// Builds a client from a kubeconfig file.
+pub async fn client_from(path: &Path) -> Result<Client> {
+    let kubeconfig =
+        Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .context("building client config")?;
+    Client::try_from(config).context("building client")
+}
+
+/// A name unique across tests and runs: `prefix-<random>`, a valid DNS label.
+pub fn unique_name(prefix: &str) -> String {
+    use rand::Rng;
+    let suffix: u32 = rand::rng().random();
+    format!("{prefix}-{suffix:08x}")
+}
+
+/// Polls `check` until it returns `Some` or `timeout` passes. Deadlines, not sleeps: a
+/// test waits exactly as long as the condition needs.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Path of `scripts/testenv` in this repository.
+pub fn script_path() -> PathBuf {
+    repo_root().join("scripts").join("testenv")
+}
+
+/// The repository root, found from this crate's manifest directory.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Parses `export NAME=value` lines (values optionally single or double quoted).
+pub fn parse_exports(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("export "))
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| {
+            let v = v.trim();
+            let v = v
+                .strip_prefix('\'')
+                .and_then(|v| v.strip_suffix('\''))
+                .or_else(|| v.strip_prefix('"').and_then(|v| v.strip_suffix('"')))
+                .unwrap_or(v);
+            (k.trim().to_string(), v.to_string())
+        })
+        .collect()
+}
+
+/// A small Consul HTTP client for tests: registers and deregisters catalog entries
+/// and checks on the real agent.
+pub mod consul {
+    use anyhow::{bail, Context, Result};
+    use serde_json::Value;
+
+    #[derive(Debug, Clone)]
+    pub struct ConsulClient {
+        base: String,
+        http: reqwest::Client,
+    }
+
+    impl ConsulClient {
+        pub fn new(addr: &str) -> Result<Self> {
+            let base = if addr.starts_with("http://") || addr.starts_with("https://") {
+                addr.trim_end_matches('/').to_string()
+            } else {
+                format!("http://{}", addr.trim_end_matches('/'))
+            };
+            Ok(Self {
+                base,
+                http: reqwest::Client::builder().build().context("http client")?,
+            })
+        }
+
+        /// PUT a JSON body to an API path such as `/v1/agent/service/register`.
+        pub async fn put(&self, path: &str, body: &Value) -> Result<()> {
+            let resp = self
+                .http
+                .put(format!("{}{}", self.base, path))
+                .json(body)
+                .send()
+                .await
+                .with_context(|| format!("PUT {path}"))?;
+            if !resp.status().is_success() {
+                let status = resp.status();
+                let text = resp.text().await.unwrap_or_default();
+                bail!("PUT {path}: {status}: {text}");
+            }
+            Ok(())
+        }
+
+        /// GET an API path; returns the JSON body and the `X-Consul-Index` header.
+        pub async fn get(&self, path_and_query: &str) -> Result<(Value, u64)> {
+            let resp = self
+                .http
+                .get(format!("{}{}", self.base, path_and_query))
+                .send()
+                .await
+                .with_context(|| format!("GET {path_and_query}"))?;
+            let status = resp.status();
+            let index = resp
+                .headers()
+                .get("X-Consul-Index")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if !status.is_success() {
+                bail!("GET {path_and_query}: {status}");
+            }
+            let body = resp.json().await.context("decoding consul response")?;
+            Ok((body, index))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_export_lines_with_and_without_quotes() {
+        let text = "export A=1\nnoise\nexport B='x y'\nexport C=\"/tmp/k\"\n";
+        assert_eq!(
+            parse_exports(text),
+            vec![
+                ("A".to_string(), "1".to_string()),
+                ("B".to_string(), "x y".to_string()),
+                ("C".to_string(), "/tmp/k".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn unique_names_are_dns_labels_and_differ() {
+        let a = unique_name("t");
+        let b = unique_name("t");
+        assert_ne!(a, b);
+        assert!(a.len() <= 63 && a.starts_with("t-"));
+        assert!(a
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
+    }
+}

@@ -1,0 +1,146 @@
+//! The sink's Prometheus metrics. Labels are bounded (kind, verb, result): never a
+//! service name, so cardinality does not grow with the registry.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Endpoints,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Verb {
+    Create,
+    Apply,
+    Delete,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Outcome {
+    Success,
+    Conflict,
+    Error,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteLabels {
+    pub kind: Kind,
+    pub verb: Verb,
+    pub result: Outcome,
+}
+
+/// Counters and gauges of the Kubernetes side.
+#[derive(Debug)]
+pub struct SinkMetrics {
+    /// Kubernetes writes by kind, verb and result.
+    pub writes: Family<WriteLabels, Counter>,
+    /// Reconciles of one service, and those that failed.
+    pub reconciles: Counter,
+    pub reconcile_failures: Counter,
+    pub reconcile_duration: Histogram,
+    /// Objects that carry a name we want but are not ours.
+    pub name_clashes: Counter,
+    /// Deletions currently held by the mass-deletion guard.
+    pub held_deletions: Gauge,
+    /// Services this connector instance manages (from its caches).
+    pub managed_services: Gauge,
+    /// Unix time of the last batch that completed without failures.
+    pub last_sync_timestamp: Gauge,
+}
+
+impl Default for SinkMetrics {
+    fn default() -> Self {
+        Self {
+            writes: Family::default(),
+            reconciles: Counter::default(),
+            reconcile_failures: Counter::default(),
+            reconcile_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            name_clashes: Counter::default(),
+            held_deletions: Gauge::default(),
+            managed_services: Gauge::default(),
+            last_sync_timestamp: Gauge::default(),
+        }
+    }
+}
+
+impl SinkMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "kubernetes_writes",
+            "Kubernetes API writes by kind, verb and result",
+            self.writes.clone(),
+        );
+        registry.register(
+            "reconciles",
+            "Per-service reconciles",
+            self.reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_failures",
+            "Per-service reconciles that failed and were scheduled for retry",
+            self.reconcile_failures.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of one service's reconcile",
+            self.reconcile_duration.clone(),
+        );
+        registry.register(
+            "name_clashes",
+            "Objects whose name is taken by an object this connector does not own",
+            self.name_clashes.clone(),
+        );
+        registry.register(
+            "held_deletions",
+            "Service deletions held by the mass-deletion guard",
+            self.held_deletions.clone(),
+        );
+        registry.register(
+            "managed_services",
+            "Services managed by this connector instance",
+            self.managed_services.clone(),
+        );
+        registry.register(
+            "last_sync_timestamp_seconds",
+            "Unix time of the last batch reconciled without failure",
+            self.last_sync_timestamp.clone(),
+        );
+    }
+
+    pub fn record_write(&self, kind: Kind, verb: Verb, result: Outcome) {
+        self.writes
+            .get_or_create(&WriteLabels { kind, verb, result })
+            .inc();
+    }
+
+    /// Writes of one kind that the apiserver accepted.
+    pub fn successful_writes(&self, kind: Kind) -> u64 {
+        [Verb::Create, Verb::Apply, Verb::Delete]
+            .into_iter()
+            .map(|verb| {
+                self.writes
+                    .get_or_create(&WriteLabels {
+                        kind,
+                        verb,
+                        result: Outcome::Success,
+                    })
+                    .get()
+            })
+            .sum()
+    }
+
+    /// All writes the apiserver accepted, of every kind.
+    pub fn total_successful_writes(&self) -> u64 {
+        [Kind::Service, Kind::EndpointSlice, Kind::Endpoints]
+            .into_iter()
+            .map(|k| self.successful_writes(k))
+            .sum()
+    }
+}

@@ -1,0 +1,149 @@
+//! One service's reconcile: render what the catalog says, compare it with the cache,
+//! write only the difference.
+//!
+//! Order matters: the Service first (its UID is the slices' and Endpoints' owner, and
+//! a clash on the Service stops everything, so that no endpoint is ever attached to a
+//! Service we do not own), then the EndpointSlices, then the legacy Endpoints. Deletion
+//! goes the other way round.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Endpoints, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::ResourceExt;
+
+use super::cache::ObjectCache;
+use super::metrics::Kind;
+use super::writer::{WriteError, Writer};
+use crate::catalog::Aggregator;
+use crate::diff;
+use crate::render::{self, RenderConfig};
+use crate::slicing::plan_endpoint_slices;
+
+/// Everything a reconcile reads and writes.
+pub struct ReconcileContext {
+    pub catalog: Arc<dyn Aggregator>,
+    pub render: RenderConfig,
+    pub services: Arc<ObjectCache<Service>>,
+    pub slices: Arc<ObjectCache<EndpointSlice>>,
+    pub endpoints: Arc<ObjectCache<Endpoints>>,
+    pub writer: Writer,
+}
+
+/// What a reconcile did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reconciled {
+    /// Objects match the catalog; `writes` API writes were needed for that.
+    Synced { writes: usize },
+    /// The service is gone from the catalog and its objects were deleted.
+    Deleted { writes: usize },
+    /// The service is gone from the catalog but deleting is not allowed now.
+    DeletionDeferred,
+}
+
+impl ReconcileContext {
+    /// Whether this connector has any object for `name`.
+    pub fn has_objects(&self, name: &str) -> bool {
+        self.services.contains(name) || self.slices.contains(name) || self.endpoints.contains(name)
+    }
+
+    pub async fn reconcile(&self, name: &str, may_delete: bool) -> Result<Reconciled, WriteError> {
+        match self.catalog.aggregate(name) {
+            Some(meta) => self.sync(name, &meta).await,
+            None if may_delete => self.delete_all(name).await,
+            None => Ok(Reconciled::DeletionDeferred),
+        }
+    }
+
+    async fn sync(&self, name: &str, meta: &crate::model::MicroSvcMeta) -> Result<Reconciled, WriteError> {
+        let mut writes = 0;
+        let desired_svc = render::service::desired_service(&self.render, name, meta);
+        let live_svc = self.services.get_named(name, name);
+        let live_svc = match live_svc {
+            Some(live) if diff::service_needs_recreate(&desired_svc, &live) => {
+                // clusterIP cannot change in place (headless <-> virtual IP).
+                self.writer
+                    .delete::<Service>(Kind::Service, name, live.uid())
+                    .await?;
+                writes += 1;
+                None
+            }
+            other => other,
+        };
+        let svc = self
+            .writer
+            .ensure(Kind::Service, &desired_svc, live_svc.as_deref(), diff::service_matches)
+            .await?;
+        writes += usize::from(svc.wrote());
+        let owner = render::owner_reference(svc.object());
+
+        let live_slices: Vec<EndpointSlice> = self
+            .slices
+            .get(name)
+            .iter()
+            .map(|s| EndpointSlice::clone(s))
+            .collect();
+        let plan = plan_endpoint_slices(&self.render, name, meta, &live_slices, owner.clone());
+        for desired in &plan.desired {
+            let live = live_slices.iter().find(|s| s.name_any() == desired.name_any());
+            let ensured = self
+                .writer
+                .ensure(Kind::EndpointSlice, desired, live, diff::endpoint_slice_matches)
+                .await?;
+            writes += usize::from(ensured.wrote());
+        }
+        for stale in &plan.delete {
+            let uid = live_slices
+                .iter()
+                .find(|s| s.name_any() == *stale)
+                .and_then(|s| s.uid());
+            self.writer
+                .delete::<EndpointSlice>(Kind::EndpointSlice, stale, uid)
+                .await?;
+            writes += 1;
+        }
+
+        let live_eps = self.endpoints.get_named(name, name);
+        match render::endpoints::desired_endpoints(&self.render, name, meta, owner) {
+            Some(desired) => {
+                let ensured = self
+                    .writer
+                    .ensure(Kind::Endpoints, &desired, live_eps.as_deref(), diff::endpoints_matches)
+                    .await?;
+                writes += usize::from(ensured.wrote());
+            }
+            None => {
+                if let Some(live) = live_eps {
+                    self.writer
+                        .delete::<Endpoints>(Kind::Endpoints, name, live.uid())
+                        .await?;
+                    writes += 1;
+                }
+            }
+        }
+        Ok(Reconciled::Synced { writes })
+    }
+
+    async fn delete_all(&self, name: &str) -> Result<Reconciled, WriteError> {
+        let mut writes = 0;
+        for slice in self.slices.get(name) {
+            self.writer
+                .delete::<EndpointSlice>(Kind::EndpointSlice, &slice.name_any(), slice.uid())
+                .await?;
+            writes += 1;
+        }
+        for eps in self.endpoints.get(name) {
+            self.writer
+                .delete::<Endpoints>(Kind::Endpoints, &eps.name_any(), eps.uid())
+                .await?;
+            writes += 1;
+        }
+        for svc in self.services.get(name) {
+            self.writer
+                .delete::<Service>(Kind::Service, &svc.name_any(), svc.uid())
+                .await?;
+            writes += 1;
+        }
+        Ok(Reconciled::Deleted { writes })
+    }
+}
