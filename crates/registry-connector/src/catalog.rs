@@ -117,7 +117,10 @@ impl Catalog {
                 synced: true,
             },
         );
-        let names: BTreeSet<String> = before.into_iter().chain(state.claims.keys().cloned()).collect();
+        let names: BTreeSet<String> = before
+            .into_iter()
+            .chain(state.claims.keys().cloned())
+            .collect();
         let changed: Vec<String> = names
             .into_iter()
             .filter(|name| old.published(name) != state.published(name))
@@ -300,11 +303,17 @@ mod tests {
     fn an_unchanged_upsert_is_silent() {
         let (catalog, mut rx) = Catalog::new();
         catalog.upsert(svc("a", &["192.0.2.1"]));
-        assert_eq!(drain(&mut rx), vec![CatalogEvent::Changed(vec!["a".into()])]);
+        assert_eq!(
+            drain(&mut rx),
+            vec![CatalogEvent::Changed(vec!["a".into()])]
+        );
         catalog.upsert(svc("a", &["192.0.2.1"]));
         assert!(drain(&mut rx).is_empty());
         catalog.upsert(svc("a", &["192.0.2.1", "192.0.2.9"]));
-        assert_eq!(drain(&mut rx), vec![CatalogEvent::Changed(vec!["a".into()])]);
+        assert_eq!(
+            drain(&mut rx),
+            vec![CatalogEvent::Changed(vec!["a".into()])]
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod diff;
 pub mod labels;
 pub mod model;
 pub mod naming;
+pub mod registry;
 pub mod render;
 pub mod sink;
 pub mod slicing;

@@ -77,7 +77,9 @@ impl TestEnv {
         let get = |name: &str| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
         Ok(TestEnv {
             dir: dir.to_path_buf(),
-            kubeconfig: get("KUBECONFIG").context("env file lacks KUBECONFIG")?.into(),
+            kubeconfig: get("KUBECONFIG")
+                .context("env file lacks KUBECONFIG")?
+                .into(),
             user_kubeconfig: get("TESTENV_USER_KUBECONFIG")
                 .context("env file lacks TESTENV_USER_KUBECONFIG")?
                 .into(),

@@ -140,7 +140,9 @@ async fn garbage_collector_removes_slices_owned_by_a_deleted_service() -> Result
             })),
         )
         .await?;
-    services.delete("owned", &DeleteParams::background()).await?;
+    services
+        .delete("owned", &DeleteParams::background())
+        .await?;
     wait_for("the slice to be garbage-collected", WAIT, || {
         let slices = slices.clone();
         async move {
@@ -230,7 +232,10 @@ async fn consul_blocking_query_returns_on_registration() -> Result<()> {
     assert!(new_index > index, "index advanced: {index} -> {new_index}");
     assert!(services.get(&name).is_some(), "{services}");
     consul
-        .put(&format!("/v1/agent/service/deregister/{name}"), &json!(null))
+        .put(
+            &format!("/v1/agent/service/deregister/{name}"),
+            &json!(null),
+        )
         .await?;
     Ok(())
 }

@@ -38,7 +38,10 @@ fn down_leaves_no_process_running() -> Result<()> {
         .status()?;
     assert!(status.success(), "testenv up failed");
     let pids = pids_in(&dir)?;
-    assert!(pids.len() >= 4, "etcd, apiserver, controller-manager, consul: {pids:?}");
+    assert!(
+        pids.len() >= 4,
+        "etcd, apiserver, controller-manager, consul: {pids:?}"
+    );
     assert!(pids.iter().all(|p| pid_alive(*p)), "all started: {pids:?}");
 
     let status = Command::new("bash")

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use futures::StreamExt;
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -124,7 +124,9 @@ where
                 Vec::new()
             }
             Event::InitApply(obj) => {
-                if let (Some(buffer), Some(service)) = (relist.buffer.as_mut(), (self.service_of)(&obj)) {
+                if let (Some(buffer), Some(service)) =
+                    (relist.buffer.as_mut(), (self.service_of)(&obj))
+                {
                     buffer
                         .entry(service)
                         .or_default()
@@ -149,7 +151,10 @@ where
         let name = obj.name_any();
         let mut index = self.write();
         // An object moves between services only by a relabel: drop its stale entry.
-        if let Some(previous) = index.service_of_object.insert(name.clone(), service.clone()) {
+        if let Some(previous) = index
+            .service_of_object
+            .insert(name.clone(), service.clone())
+        {
             if previous != service {
                 remove_entry(&mut index.by_service, &previous, &name);
             }
@@ -198,15 +203,16 @@ fn strip<K: Resource>(mut obj: K) -> K {
 
 fn changed_services<K: Resource>(old: &Index<K>, new: &Index<K>) -> Vec<String> {
     let version = |o: &Arc<K>| o.meta().resource_version.clone();
-    let differs = |a: Option<&BTreeMap<String, Arc<K>>>, b: Option<&BTreeMap<String, Arc<K>>>| match (a, b) {
-        (Some(a), Some(b)) => {
-            a.len() != b.len()
-                || a.iter()
-                    .any(|(name, o)| b.get(name).map(version) != Some(version(o)))
-        }
-        (None, None) => false,
-        _ => true,
-    };
+    let differs =
+        |a: Option<&BTreeMap<String, Arc<K>>>, b: Option<&BTreeMap<String, Arc<K>>>| match (a, b) {
+            (Some(a), Some(b)) => {
+                a.len() != b.len()
+                    || a.iter()
+                        .any(|(name, o)| b.get(name).map(version) != Some(version(o)))
+            }
+            (None, None) => false,
+            _ => true,
+        };
     let mut names: Vec<String> = old
         .keys()
         .chain(new.keys())
@@ -221,9 +227,19 @@ fn changed_services<K: Resource>(old: &Index<K>, new: &Index<K>) -> Vec<String> 
 /// Runs the watcher for one cache until the stream ends (it does not: watcher errors
 /// are retried with kube-runtime's default backoff), pushing affected names into the
 /// coalescer.
-pub async fn run_cache<K>(api: Api<K>, selector: String, cache: Arc<ObjectCache<K>>, changes: Arc<Coalescer>)
-where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+pub async fn run_cache<K>(
+    api: Api<K>,
+    selector: String,
+    cache: Arc<ObjectCache<K>>,
+    changes: Arc<Coalescer>,
+) where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
 {
     let config = watcher::Config::default().labels(&selector);
     let stream = watcher(api, config).default_backoff();
@@ -234,11 +250,13 @@ where
             Ok(event) => {
                 let affected = cache.apply(&mut relist, event);
                 if !affected.is_empty() {
-                    debug!(kind = %K::kind(&Default::default()), count = affected.len(), "managed objects changed");
+                    debug!(kind = %K::kind(&()), count = affected.len(), "managed objects changed");
                     changes.push(affected);
                 }
             }
-            Err(err) => warn!(kind = %K::kind(&Default::default()), error = %err, "watch failed; retrying with backoff"),
+            Err(err) => {
+                warn!(kind = %K::kind(&()), error = %err, "watch failed; retrying with backoff")
+            }
         }
     }
 }
@@ -254,7 +272,13 @@ mod tests {
             metadata: ObjectMeta {
                 name: Some(name.into()),
                 resource_version: Some(rv.into()),
-                labels: Some([("kubernetes.io/service-name".to_string(), service.to_string())].into()),
+                labels: Some(
+                    [(
+                        "kubernetes.io/service-name".to_string(),
+                        service.to_string(),
+                    )]
+                    .into(),
+                ),
                 managed_fields: Some(vec![Default::default()]),
                 ..Default::default()
             },
@@ -265,18 +289,34 @@ mod tests {
     }
 
     fn service_of(s: &EndpointSlice) -> Option<String> {
-        s.metadata.labels.as_ref()?.get("kubernetes.io/service-name").cloned()
+        s.metadata
+            .labels
+            .as_ref()?
+            .get("kubernetes.io/service-name")
+            .cloned()
     }
 
     #[test]
     fn events_are_indexed_by_service_and_report_it() {
         let cache = ObjectCache::new(service_of as ServiceKeyFn<EndpointSlice>);
         let mut relist = Relist { buffer: None };
-        assert_eq!(cache.apply(&mut relist, Event::Apply(slice("a", "a-1", "1"))), vec!["a"]);
-        assert_eq!(cache.apply(&mut relist, Event::Apply(slice("a", "a-2", "2"))), vec!["a"]);
+        assert_eq!(
+            cache.apply(&mut relist, Event::Apply(slice("a", "a-1", "1"))),
+            vec!["a"]
+        );
+        assert_eq!(
+            cache.apply(&mut relist, Event::Apply(slice("a", "a-2", "2"))),
+            vec!["a"]
+        );
         assert_eq!(cache.get("a").len(), 2);
-        assert!(cache.get("a")[0].metadata.managed_fields.is_none(), "managedFields dropped");
-        assert_eq!(cache.apply(&mut relist, Event::Delete(slice("a", "a-1", "3"))), vec!["a"]);
+        assert!(
+            cache.get("a")[0].metadata.managed_fields.is_none(),
+            "managedFields dropped"
+        );
+        assert_eq!(
+            cache.apply(&mut relist, Event::Delete(slice("a", "a-1", "3"))),
+            vec!["a"]
+        );
         assert_eq!(cache.get("a").len(), 1);
         cache.apply(&mut relist, Event::Delete(slice("a", "a-2", "4")));
         assert!(!cache.contains("a"));

@@ -142,13 +142,13 @@ mod tests {
             tokio::spawn(async move {
                 for i in 0..20 {
                     c.push([format!("svc-{i}")]);
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tokio::time::sleep(Duration::from_millis(400)).await;
                 }
             })
         };
         let batch = c.next_batch().await;
         assert_eq!(start.elapsed(), Duration::from_secs(5));
-        assert_eq!(batch.len(), 10 + 1, "names pushed at 0, 0.5, ..., 5.0 s");
+        assert_eq!(batch.len(), 13, "names pushed at 0, 0.4, ..., 4.8 s");
         feeder.abort();
     }
 

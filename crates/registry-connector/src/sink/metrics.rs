@@ -19,6 +19,7 @@ pub enum Kind {
 pub enum Verb {
     Create,
     Apply,
+    Replace,
     Delete,
 }
 
@@ -122,7 +123,7 @@ impl SinkMetrics {
 
     /// Writes of one kind that the apiserver accepted.
     pub fn successful_writes(&self, kind: Kind) -> u64 {
-        [Verb::Create, Verb::Apply, Verb::Delete]
+        [Verb::Create, Verb::Apply, Verb::Replace, Verb::Delete]
             .into_iter()
             .map(|verb| {
                 self.writes

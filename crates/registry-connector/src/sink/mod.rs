@@ -109,10 +109,8 @@ impl SinkHandle {
     /// Waits until `pred` holds for the status.
     pub async fn wait_for(&self, pred: impl Fn(&SinkStatus) -> bool) -> SinkStatus {
         let mut rx = self.status.clone();
-        match rx.wait_for(|s| pred(s)).await {
-            Ok(s) => s.clone(),
-            Err(_) => self.status(),
-        }
+        let result = rx.wait_for(|s| pred(s)).await.map(|s| s.clone());
+        result.unwrap_or_else(|_| self.status())
     }
 
     /// The operator allows the deletions the guard currently holds.
@@ -186,13 +184,30 @@ impl Sink {
         let changes = Arc::new(Coalescer::new(cfg.quiet_period, cfg.max_period));
 
         let services = Arc::new(ObjectCache::<Service>::new(own_name::<Service>));
-        let slices = Arc::new(ObjectCache::<EndpointSlice>::new(service_label::<EndpointSlice>));
+        let slices = Arc::new(ObjectCache::<EndpointSlice>::new(
+            service_label::<EndpointSlice>,
+        ));
         let endpoints = Arc::new(ObjectCache::<Endpoints>::new(own_name::<Endpoints>));
         let watchers = CancellationToken::new();
         for task in [
-            tokio::spawn(run_cache(Api::namespaced(client.clone(), &ns), selector.clone(), services.clone(), changes.clone())),
-            tokio::spawn(run_cache(Api::namespaced(client.clone(), &ns), selector.clone(), slices.clone(), changes.clone())),
-            tokio::spawn(run_cache(Api::namespaced(client.clone(), &ns), selector.clone(), endpoints.clone(), changes.clone())),
+            tokio::spawn(run_cache(
+                Api::namespaced(client.clone(), &ns),
+                selector.clone(),
+                services.clone(),
+                changes.clone(),
+            )),
+            tokio::spawn(run_cache(
+                Api::namespaced(client.clone(), &ns),
+                selector.clone(),
+                slices.clone(),
+                changes.clone(),
+            )),
+            tokio::spawn(run_cache(
+                Api::namespaced(client.clone(), &ns),
+                selector.clone(),
+                endpoints.clone(),
+                changes.clone(),
+            )),
         ] {
             let watchers = watchers.clone();
             tokio::spawn(async move {
@@ -202,8 +217,9 @@ impl Sink {
         }
         let _stop_watchers = watchers.drop_guard();
 
-        let quota = Quota::per_second(NonZeroU32::new(cfg.write_qps.max(1)).unwrap_or(NonZeroU32::MIN))
-            .allow_burst(NonZeroU32::new(cfg.write_burst.max(1)).unwrap_or(NonZeroU32::MIN));
+        let quota =
+            Quota::per_second(NonZeroU32::new(cfg.write_qps.max(1)).unwrap_or(NonZeroU32::MIN))
+                .allow_burst(NonZeroU32::new(cfg.write_burst.max(1)).unwrap_or(NonZeroU32::MIN));
         let writer = Writer::new(
             client.clone(),
             ns.clone(),
@@ -226,7 +242,10 @@ impl Sink {
             _ = shutdown.cancelled() => return,
         }
         status.send_modify(|s| s.caches_ready = true);
-        info!(managed = services.service_count(), "caches ready; starting the sync loop");
+        info!(
+            managed = services.service_count(),
+            "caches ready; starting the sync loop"
+        );
 
         let mut state = LoopState {
             ctx,
@@ -250,7 +269,8 @@ impl Sink {
         state.enqueue(all_names(&catalog, &services, &slices, &endpoints));
 
         let mut running = FuturesUnordered::new();
-        let mut resync = tokio::time::interval_at(Instant::now() + cfg.resync_period, cfg.resync_period);
+        let mut resync =
+            tokio::time::interval_at(Instant::now() + cfg.resync_period, cfg.resync_period);
         loop {
             state.start_ready(&mut running);
             let recheck = state.recheck_at;
@@ -283,9 +303,15 @@ impl Sink {
                 }
                 _ = resync.tick() => changes.push(all_names(&catalog, &services, &slices, &endpoints)),
             }
-            state.metrics.managed_services.set(services.service_count() as i64);
+            state
+                .metrics
+                .managed_services
+                .set(services.service_count() as i64);
         }
-        info!(in_flight = running.len(), "shutting down: finishing the writes in flight");
+        info!(
+            in_flight = running.len(),
+            "shutting down: finishing the writes in flight"
+        );
         while running.next().await.is_some() {}
         info!("sink stopped");
     }
@@ -369,7 +395,10 @@ impl LoopState {
     /// Runs deletions through the first-snapshot rule and the mass-deletion guard.
     fn plan_deletions(&mut self, names: Vec<String>) {
         if !self.catalog.is_synced() {
-            debug!(count = names.len(), "not deleting before the source's first complete snapshot");
+            debug!(
+                count = names.len(),
+                "not deleting before the source's first complete snapshot"
+            );
             return;
         }
         let managed = self.ctx.services.service_names();
@@ -412,7 +441,9 @@ impl LoopState {
 
     fn start_ready(&mut self, running: &mut Running) {
         while running.len() < self.concurrency {
-            let Some(name) = self.queue.pop_front() else { break };
+            let Some(name) = self.queue.pop_front() else {
+                break;
+            };
             self.queued.remove(&name);
             self.in_flight.insert(name.clone());
             self.batch_ran = true;
@@ -424,7 +455,9 @@ impl LoopState {
                     let started = std::time::Instant::now();
                     let result = ctx.reconcile(&name, may_delete).await;
                     metrics.reconciles.inc();
-                    metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
+                    metrics
+                        .reconcile_duration
+                        .observe(started.elapsed().as_secs_f64());
                     (name, result)
                 }
                 .instrument(info_span!("reconcile")),

@@ -55,10 +55,19 @@ impl ReconcileContext {
         }
     }
 
-    async fn sync(&self, name: &str, meta: &crate::model::MicroSvcMeta) -> Result<Reconciled, WriteError> {
+    async fn sync(
+        &self,
+        name: &str,
+        meta: &crate::model::MicroSvcMeta,
+    ) -> Result<Reconciled, WriteError> {
         let mut writes = 0;
-        let desired_svc = render::service::desired_service(&self.render, name, meta);
         let live_svc = self.services.get_named(name, name);
+        let desired_svc = render::service::desired_service_with_live(
+            &self.render,
+            name,
+            meta,
+            live_svc.as_deref(),
+        );
         let live_svc = match live_svc {
             Some(live) if diff::service_needs_recreate(&desired_svc, &live) => {
                 // clusterIP cannot change in place (headless <-> virtual IP).
@@ -72,10 +81,26 @@ impl ReconcileContext {
         };
         let svc = self
             .writer
-            .ensure(Kind::Service, &desired_svc, live_svc.as_deref(), diff::service_matches)
+            .ensure(
+                Kind::Service,
+                &desired_svc,
+                live_svc.as_deref(),
+                diff::service_matches,
+            )
             .await?;
         writes += usize::from(svc.wrote());
-        let owner = render::owner_reference(svc.object());
+        let mut svc = svc.object().clone();
+        if !diff::service_matches(&desired_svc, &svc) {
+            // Apply restored our ports but cannot remove ports another manager added
+            // (ports are a map-list): take the whole list back with a replace.
+            let mut fixed = svc.clone();
+            if let (Some(spec), Some(want)) = (fixed.spec.as_mut(), desired_svc.spec.as_ref()) {
+                spec.ports = want.ports.clone();
+            }
+            svc = self.writer.replace(Kind::Service, &fixed).await?;
+            writes += 1;
+        }
+        let owner = render::owner_reference(&svc);
 
         let live_slices: Vec<EndpointSlice> = self
             .slices
@@ -85,10 +110,17 @@ impl ReconcileContext {
             .collect();
         let plan = plan_endpoint_slices(&self.render, name, meta, &live_slices, owner.clone());
         for desired in &plan.desired {
-            let live = live_slices.iter().find(|s| s.name_any() == desired.name_any());
+            let live = live_slices
+                .iter()
+                .find(|s| s.name_any() == desired.name_any());
             let ensured = self
                 .writer
-                .ensure(Kind::EndpointSlice, desired, live, diff::endpoint_slice_matches)
+                .ensure(
+                    Kind::EndpointSlice,
+                    desired,
+                    live,
+                    diff::endpoint_slice_matches,
+                )
                 .await?;
             writes += usize::from(ensured.wrote());
         }
@@ -108,7 +140,12 @@ impl ReconcileContext {
             Some(desired) => {
                 let ensured = self
                     .writer
-                    .ensure(Kind::Endpoints, &desired, live_eps.as_deref(), diff::endpoints_matches)
+                    .ensure(
+                        Kind::Endpoints,
+                        &desired,
+                        live_eps.as_deref(),
+                        diff::endpoints_matches,
+                    )
                     .await?;
                 writes += usize::from(ensured.wrote());
             }

@@ -122,7 +122,10 @@ impl Writer {
         match live {
             Some(live) if matches(desired, live) => Ok(Ensured::Unchanged(live.clone())),
             Some(_) => self.apply(kind, desired).await.map(Ensured::Written),
-            None => self.create_or_adopt(kind, desired).await.map(Ensured::Written),
+            None => self
+                .create_or_adopt(kind, desired)
+                .await
+                .map(Ensured::Written),
         }
     }
 
@@ -142,22 +145,24 @@ impl Writer {
         };
         match self.api::<K>().create(&pp, desired).await {
             Ok(created) => {
-                self.metrics.record_write(kind, Verb::Create, Outcome::Success);
+                self.metrics
+                    .record_write(kind, Verb::Create, Outcome::Success);
                 debug!(?kind, %name, "created");
                 Ok(created)
             }
             Err(kube::Error::Api(status)) if status.code == 409 => {
-                self.metrics.record_write(kind, Verb::Create, Outcome::Conflict);
-                let existing = self
-                    .api::<K>()
-                    .get_opt(&name)
-                    .await
-                    .map_err(|source| WriteError::Api {
-                        kind,
-                        verb: Verb::Create,
-                        name: name.clone(),
-                        source,
-                    })?;
+                self.metrics
+                    .record_write(kind, Verb::Create, Outcome::Conflict);
+                let existing =
+                    self.api::<K>()
+                        .get_opt(&name)
+                        .await
+                        .map_err(|source| WriteError::Api {
+                            kind,
+                            verb: Verb::Create,
+                            name: name.clone(),
+                            source,
+                        })?;
                 match existing {
                     Some(obj) if is_owned(obj.meta(), &self.connector_id) => {
                         // Ours, and our cache had not seen it yet.
@@ -179,7 +184,8 @@ impl Writer {
                 }
             }
             Err(source) => {
-                self.metrics.record_write(kind, Verb::Create, Outcome::Error);
+                self.metrics
+                    .record_write(kind, Verb::Create, Outcome::Error);
                 Err(WriteError::Api {
                     kind,
                     verb: Verb::Create,
@@ -201,9 +207,14 @@ impl Writer {
         let name = desired.name_any();
         self.limiter.until_ready().await;
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        match self.api::<K>().patch(&name, &params, &Patch::Apply(desired)).await {
+        match self
+            .api::<K>()
+            .patch(&name, &params, &Patch::Apply(desired))
+            .await
+        {
             Ok(obj) => {
-                self.metrics.record_write(kind, Verb::Apply, Outcome::Success);
+                self.metrics
+                    .record_write(kind, Verb::Apply, Outcome::Success);
                 debug!(?kind, %name, "applied");
                 Ok(obj)
             }
@@ -223,10 +234,60 @@ impl Writer {
         }
     }
 
+    /// Replaces the whole object (PUT, with the resourceVersion `obj` carries as the
+    /// optimistic-concurrency precondition). Only for the rare case server-side apply
+    /// cannot express: removing entries that another field manager added to a list we
+    /// must own entirely (a Service's ports).
+    pub async fn replace<K>(&self, kind: Kind, obj: &K) -> Result<K, WriteError>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + Serialize
+            + DeserializeOwned
+            + Debug,
+    {
+        let name = obj.name_any();
+        if !is_owned(obj.meta(), &self.connector_id) {
+            self.metrics.name_clashes.inc();
+            return Err(WriteError::Clash { kind, name });
+        }
+        self.limiter.until_ready().await;
+        let pp = PostParams {
+            field_manager: Some(FIELD_MANAGER.to_string()),
+            dry_run: false,
+        };
+        match self.api::<K>().replace(&name, &pp, obj).await {
+            Ok(obj) => {
+                self.metrics
+                    .record_write(kind, Verb::Replace, Outcome::Success);
+                debug!(?kind, %name, "replaced");
+                Ok(obj)
+            }
+            Err(source) => {
+                let result = match &source {
+                    kube::Error::Api(s) if s.code == 409 => Outcome::Conflict,
+                    _ => Outcome::Error,
+                };
+                self.metrics.record_write(kind, Verb::Replace, result);
+                Err(WriteError::Api {
+                    kind,
+                    verb: Verb::Replace,
+                    name,
+                    source,
+                })
+            }
+        }
+    }
+
     /// Deletes the object `name` only if it still has `uid` (the object we cached,
     /// which carries our labels). Already gone, or replaced by another object: nothing
     /// to do.
-    pub async fn delete<K>(&self, kind: Kind, name: &str, uid: Option<String>) -> Result<(), WriteError>
+    pub async fn delete<K>(
+        &self,
+        kind: Kind,
+        name: &str,
+        uid: Option<String>,
+    ) -> Result<(), WriteError>
     where
         K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
             + Clone
@@ -247,21 +308,25 @@ impl Writer {
         };
         match self.api::<K>().delete(name, &dp).await {
             Ok(_) => {
-                self.metrics.record_write(kind, Verb::Delete, Outcome::Success);
+                self.metrics
+                    .record_write(kind, Verb::Delete, Outcome::Success);
                 debug!(?kind, %name, "deleted");
                 Ok(())
             }
             Err(kube::Error::Api(status)) if status.code == 404 => {
-                self.metrics.record_write(kind, Verb::Delete, Outcome::Success);
+                self.metrics
+                    .record_write(kind, Verb::Delete, Outcome::Success);
                 Ok(())
             }
             Err(kube::Error::Api(status)) if status.code == 409 => {
                 // UID precondition failed: the name now belongs to another object.
-                self.metrics.record_write(kind, Verb::Delete, Outcome::Conflict);
+                self.metrics
+                    .record_write(kind, Verb::Delete, Outcome::Conflict);
                 Ok(())
             }
             Err(source) => {
-                self.metrics.record_write(kind, Verb::Delete, Outcome::Error);
+                self.metrics
+                    .record_write(kind, Verb::Delete, Outcome::Error);
                 Err(WriteError::Api {
                     kind,
                     verb: Verb::Delete,
