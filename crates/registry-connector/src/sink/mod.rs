@@ -91,6 +91,10 @@ pub struct SinkStatus {
     pub held_deletions: BTreeSet<String>,
     /// Services waiting for a retry after a failure.
     pub retrying: usize,
+    /// This process may write (it holds the lease, or runs without election).
+    pub leader: bool,
+    /// The source's first complete snapshot has arrived (a standby is then warm).
+    pub source_synced: bool,
 }
 
 /// A handle to a running sink: status, metrics, and the operator's override.
@@ -98,8 +102,15 @@ pub struct SinkStatus {
 pub struct SinkHandle {
     status: watch::Receiver<SinkStatus>,
     allow: mpsc::UnboundedSender<()>,
+    heartbeat: Heartbeat,
     pub metrics: Arc<SinkMetrics>,
 }
+
+/// When the loop last went round (it ticks at least every few seconds when idle).
+type Heartbeat = Arc<std::sync::Mutex<Option<std::time::Instant>>>;
+
+/// How often an idle loop refreshes its heartbeat.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 
 impl SinkHandle {
     pub fn status(&self) -> SinkStatus {
@@ -117,6 +128,12 @@ impl SinkHandle {
     pub fn allow_held_deletions(&self) {
         let _ = self.allow.send(());
     }
+
+    /// Time since the loop last went round; `None` before it started.
+    pub fn heartbeat_age(&self) -> Option<Duration> {
+        let beat = *self.heartbeat.lock().unwrap_or_else(|e| e.into_inner());
+        beat.map(|t| t.elapsed())
+    }
 }
 
 /// The sink, ready to run.
@@ -129,6 +146,10 @@ pub struct Sink {
     status: watch::Sender<SinkStatus>,
     allow_rx: mpsc::UnboundedReceiver<()>,
     allow_tx: mpsc::UnboundedSender<()>,
+    leader: watch::Receiver<bool>,
+    heartbeat: Heartbeat,
+    /// Keeps the default "always leader" channel open when no election is used.
+    _always_leader: Option<watch::Sender<bool>>,
 }
 
 fn service_label<K: kube::Resource>(obj: &K) -> Option<String> {
@@ -147,6 +168,7 @@ impl Sink {
         catalog_events: mpsc::UnboundedReceiver<CatalogEvent>,
     ) -> Self {
         let (allow_tx, allow_rx) = mpsc::unbounded_channel();
+        let (always, leader) = watch::channel(true);
         Self {
             cfg,
             client,
@@ -156,13 +178,25 @@ impl Sink {
             status: watch::channel(SinkStatus::default()).0,
             allow_rx,
             allow_tx,
+            leader,
+            heartbeat: Heartbeat::default(),
+            _always_leader: Some(always),
         }
+    }
+
+    /// Writes only while `leader` is true (a lease elector's channel). Caches and the
+    /// catalog stay warm either way, so a standby takes over with a diff, not a relist.
+    pub fn with_leadership(mut self, leader: watch::Receiver<bool>) -> Self {
+        self.leader = leader;
+        self._always_leader = None;
+        self
     }
 
     pub fn handle(&self) -> SinkHandle {
         SinkHandle {
             status: self.status.subscribe(),
             allow: self.allow_tx.clone(),
+            heartbeat: self.heartbeat.clone(),
             metrics: self.metrics.clone(),
         }
     }
@@ -178,6 +212,9 @@ impl Sink {
             status,
             mut allow_rx,
             allow_tx: _,
+            mut leader,
+            heartbeat,
+            _always_leader,
         } = self;
         let ns = cfg.render.namespace.clone();
         let selector = owner_selector(&cfg.render.connector_id);
@@ -226,6 +263,7 @@ impl Sink {
             cfg.render.connector_id.clone(),
             Arc::new(RateLimiter::direct(quota)),
             metrics.clone(),
+            leader.clone(),
         );
         let ctx = Arc::new(ReconcileContext {
             catalog: catalog.clone(),
@@ -241,7 +279,12 @@ impl Sink {
             _ = async { services.wait_ready().await; slices.wait_ready().await; endpoints.wait_ready().await; } => {}
             _ = shutdown.cancelled() => return,
         }
-        status.send_modify(|s| s.caches_ready = true);
+        let is_leader = *leader.borrow_and_update();
+        status.send_modify(|s| {
+            s.caches_ready = true;
+            s.leader = is_leader;
+            s.source_synced = catalog.is_synced();
+        });
         info!(
             managed = services.service_count(),
             "caches ready; starting the sync loop"
@@ -262,6 +305,7 @@ impl Sink {
             held: BTreeSet::new(),
             recheck_at: None,
             synced_batch_pending: catalog.is_synced(),
+            leader: is_leader,
             batch_failures: 0,
             batch_ran: false,
         };
@@ -271,7 +315,9 @@ impl Sink {
         let mut running = FuturesUnordered::new();
         let mut resync =
             tokio::time::interval_at(Instant::now() + cfg.resync_period, cfg.resync_period);
+        let mut ticker = tokio::time::interval(HEARTBEAT_EVERY);
         loop {
+            *heartbeat.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
             state.start_ready(&mut running);
             let recheck = state.recheck_at;
             tokio::select! {
@@ -280,6 +326,7 @@ impl Sink {
                     CatalogEvent::Changed(names) => changes.push(names),
                     CatalogEvent::Synced => {
                         state.synced_batch_pending = true;
+                        state.status.send_modify(|s| s.source_synced = true);
                         // Owned objects absent from the snapshot can now be deleted.
                         changes.push(all_names(&catalog, &services, &slices, &endpoints));
                     }
@@ -301,7 +348,22 @@ impl Sink {
                     let held = std::mem::take(&mut state.held);
                     state.enqueue(held);
                 }
+                _ = ticker.tick() => {}
                 _ = resync.tick() => changes.push(all_names(&catalog, &services, &slices, &endpoints)),
+                Ok(()) = leader.changed() => {
+                    let now_leader = *leader.borrow_and_update();
+                    if now_leader != state.leader {
+                        state.leader = now_leader;
+                        state.status.send_modify(|s| s.leader = now_leader);
+                        if now_leader {
+                            info!("acquired the lease: comparing every service and writing the differences");
+                            state.synced_batch_pending = catalog.is_synced();
+                            state.enqueue(all_names(&catalog, &services, &slices, &endpoints));
+                        } else {
+                            warn!("lost the lease: writes stopped; caches stay warm");
+                        }
+                    }
+                }
             }
             state
                 .metrics
@@ -363,6 +425,8 @@ struct LoopState {
     batch_failures: usize,
     /// Something was reconciled since the queue last drained.
     batch_ran: bool,
+    /// Reconciles start only while this process may write.
+    leader: bool,
 }
 
 impl LoopState {
@@ -440,7 +504,7 @@ impl LoopState {
     }
 
     fn start_ready(&mut self, running: &mut Running) {
-        while running.len() < self.concurrency {
+        while self.leader && running.len() < self.concurrency {
             let Some(name) = self.queue.pop_front() else {
                 break;
             };
@@ -472,6 +536,11 @@ impl LoopState {
             Ok(outcome) => {
                 debug!(service = %name, ?outcome, "reconciled");
                 self.retries.succeeded(&name);
+            }
+            Err(err) if err.is_not_leader() => {
+                // Not a failure: the next leader (or this one, on re-election) does a
+                // full pass anyway.
+                debug!(service = %name, "reconcile stopped: lease lost");
             }
             Err(err) => {
                 self.metrics.reconcile_failures.inc();

@@ -15,6 +15,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use governor::DefaultDirectRateLimiter;
+use tokio::sync::watch;
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -31,6 +32,9 @@ pub enum WriteError {
     /// The name is taken by an object this connector does not own.
     #[error("{kind:?} {name} exists and is not managed by this connector; left untouched")]
     Clash { kind: Kind, name: String },
+    /// This process does not hold the leader lease: it must not write.
+    #[error("not the leader; {kind:?} {name} left to the lease holder")]
+    NotLeader { kind: Kind, name: String },
     /// The apiserver refused or could not be reached.
     #[error("{verb:?} {kind:?} {name}")]
     Api {
@@ -45,6 +49,10 @@ pub enum WriteError {
 impl WriteError {
     pub fn is_clash(&self) -> bool {
         matches!(self, WriteError::Clash { .. })
+    }
+
+    pub fn is_not_leader(&self) -> bool {
+        matches!(self, WriteError::NotLeader { .. })
     }
 }
 
@@ -77,6 +85,7 @@ pub struct Writer {
     connector_id: String,
     limiter: Arc<DefaultDirectRateLimiter>,
     metrics: Arc<SinkMetrics>,
+    leader: watch::Receiver<bool>,
 }
 
 impl Writer {
@@ -86,6 +95,7 @@ impl Writer {
         connector_id: String,
         limiter: Arc<DefaultDirectRateLimiter>,
         metrics: Arc<SinkMetrics>,
+        leader: watch::Receiver<bool>,
     ) -> Self {
         Self {
             client,
@@ -93,6 +103,21 @@ impl Writer {
             connector_id,
             limiter,
             metrics,
+            leader,
+        }
+    }
+
+    /// Waits for the rate limiter, then checks leadership: a replica that lost the
+    /// lease stops writing at once, even in the middle of a reconcile.
+    async fn permit(&self, kind: Kind, name: &str) -> Result<(), WriteError> {
+        self.limiter.until_ready().await;
+        if *self.leader.borrow() {
+            Ok(())
+        } else {
+            Err(WriteError::NotLeader {
+                kind,
+                name: name.to_string(),
+            })
         }
     }
 
@@ -138,7 +163,7 @@ impl Writer {
             + Debug,
     {
         let name = desired.name_any();
-        self.limiter.until_ready().await;
+        self.permit(kind, &name).await?;
         let pp = PostParams {
             field_manager: Some(FIELD_MANAGER.to_string()),
             dry_run: false,
@@ -205,7 +230,7 @@ impl Writer {
             + Debug,
     {
         let name = desired.name_any();
-        self.limiter.until_ready().await;
+        self.permit(kind, &name).await?;
         let params = PatchParams::apply(FIELD_MANAGER).force();
         match self
             .api::<K>()
@@ -251,7 +276,7 @@ impl Writer {
             self.metrics.name_clashes.inc();
             return Err(WriteError::Clash { kind, name });
         }
-        self.limiter.until_ready().await;
+        self.permit(kind, &name).await?;
         let pp = PostParams {
             field_manager: Some(FIELD_MANAGER.to_string()),
             dry_run: false,
@@ -298,7 +323,7 @@ impl Writer {
             // Never delete blind: without a UID there is no proof of ownership.
             return Ok(());
         };
-        self.limiter.until_ready().await;
+        self.permit(kind, name).await?;
         let dp = DeleteParams {
             preconditions: Some(Preconditions {
                 uid: Some(uid),

@@ -1,0 +1,132 @@
+//! Command-line interface. Every flag can also be set through an environment variable
+//! (shown in `--help`), so a Deployment can configure it either way.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use super::logging::LogFormat;
+use super::sync_args::SyncArgs;
+
+/// Keeps Kubernetes Services and EndpointSlices in sync with a service registry.
+#[derive(Debug, Parser)]
+#[command(name = "registry-connector", version, about, long_about = None)]
+pub struct Cli {
+    /// Log output: plain (for people) or json (for log pipelines).
+    #[arg(long, global = true, env = "RC_LOG_FORMAT", default_value = "plain", value_enum)]
+    pub log_format: LogFormat,
+
+    /// Log level or tracing filter (e.g. info, debug, registry_connector=debug);
+    /// RUST_LOG wins when set.
+    #[arg(long, global = true, env = "RC_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Sync Consul services into Kubernetes.
+    Consul(ConsulCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ConsulCommand {
+    #[command(flatten)]
+    pub consul: super::consul_args::ConsulArgs,
+
+    #[command(flatten)]
+    pub sync: SyncArgs,
+
+    #[command(flatten)]
+    pub operation: OperationArgs,
+}
+
+/// How the process runs: admin endpoints and leader election.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Operation")]
+pub struct OperationArgs {
+    /// Address of the admin server (/healthz, /readyz, /metrics); "off" disables it.
+    #[arg(long, env = "RC_ADMIN_ADDR", default_value = "127.0.0.1:9090", value_parser = parse_admin_addr, value_name = "ADDR")]
+    pub admin_addr: AdminAddr,
+
+    /// Elect a leader through a Lease so that several replicas can run; only the
+    /// holder writes.
+    #[arg(long, env = "RC_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub leader_elect: bool,
+
+    /// Name of the Lease.
+    #[arg(long, env = "RC_LEASE_NAME", default_value = "registry-connector", value_name = "NAME")]
+    pub lease_name: String,
+
+    /// Namespace of the Lease (default: POD_NAMESPACE, else the sync namespace).
+    #[arg(long, env = "POD_NAMESPACE", value_name = "NS")]
+    pub lease_namespace: Option<String>,
+
+    /// This process's identity in the Lease (default: POD_NAME, else hostname plus a
+    /// random suffix).
+    #[arg(long, value_name = "ID")]
+    pub lease_holder: Option<String>,
+
+    /// How long a lease stays valid without renewal.
+    #[arg(long, env = "RC_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub lease_duration: Duration,
+
+    /// How often the holder renews its lease.
+    #[arg(long, env = "RC_LEASE_RENEW_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub lease_renew_interval: Duration,
+}
+
+/// Where the admin server listens, if anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminAddr(pub Option<SocketAddr>);
+
+fn parse_admin_addr(s: &str) -> Result<AdminAddr, String> {
+    if s.eq_ignore_ascii_case("off") || s.is_empty() {
+        return Ok(AdminAddr(None));
+    }
+    s.parse()
+        .map(|a| AdminAddr(Some(a)))
+        .map_err(|e| format!("{s:?} is not IP:PORT: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_and_booleans_parse_like_an_operator_writes_them() {
+        let cli = Cli::try_parse_from([
+            "registry-connector",
+            "consul",
+            "--namespace",
+            "apps",
+            "--quiet-period",
+            "200ms",
+            "--endpoints=false",
+            "--admin-addr",
+            "off",
+        ])
+        .expect("parses");
+        let Command::Consul(cmd) = cli.command;
+        assert_eq!(cmd.sync.quiet_period, Duration::from_millis(200));
+        assert_eq!(cmd.sync.max_period, Duration::from_secs(5));
+        assert!(!cmd.sync.endpoints);
+        assert_eq!(cmd.operation.admin_addr, AdminAddr(None));
+        assert_eq!(cmd.sync.connector_id, "default");
+    }
+
+    #[test]
+    fn the_namespace_is_required() {
+        let err = Cli::try_parse_from(["registry-connector", "consul"]).expect_err("must fail");
+        assert!(err.to_string().contains("--namespace"), "{err}");
+    }
+}

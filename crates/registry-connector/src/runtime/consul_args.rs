@@ -1,0 +1,87 @@
+//! The Consul command's own flags (the seed's selection rules and the connection).
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Consul")]
+pub struct ConsulArgs {
+    /// Consul HTTP API address, with or without scheme (http://, https://).
+    #[arg(long, env = "CONSUL_HTTP_ADDR", default_value = "127.0.0.1:8500", value_name = "ADDR")]
+    pub consul_http_addr: String,
+
+    /// ACL token (prefer --consul-token-file or the environment: flags show in `ps`).
+    #[arg(long, env = "CONSUL_HTTP_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    pub consul_token: Option<String>,
+
+    /// File holding the ACL token.
+    #[arg(long, env = "CONSUL_HTTP_TOKEN_FILE", value_name = "FILE")]
+    pub consul_token_file: Option<PathBuf>,
+
+    /// CA certificate to verify Consul's TLS certificate (implies https).
+    #[arg(long, env = "CONSUL_CACERT", value_name = "FILE")]
+    pub consul_ca_file: Option<PathBuf>,
+
+    /// Client certificate for mutual TLS.
+    #[arg(long, env = "CONSUL_CLIENT_CERT", value_name = "FILE", requires = "consul_client_key")]
+    pub consul_client_cert: Option<PathBuf>,
+
+    /// Client key for mutual TLS.
+    #[arg(long, env = "CONSUL_CLIENT_KEY", value_name = "FILE", requires = "consul_client_cert")]
+    pub consul_client_key: Option<PathBuf>,
+
+    /// Datacenter to read (default: the agent's).
+    #[arg(long, env = "CONSUL_DATACENTER", value_name = "DC")]
+    pub consul_datacenter: Option<String>,
+
+    /// Consul DNS domain, for ExternalName targets `<name>.service.<domain>`.
+    #[arg(long, env = "RC_CONSUL_DOMAIN", default_value = "consul", value_name = "DOMAIN")]
+    pub consul_domain: String,
+
+    /// Sync only services carrying this tag (all when empty).
+    #[arg(long, env = "RC_FILTER_TAG", value_name = "TAG")]
+    pub filter_tag: Option<String>,
+
+    /// Services carrying this tag came from Kubernetes and are never synced back.
+    #[arg(long, env = "RC_K8S_TAG", default_value = "k8s", value_name = "TAG")]
+    pub k8s_tag: String,
+
+    /// Publish only instances whose checks pass; with false, failing instances are
+    /// published as not ready.
+    #[arg(long, env = "RC_PASSING_ONLY", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub passing_only: bool,
+
+    /// Instance tag `<prefix-tag>=<p>` also publishes the instance under `<p>-<name>-<s>`.
+    #[arg(long, env = "RC_PREFIX_TAG", value_name = "TAG")]
+    pub prefix_tag: Option<String>,
+
+    /// Instance tag `<suffix-tag>=<s>`, see --prefix-tag.
+    #[arg(long, env = "RC_SUFFIX_TAG", value_name = "TAG")]
+    pub suffix_tag: Option<String>,
+
+    /// Prepended to every synced service name.
+    #[arg(long, env = "RC_SERVICE_PREFIX", default_value = "", value_name = "PREFIX")]
+    pub service_prefix: String,
+}
+
+impl ConsulArgs {
+    /// The source's configuration from the flags (defaults for what has no flag).
+    pub fn to_config(&self) -> anyhow::Result<crate::registry::consul::ConsulConfig> {
+        let mut cfg = crate::registry::consul::ConsulConfig::new(self.consul_http_addr.clone());
+        cfg.token = self.consul_token.clone().filter(|t| !t.is_empty());
+        cfg.token_file = self.consul_token_file.clone();
+        cfg.ca_file = self.consul_ca_file.clone();
+        cfg.client_cert_file = self.consul_client_cert.clone();
+        cfg.client_key_file = self.consul_client_key.clone();
+        cfg.datacenter = self.consul_datacenter.clone().filter(|d| !d.is_empty());
+        cfg.consul_domain = self.consul_domain.clone();
+        cfg.filter_tag = self.filter_tag.clone().filter(|t| !t.is_empty());
+        cfg.k8s_tag = self.k8s_tag.clone();
+        cfg.passing_only = self.passing_only;
+        cfg.prefix_tag = self.prefix_tag.clone().filter(|t| !t.is_empty());
+        cfg.suffix_tag = self.suffix_tag.clone().filter(|t| !t.is_empty());
+        cfg.service_prefix = self.service_prefix.clone();
+        Ok(cfg)
+    }
+}
