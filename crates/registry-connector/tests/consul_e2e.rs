@@ -47,7 +47,15 @@ impl Scenario {
 
     /// Registers one instance with a TTL check (never an active check: the addresses
     /// are documentation ranges and are never contacted).
-    async fn register(&mut self, id: &str, name: &str, addr: &str, port: u16, tags: &[&str], passing: bool) -> Result<()> {
+    async fn register(
+        &mut self,
+        id: &str,
+        name: &str,
+        addr: &str,
+        port: u16,
+        tags: &[&str],
+        passing: bool,
+    ) -> Result<()> {
         let mut all_tags: Vec<Value> = tags.iter().map(|t| json!(t)).collect();
         all_tags.push(json!(self.tag));
         self.consul
@@ -65,11 +73,18 @@ impl Scenario {
     }
 
     async fn deregister(&self, id: &str) -> Result<()> {
-        self.consul.put(&format!("/v1/agent/service/deregister/{id}"), &json!(null)).await
+        self.consul
+            .put(&format!("/v1/agent/service/deregister/{id}"), &json!(null))
+            .await
     }
 
     async fn check(&self, id: &str, status: &str) -> Result<()> {
-        self.consul.put(&format!("/v1/agent/check/{status}/service:{id}"), &json!(null)).await
+        self.consul
+            .put(
+                &format!("/v1/agent/check/{status}/service:{id}"),
+                &json!(null),
+            )
+            .await
     }
 
     fn services(&self) -> Api<Service> {
@@ -90,7 +105,12 @@ impl Scenario {
             let got: BTreeMap<String, bool> = slices
                 .iter()
                 .flat_map(|s| s.endpoints.iter())
-                .map(|e| (e.addresses[0].clone(), e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false)))
+                .map(|e| {
+                    (
+                        e.addresses[0].clone(),
+                        e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false),
+                    )
+                })
                 .collect();
             (got == want).then_some(slices)
         })
@@ -130,14 +150,33 @@ async fn syncs_services_with_their_ports_protocols_and_addresses() -> Result<()>
     let api = unique_name("api");
     let pay = unique_name("pay");
     let dual = unique_name("dual");
-    s.register(&format!("{api}-1"), &api, "192.0.2.1", 8080, &["gRPC.port=9090"], true).await?;
-    s.register(&format!("{pay}-1"), &pay, "192.0.2.2", 8443, &["zone=blue"], true).await?;
-    s.register(&format!("{dual}-1"), &dual, "198.51.100.3", 7000, &[], true).await?;
-    s.register(&format!("{dual}-2"), &dual, "2001:db8::3", 7000, &[], true).await?;
+    s.register(
+        &format!("{api}-1"),
+        &api,
+        "192.0.2.1",
+        8080,
+        &["gRPC.port=9090"],
+        true,
+    )
+    .await?;
+    s.register(
+        &format!("{pay}-1"),
+        &pay,
+        "192.0.2.2",
+        8443,
+        &["zone=blue"],
+        true,
+    )
+    .await?;
+    s.register(&format!("{dual}-1"), &dual, "198.51.100.3", 7000, &[], true)
+        .await?;
+    s.register(&format!("{dual}-2"), &dual, "2001:db8::3", 7000, &[], true)
+        .await?;
     let connector = s.connector(&["--prefix-tag", "zone"])?;
 
     s.wait_endpoints(&api, &[("192.0.2.1", true)]).await?;
-    s.wait_endpoints(&dual, &[("198.51.100.3", true), ("2001:db8::3", true)]).await?;
+    s.wait_endpoints(&dual, &[("198.51.100.3", true), ("2001:db8::3", true)])
+        .await?;
     s.wait_endpoints(&pay, &[("192.0.2.2", true)]).await?;
 
     let svc = s.services().get(&api).await?;
@@ -148,7 +187,13 @@ async fn syncs_services_with_their_ports_protocols_and_addresses() -> Result<()>
             ("http8080".to_string(), 8080, Some("http".to_string())),
         ]
     );
-    let families: Vec<String> = s.slices_of(&dual).await.unwrap_or_default().iter().map(|x| x.address_type.clone()).collect();
+    let families: Vec<String> = s
+        .slices_of(&dual)
+        .await
+        .unwrap_or_default()
+        .iter()
+        .map(|x| x.address_type.clone())
+        .collect();
     assert_eq!(families.len(), 2, "{families:?}");
     assert!(families.contains(&"IPv6".to_string()));
     connector.wait_ready().await?;
@@ -161,31 +206,46 @@ async fn syncs_services_with_their_ports_protocols_and_addresses() -> Result<()>
 async fn failing_checks_leave_the_ready_set_or_become_not_ready() -> Result<()> {
     let mut s = Scenario::new("e2e-health").await?;
     let web = unique_name("web");
-    s.register(&format!("{web}-1"), &web, "192.0.2.11", 80, &[], true).await?;
-    s.register(&format!("{web}-2"), &web, "192.0.2.12", 80, &[], true).await?;
+    s.register(&format!("{web}-1"), &web, "192.0.2.11", 80, &[], true)
+        .await?;
+    s.register(&format!("{web}-2"), &web, "192.0.2.12", 80, &[], true)
+        .await?;
     let other_ns = s.env.namespace("e2e-health-all").await?;
     let passing_only = s.connector(&[])?;
-    let all = Connector::consul(s.env, other_ns.name(), &["--filter-tag", s.tag.as_str(), "--passing-only=false"])?;
-    s.wait_endpoints(&web, &[("192.0.2.11", true), ("192.0.2.12", true)]).await?;
+    let all = Connector::consul(
+        s.env,
+        other_ns.name(),
+        &["--filter-tag", s.tag.as_str(), "--passing-only=false"],
+    )?;
+    s.wait_endpoints(&web, &[("192.0.2.11", true), ("192.0.2.12", true)])
+        .await?;
 
     s.check(&format!("{web}-2"), "fail").await?;
     s.wait_endpoints(&web, &[("192.0.2.11", true)]).await?;
     let api: Api<EndpointSlice> = Api::namespaced(s.client.clone(), other_ns.name());
-    wait_for("the failing instance to be published not ready", WAIT, || async {
-        let slices = api.list(&ListParams::default().labels(&format!("kubernetes.io/service-name={web}"))).await.ok()?;
-        let not_ready: Vec<String> = slices
-            .items
-            .iter()
-            .flat_map(|x| x.endpoints.iter())
-            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(false))
-            .map(|e| e.addresses[0].clone())
-            .collect();
-        (not_ready == vec!["192.0.2.12".to_string()]).then_some(())
-    })
+    wait_for(
+        "the failing instance to be published not ready",
+        WAIT,
+        || async {
+            let slices = api
+                .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={web}")))
+                .await
+                .ok()?;
+            let not_ready: Vec<String> = slices
+                .items
+                .iter()
+                .flat_map(|x| x.endpoints.iter())
+                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(false))
+                .map(|e| e.addresses[0].clone())
+                .collect();
+            (not_ready == vec!["192.0.2.12".to_string()]).then_some(())
+        },
+    )
     .await?;
 
     s.check(&format!("{web}-2"), "pass").await?;
-    s.wait_endpoints(&web, &[("192.0.2.11", true), ("192.0.2.12", true)]).await?;
+    s.wait_endpoints(&web, &[("192.0.2.11", true), ("192.0.2.12", true)])
+        .await?;
     drop((passing_only, all));
     s.cleanup().await;
     Ok(())
@@ -197,12 +257,17 @@ async fn deregistration_removes_endpoints_then_the_service() -> Result<()> {
     let keep = unique_name("keep");
     let a = unique_name("a");
     let b = unique_name("b");
-    s.register(&format!("{keep}-1"), &keep, "192.0.2.20", 80, &[], true).await?;
-    s.register(&format!("{keep}-2"), &keep, "192.0.2.21", 80, &[], true).await?;
-    s.register(&format!("{a}-1"), &a, "192.0.2.22", 80, &[], true).await?;
-    s.register(&format!("{b}-1"), &b, "192.0.2.23", 80, &[], true).await?;
+    s.register(&format!("{keep}-1"), &keep, "192.0.2.20", 80, &[], true)
+        .await?;
+    s.register(&format!("{keep}-2"), &keep, "192.0.2.21", 80, &[], true)
+        .await?;
+    s.register(&format!("{a}-1"), &a, "192.0.2.22", 80, &[], true)
+        .await?;
+    s.register(&format!("{b}-1"), &b, "192.0.2.23", 80, &[], true)
+        .await?;
     let _connector = s.connector(&[])?;
-    s.wait_endpoints(&keep, &[("192.0.2.20", true), ("192.0.2.21", true)]).await?;
+    s.wait_endpoints(&keep, &[("192.0.2.20", true), ("192.0.2.21", true)])
+        .await?;
     s.wait_endpoints(&a, &[("192.0.2.22", true)]).await?;
     s.wait_endpoints(&b, &[("192.0.2.23", true)]).await?;
 
@@ -223,18 +288,41 @@ async fn filter_tag_and_k8s_tag_select_services() -> Result<()> {
     let synced = unique_name("synced");
     let from_k8s = unique_name("fromk8s");
     let untagged = unique_name("untagged");
-    s.register(&format!("{synced}-1"), &synced, "192.0.2.30", 80, &[], true).await?;
-    s.register(&format!("{from_k8s}-1"), &from_k8s, "192.0.2.31", 80, &["k8s"], true).await?;
+    s.register(&format!("{synced}-1"), &synced, "192.0.2.30", 80, &[], true)
+        .await?;
+    s.register(
+        &format!("{from_k8s}-1"),
+        &from_k8s,
+        "192.0.2.31",
+        80,
+        &["k8s"],
+        true,
+    )
+    .await?;
     // Not carrying the filter tag: registered directly, without the scenario's tag.
     s.consul
-        .put("/v1/agent/service/register", &json!({"ID": untagged, "Name": untagged, "Address": "192.0.2.32", "Port": 80,
-              "Check": {"TTL": "30m", "Status": "passing"}}))
+        .put(
+            "/v1/agent/service/register",
+            &json!({"ID": untagged, "Name": untagged, "Address": "192.0.2.32", "Port": 80,
+              "Check": {"TTL": "30m", "Status": "passing"}}),
+        )
         .await?;
     let connector = s.connector(&[])?;
     s.wait_endpoints(&synced, &[("192.0.2.30", true)]).await?;
     connector.wait_ready().await?;
-    let names: Vec<String> = s.services().list(&ListParams::default()).await?.items.into_iter().filter_map(|x| x.metadata.name).collect();
-    assert_eq!(names, vec![synced.clone()], "only the tagged, non-k8s service");
+    let names: Vec<String> = s
+        .services()
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|x| x.metadata.name)
+        .collect();
+    assert_eq!(
+        names,
+        vec![synced.clone()],
+        "only the tagged, non-k8s service"
+    );
     s.deregister(&untagged).await?;
     s.cleanup().await;
     Ok(())
@@ -245,22 +333,42 @@ async fn a_restart_without_changes_writes_nothing() -> Result<()> {
     let mut s = Scenario::new("e2e-restart").await?;
     for i in 0..5 {
         let name = format!("{}-svc{i}", s.tag);
-        s.register(&format!("{name}-1"), &name, &format!("192.0.2.{}", 40 + i), 80, &["gRPC.port=9000"], true).await?;
+        s.register(
+            &format!("{name}-1"),
+            &name,
+            &format!("192.0.2.{}", 40 + i),
+            80,
+            &["gRPC.port=9000"],
+            true,
+        )
+        .await?;
     }
     let first = s.connector(&[])?;
     first.wait_ready().await?;
-    assert!(first.writes().await? >= 15.0, "first run created services, slices, endpoints");
+    assert!(
+        first.writes().await? >= 15.0,
+        "first run created services, slices, endpoints"
+    );
     first.kill().await?;
 
     let second = s.connector(&[])?;
     second.wait_ready().await?;
     // Let a few coalescing periods pass with the loop running, then count.
-    let reconciles = second.metric_sum("registry_connector_reconciles_total").await?;
-    assert!(reconciles >= 5.0, "the restart compared every service: {reconciles}");
+    let reconciles = second
+        .metric_sum("registry_connector_reconciles_total")
+        .await?;
+    assert!(
+        reconciles >= 5.0,
+        "the restart compared every service: {reconciles}"
+    );
     assert_eq!(second.writes().await?, 0.0, "log: {}", second.log_tail());
     let status = second.terminate().await?;
     assert!(status.success(), "clean exit on SIGTERM: {status}");
-    assert_eq!(s.services().list(&ListParams::default()).await?.items.len(), 5, "shutdown deletes nothing");
+    assert_eq!(
+        s.services().list(&ListParams::default()).await?.items.len(),
+        5,
+        "shutdown deletes nothing"
+    );
     s.cleanup().await;
     Ok(())
 }

@@ -1,21 +1,23 @@
 //! The sink's Prometheus metrics. Labels are bounded (kind, verb, result): never a
 //! service name, so cardinality does not grow with the registry.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use std::fmt::Write as _;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Kind {
     Service,
     EndpointSlice,
     Endpoints,
 }
 
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Verb {
     Create,
     Apply,
@@ -23,12 +25,35 @@ pub enum Verb {
     Delete,
 }
 
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Outcome {
     Success,
     Conflict,
     Error,
 }
+
+/// Label values in Prometheus style (lowercase), from the variants' names.
+macro_rules! label_values {
+    ($ty:ident { $($variant:ident => $value:literal),+ $(,)? }) => {
+        impl $ty {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $value),+
+                }
+            }
+        }
+
+        impl EncodeLabelValue for $ty {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                encoder.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+label_values!(Kind { Service => "service", EndpointSlice => "endpointslice", Endpoints => "endpoints" });
+label_values!(Verb { Create => "create", Apply => "apply", Replace => "replace", Delete => "delete" });
+label_values!(Outcome { Success => "success", Conflict => "conflict", Error => "error" });
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WriteLabels {
