@@ -12,7 +12,7 @@ pub mod labels;
 pub mod model;
 pub mod naming;
 pub mod registry;
-pub mod runtime;
 pub mod render;
+pub mod runtime;
 pub mod sink;
 pub mod slicing;

@@ -14,7 +14,13 @@ use super::sync_args::SyncArgs;
 #[command(name = "registry-connector", version, about, long_about = None)]
 pub struct Cli {
     /// Log output: plain (for people) or json (for log pipelines).
-    #[arg(long, global = true, env = "RC_LOG_FORMAT", default_value = "plain", value_enum)]
+    #[arg(
+        long,
+        global = true,
+        env = "RC_LOG_FORMAT",
+        default_value = "plain",
+        value_enum
+    )]
     pub log_format: LogFormat,
 
     /// Log level or tracing filter (e.g. info, debug, registry_connector=debug);
@@ -58,7 +64,12 @@ pub struct OperationArgs {
     pub leader_elect: bool,
 
     /// Name of the Lease.
-    #[arg(long, env = "RC_LEASE_NAME", default_value = "registry-connector", value_name = "NAME")]
+    #[arg(
+        long,
+        env = "RC_LEASE_NAME",
+        default_value = "registry-connector",
+        value_name = "NAME"
+    )]
     pub lease_name: String,
 
     /// Namespace of the Lease (default: POD_NAMESPACE, else the sync namespace).

@@ -8,11 +8,21 @@ use clap::Args;
 #[command(next_help_heading = "Consul")]
 pub struct ConsulArgs {
     /// Consul HTTP API address, with or without scheme (http://, https://).
-    #[arg(long, env = "CONSUL_HTTP_ADDR", default_value = "127.0.0.1:8500", value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "CONSUL_HTTP_ADDR",
+        default_value = "127.0.0.1:8500",
+        value_name = "ADDR"
+    )]
     pub consul_http_addr: String,
 
     /// ACL token (prefer --consul-token-file or the environment: flags show in `ps`).
-    #[arg(long, env = "CONSUL_HTTP_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    #[arg(
+        long,
+        env = "CONSUL_HTTP_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
     pub consul_token: Option<String>,
 
     /// File holding the ACL token.
@@ -24,11 +34,21 @@ pub struct ConsulArgs {
     pub consul_ca_file: Option<PathBuf>,
 
     /// Client certificate for mutual TLS.
-    #[arg(long, env = "CONSUL_CLIENT_CERT", value_name = "FILE", requires = "consul_client_key")]
+    #[arg(
+        long,
+        env = "CONSUL_CLIENT_CERT",
+        value_name = "FILE",
+        requires = "consul_client_key"
+    )]
     pub consul_client_cert: Option<PathBuf>,
 
     /// Client key for mutual TLS.
-    #[arg(long, env = "CONSUL_CLIENT_KEY", value_name = "FILE", requires = "consul_client_cert")]
+    #[arg(
+        long,
+        env = "CONSUL_CLIENT_KEY",
+        value_name = "FILE",
+        requires = "consul_client_cert"
+    )]
     pub consul_client_key: Option<PathBuf>,
 
     /// Datacenter to read (default: the agent's).
@@ -36,7 +56,12 @@ pub struct ConsulArgs {
     pub consul_datacenter: Option<String>,
 
     /// Consul DNS domain, for ExternalName targets `<name>.service.<domain>`.
-    #[arg(long, env = "RC_CONSUL_DOMAIN", default_value = "consul", value_name = "DOMAIN")]
+    #[arg(
+        long,
+        env = "RC_CONSUL_DOMAIN",
+        default_value = "consul",
+        value_name = "DOMAIN"
+    )]
     pub consul_domain: String,
 
     /// Sync only services carrying this tag (all when empty).
@@ -61,7 +86,12 @@ pub struct ConsulArgs {
     pub suffix_tag: Option<String>,
 
     /// Prepended to every synced service name.
-    #[arg(long, env = "RC_SERVICE_PREFIX", default_value = "", value_name = "PREFIX")]
+    #[arg(
+        long,
+        env = "RC_SERVICE_PREFIX",
+        default_value = "",
+        value_name = "PREFIX"
+    )]
     pub service_prefix: String,
 }
 

@@ -203,7 +203,9 @@ impl LeaseElector {
     fn spec(&self, acquired: MicroTime, renewed: MicroTime, transitions: i32) -> LeaseSpec {
         LeaseSpec {
             holder_identity: Some(self.cfg.holder.clone()),
-            lease_duration_seconds: Some(self.cfg.duration.as_secs().clamp(1, i32::MAX as u64) as i32),
+            lease_duration_seconds: Some(
+                self.cfg.duration.as_secs().clamp(1, i32::MAX as u64) as i32
+            ),
             acquire_time: Some(acquired),
             renew_time: Some(renewed),
             lease_transitions: Some(transitions),

@@ -110,7 +110,11 @@ where
     let handle = sink.handle();
     let registry = Arc::new(registry);
     let admin_task = match op.admin_addr.0 {
-        Some(addr) => Some(admin::serve(addr, registry.clone(), handle, shutdown.clone()).await?.1),
+        Some(addr) => Some(
+            admin::serve(addr, registry.clone(), handle, shutdown.clone())
+                .await?
+                .1,
+        ),
         None => None,
     };
 
@@ -132,7 +136,10 @@ where
     source_result
 }
 
-async fn wait_source(task: tokio::task::JoinHandle<Result<()>>, shutdown: CancellationToken) -> Result<()> {
+async fn wait_source(
+    task: tokio::task::JoinHandle<Result<()>>,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let mut task = task;
     tokio::select! {
         res = &mut task => return res.context("source task panicked")?,
@@ -160,11 +167,17 @@ async fn run_consul(cmd: cli::ConsulCommand) -> Result<()> {
         .context("configuring the Consul source")?;
     let mut registry = Registry::with_prefix("registry_connector");
     source.register_metrics(&mut registry);
-    run_connector(&cmd.sync, &cmd.operation, registry, "consul", move |catalog, shutdown| async move {
-        source
-            .run(catalog, shutdown)
-            .await
-            .context("reading Consul")
-    })
+    run_connector(
+        &cmd.sync,
+        &cmd.operation,
+        registry,
+        "consul",
+        move |catalog, shutdown| async move {
+            source
+                .run(catalog, shutdown)
+                .await
+                .context("reading Consul")
+        },
+    )
     .await
 }

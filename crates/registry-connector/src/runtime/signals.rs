@@ -10,7 +10,10 @@ pub fn shutdown_token() -> CancellationToken {
     let token = CancellationToken::new();
     let trigger = token.clone();
     tokio::spawn(async move {
-        let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        let (mut term, mut int) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(term), Ok(int)) => (term, int),
             (Err(e), _) | (_, Err(e)) => {
                 warn!(error = %e, "cannot install signal handlers; stop the process with SIGKILL");

@@ -37,7 +37,12 @@ pub struct SyncArgs {
 
     /// Identifies this connector's objects; several connectors (registries, clusters)
     /// writing to one namespace must each have their own.
-    #[arg(long, env = "RC_CONNECTOR_ID", default_value = "default", value_name = "ID")]
+    #[arg(
+        long,
+        env = "RC_CONNECTOR_ID",
+        default_value = "default",
+        value_name = "ID"
+    )]
     pub connector_id: String,
 
     /// Wait this long without registry changes before writing (e.g. 200ms, 1s).
@@ -66,11 +71,21 @@ pub struct SyncArgs {
     pub concurrency: usize,
 
     /// Kubernetes writes per second, sustained.
-    #[arg(long, env = "RC_KUBE_WRITE_QPS", default_value_t = 100, value_name = "QPS")]
+    #[arg(
+        long,
+        env = "RC_KUBE_WRITE_QPS",
+        default_value_t = 100,
+        value_name = "QPS"
+    )]
     pub kube_write_qps: u32,
 
     /// Kubernetes writes allowed in a burst above the sustained rate.
-    #[arg(long, env = "RC_KUBE_WRITE_BURST", default_value_t = 200, value_name = "N")]
+    #[arg(
+        long,
+        env = "RC_KUBE_WRITE_BURST",
+        default_value_t = 200,
+        value_name = "N"
+    )]
     pub kube_write_burst: u32,
 }
 

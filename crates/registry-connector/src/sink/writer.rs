@@ -15,12 +15,12 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use governor::DefaultDirectRateLimiter;
-use tokio::sync::watch;
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::metrics::{Kind, Outcome, SinkMetrics, Verb};

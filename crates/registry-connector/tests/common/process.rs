@@ -30,7 +30,10 @@ impl Connector {
     pub fn consul(env: &testenv::TestEnv, namespace: &str, extra: &[&str]) -> Result<Self> {
         let port = free_port();
         let admin = format!("127.0.0.1:{port}");
-        let log = env.dir().join("logs").join(format!("connector-{namespace}-{port}.log"));
+        let log = env
+            .dir()
+            .join("logs")
+            .join(format!("connector-{namespace}-{port}.log"));
         let out = std::fs::File::create(&log).context("connector log file")?;
         let err = out.try_clone()?;
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_registry-connector"));
@@ -59,14 +62,21 @@ impl Connector {
 
     /// `/readyz` status code, or None when the server does not answer yet.
     pub async fn readyz(&self) -> Option<u16> {
-        let resp = self.http.get(format!("http://{}/readyz", self.admin)).send().await.ok()?;
+        let resp = self
+            .http
+            .get(format!("http://{}/readyz", self.admin))
+            .send()
+            .await
+            .ok()?;
         Some(resp.status().as_u16())
     }
 
     pub async fn wait_ready(&self) -> Result<()> {
-        testenv::wait_for("the connector to be ready", Duration::from_secs(60), || async {
-            (self.readyz().await == Some(200)).then_some(())
-        })
+        testenv::wait_for(
+            "the connector to be ready",
+            Duration::from_secs(60),
+            || async { (self.readyz().await == Some(200)).then_some(()) },
+        )
         .await
         .with_context(|| format!("log: {}", self.log_tail()))
     }
@@ -100,7 +110,10 @@ impl Connector {
             .metrics()
             .await?
             .iter()
-            .filter(|(k, _)| k.starts_with("registry_connector_kubernetes_writes_total{") && k.contains("result=\"success\""))
+            .filter(|(k, _)| {
+                k.starts_with("registry_connector_kubernetes_writes_total{")
+                    && k.contains("result=\"success\"")
+            })
             .map(|(_, v)| v)
             .sum())
     }
@@ -109,7 +122,9 @@ impl Connector {
     pub async fn terminate(mut self) -> Result<std::process::ExitStatus> {
         let mut child = self.child.take().context("already stopped")?;
         let pid = child.id().context("no pid")?;
-        let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
         if !status.success() {
             bail!("kill -TERM {pid} failed");
         }
