@@ -1,1 +1,68 @@
-//! TODO
+//! Registry sources: one adapter per registry, each feeding the [`crate::catalog`].
+//!
+//! A source knows its registry's API and nothing about Kubernetes. It delivers one
+//! complete snapshot with [`crate::catalog::Catalog::replace_all`] once it has every
+//! selected service's instances (that first call is what allows deletions downstream),
+//! then single changes with `upsert` / `remove`. Transient registry errors are retried
+//! inside the source, never surfaced to the caller: a source returns only on shutdown
+//! or on a configuration error found at start.
+//!
+//! This module also holds what every source needs and no registry owns: the pacing of
+//! a watch loop ([`pacer`]) and the file-descriptor limit that long polls run into.
+
+pub mod consul;
+pub mod pacer;
+
+pub use pacer::{Pacer, PacerConfig};
+
+/// The soft and hard `RLIMIT_NOFILE` after [`raise_nofile_limit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NofileLimit {
+    /// The soft limit before the call.
+    pub before: u64,
+    /// The soft limit now in force.
+    pub soft: u64,
+    /// The hard limit (the ceiling an unprivileged process can raise to).
+    pub hard: u64,
+}
+
+/// Raises the soft limit on open files to the hard limit when it is lower.
+///
+/// Sources that hold one long poll per watched service need one socket each: 10,000
+/// services are 10,000 descriptors, while many systems start processes with a soft limit
+/// of 1024 and a much higher hard limit. Raising soft to hard is what the Go runtime
+/// does for every Go program since 1.19, so the Go original got it for free. Never
+/// lowers anything; on platforms without `RLIMIT_NOFILE` it reports the limit as
+/// unlimited.
+pub fn raise_nofile_limit() -> std::io::Result<NofileLimit> {
+    use rlimit::Resource;
+    if !Resource::NOFILE.is_supported() {
+        return Ok(NofileLimit {
+            before: u64::MAX,
+            soft: u64::MAX,
+            hard: u64::MAX,
+        });
+    }
+    let (before, hard) = Resource::NOFILE.get()?;
+    if before < hard {
+        rlimit::increase_nofile_limit(hard)?;
+    }
+    let (soft, hard) = Resource::NOFILE.get()?;
+    Ok(NofileLimit { before, soft, hard })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raising_the_nofile_limit_never_lowers_it() {
+        let limit = raise_nofile_limit().expect("getrlimit works on the test machine");
+        assert!(limit.soft >= limit.before);
+        assert!(limit.soft <= limit.hard);
+        // Idempotent: a second call finds nothing to raise.
+        let again = raise_nofile_limit().expect("second call");
+        assert_eq!(again.before, limit.soft);
+        assert_eq!(again.soft, limit.soft);
+    }
+}

@@ -1,0 +1,185 @@
+//! The Consul source: watches Consul's catalog with blocking queries and feeds the
+//! [`Catalog`].
+//!
+//! How Consul is read, in one folder:
+//! - [`config`]: what the operator sets ([`ConsulConfig`]);
+//! - [`http`]: the HTTP client (address, token, TLS, datacenter, blocking parameters,
+//!   connection budget);
+//! - [`api`]: the shapes of Consul's answers and the blocking-index rule;
+//! - [`select`]: the seed's selection and naming rules, pure functions;
+//! - [`watch`] (private): the snapshot and the watch loops;
+//! - [`metrics`]: request and instance counters.
+//!
+//! The source answers the seed's `Aggregate(name, domain)` through the catalog it feeds:
+//! the sink reads the catalog, never Consul. It knows nothing about Kubernetes objects or
+//! Kubernetes names.
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod select;
+mod watch;
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument};
+
+use crate::catalog::Catalog;
+
+pub use config::{ConsulConfig, DEFAULT_MAX_CONNECTIONS};
+pub use error::ConsulError;
+pub use metrics::ConsulMetrics;
+pub use select::Selection;
+
+/// Consul refuses blocking waits longer than this.
+const MAX_WAIT: Duration = Duration::from_secs(600);
+
+/// A configured Consul source, ready to [`run`](ConsulSource::run).
+#[derive(Debug)]
+pub struct ConsulSource {
+    http: http::ConsulHttp,
+    selection: Selection,
+    metrics: Arc<ConsulMetrics>,
+    wait: Duration,
+    pacing: crate::registry::PacerConfig,
+    max_connections: usize,
+    initial_concurrency: usize,
+}
+
+impl ConsulSource {
+    /// Checks the configuration and builds the HTTP client (reading the token and TLS
+    /// files). Does not contact Consul: a source started while Consul is down waits for
+    /// it in [`run`](ConsulSource::run).
+    pub fn new(cfg: ConsulConfig) -> Result<Self, ConsulError> {
+        Self::with_metrics(cfg, Arc::default())
+    }
+
+    /// As [`ConsulSource::new`], counting into `metrics` (shared with the runtime's
+    /// Prometheus registry or a benchmark).
+    pub fn with_metrics(
+        cfg: ConsulConfig,
+        metrics: Arc<ConsulMetrics>,
+    ) -> Result<Self, ConsulError> {
+        if cfg.wait.is_zero() || cfg.wait > MAX_WAIT {
+            return Err(ConsulError::Config(format!(
+                "the blocking wait must be between 1ms and 10m (Consul's limit), got {}",
+                humantime::format_duration(cfg.wait)
+            )));
+        }
+        if cfg.initial_fetch_concurrency == 0 {
+            return Err(ConsulError::Config(
+                "the initial fetch concurrency must be at least 1".into(),
+            ));
+        }
+        let http = http::ConsulHttp::new(&cfg, Arc::clone(&metrics))?;
+        Ok(Self {
+            http,
+            selection: Selection::from_config(&cfg),
+            metrics,
+            wait: cfg.wait,
+            pacing: cfg.pacing,
+            max_connections: cfg.max_connections,
+            initial_concurrency: cfg.initial_fetch_concurrency,
+        })
+    }
+
+    /// The source's counters (requests by endpoint and result, skipped instances,
+    /// watched services).
+    pub fn metrics(&self) -> Arc<ConsulMetrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// Registers the source's metrics under a `consul` sub-registry of `registry`
+    /// (`<prefix>_consul_requests_total`, ...).
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.metrics
+            .register(registry.sub_registry_with_prefix("consul"));
+    }
+
+    /// Watches Consul and keeps `catalog` up to date until `shutdown` is cancelled.
+    ///
+    /// The first complete snapshot goes to [`Catalog::replace_all`] once every selected
+    /// service has answered (so deletions downstream start only then); after that, each
+    /// service's changes go to `upsert` / `remove`. Consul being down, slow or refusing is
+    /// retried with backoff and logged, never returned: the only way out is `shutdown`,
+    /// which removes nothing from the catalog.
+    pub async fn run(
+        self,
+        catalog: Arc<Catalog>,
+        shutdown: CancellationToken,
+    ) -> Result<(), ConsulError> {
+        match crate::registry::raise_nofile_limit() {
+            Ok(limit) if limit.soft > limit.before => {
+                info!(
+                    from = limit.before,
+                    to = limit.soft,
+                    "raised the open-file limit"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot read or raise the open-file limit"),
+        }
+        info!(
+            consul = %self.http.base(),
+            wait = %humantime::format_duration(self.wait),
+            max_connections = self.max_connections,
+            "starting the Consul source"
+        );
+        let shared = Arc::new(watch::Shared {
+            http: self.http,
+            selection: self.selection,
+            catalog,
+            metrics: self.metrics,
+            wait: self.wait,
+            pacing: self.pacing,
+            max_connections: self.max_connections,
+            initial_concurrency: self.initial_concurrency,
+            watched: AtomicUsize::new(0),
+        });
+        watch::run(shared, shutdown)
+            .instrument(tracing::info_span!("consul_source", registry = "consul"))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_waits_consul_would_refuse() {
+        let mut cfg = ConsulConfig {
+            wait: Duration::ZERO,
+            ..ConsulConfig::default()
+        };
+        assert!(matches!(
+            ConsulSource::new(cfg.clone()),
+            Err(ConsulError::Config(_))
+        ));
+        cfg.wait = Duration::from_secs(601);
+        assert!(matches!(
+            ConsulSource::new(cfg.clone()),
+            Err(ConsulError::Config(_))
+        ));
+        cfg.wait = Duration::from_secs(600);
+        assert!(ConsulSource::new(cfg.clone()).is_ok());
+        cfg.initial_fetch_concurrency = 0;
+        assert!(ConsulSource::new(cfg).is_err());
+    }
+
+    #[test]
+    fn debug_of_a_source_does_not_show_the_token() {
+        let cfg = ConsulConfig {
+            token: Some("very-secret-token".into()),
+            ..ConsulConfig::default()
+        };
+        let source = ConsulSource::new(cfg).expect("builds");
+        let text = format!("{source:?}");
+        assert!(!text.contains("very-secret-token"), "{text}");
+    }
+}
