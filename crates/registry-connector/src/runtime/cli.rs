@@ -35,7 +35,30 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Sync Consul services into Kubernetes.
-    Consul(ConsulCommand),
+    Consul(Box<ConsulCommand>),
+    /// Delete every Service, EndpointSlice and Endpoints object that one connector
+    /// instance owns in a namespace, and nothing else.
+    Purge(PurgeCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct PurgeCommand {
+    /// Kubeconfig file; without it, the in-cluster service account (or ~/.kube/config).
+    #[arg(long, env = "KUBECONFIG", value_name = "FILE")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+
+    /// Namespace to purge.
+    #[arg(long, short = 'n', env = "RC_NAMESPACE", value_name = "NS")]
+    pub namespace: String,
+
+    /// The connector instance whose objects are deleted.
+    #[arg(
+        long,
+        env = "RC_CONNECTOR_ID",
+        default_value = "default",
+        value_name = "ID"
+    )]
+    pub connector_id: String,
 }
 
 #[derive(Debug, Args)]
@@ -85,6 +108,20 @@ pub struct OperationArgs {
     #[arg(long, env = "RC_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub lease_duration: Duration,
 
+    /// Read the registry and the cluster, print the writes a sync would make, write
+    /// nothing, and exit.
+    #[arg(long, env = "RC_DRY_RUN", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub dry_run: bool,
+
+    /// Like --dry-run, and also print, for each update, the fields that would change.
+    #[arg(long, default_value_t = false)]
+    pub diff: bool,
+
+    /// On shutdown, delete every object this connector instance owns (only the lease
+    /// holder does, so a rolling update of a replicated Deployment never purges).
+    #[arg(long, env = "RC_PURGE_ON_EXIT", default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub purge_on_exit: bool,
+
     /// How often the holder renews its lease.
     #[arg(long, env = "RC_LEASE_RENEW_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub lease_renew_interval: Duration,
@@ -127,7 +164,9 @@ mod tests {
             "off",
         ])
         .expect("parses");
-        let Command::Consul(cmd) = cli.command;
+        let Command::Consul(cmd) = cli.command else {
+            panic!("consul command expected");
+        };
         assert_eq!(cmd.sync.quiet_period, Duration::from_millis(200));
         assert_eq!(cmd.sync.max_period, Duration::from_secs(5));
         assert!(!cmd.sync.endpoints);

@@ -22,6 +22,8 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use crate::catalog::Catalog;
+use crate::sink::metrics::Verb;
+use crate::sink::plan::Plan;
 use crate::sink::Sink;
 use cli::OperationArgs;
 use lease::{LeaseConfig, LeaseElector};
@@ -56,6 +58,9 @@ where
         connector_id = %args.connector_id,
         "starting registry-connector"
     );
+    if op.dry_run || op.diff {
+        return dry_run(client, args, op.diff, source).await;
+    }
 
     let shutdown = signals::shutdown_token();
     let (catalog, events) = Catalog::new();
@@ -72,6 +77,7 @@ where
     );
     let (leader_tx, leader_rx) = watch::channel(!op.leader_elect);
     let mut elector_task = None;
+    let elector_stop = CancellationToken::new();
     // Without election the sender must outlive the sink: the channel then says
     // "leader" for the whole run.
     let mut _always_leader = None;
@@ -88,7 +94,9 @@ where
         };
         info!(lease = %cfg.name, namespace = %cfg.namespace, holder = %cfg.holder, "leader election on");
         let elector = LeaseElector::new(client.clone(), cfg);
-        elector_task = Some(tokio::spawn(elector.run(leader_tx, shutdown.clone())));
+        // Its own stop signal: the lease is kept (and released) only after the sink has
+        // stopped and a --purge-on-exit has run, so the purge happens under the lease.
+        elector_task = Some(tokio::spawn(elector.run(leader_tx, elector_stop.clone())));
     } else {
         _always_leader = Some(leader_tx);
     }
@@ -105,6 +113,7 @@ where
             }
         });
     }
+    let purge_leader = leader_rx.clone();
     sink = sink.with_leadership(leader_rx);
 
     let handle = sink.handle();
@@ -127,6 +136,18 @@ where
     }
     shutdown.cancel();
     sink_task.await.context("sink task panicked")?;
+    // The elector still runs: this is the current leadership.
+    let was_leader = *purge_leader.borrow();
+    if op.purge_on_exit {
+        if was_leader {
+            crate::sink::purge::purge(&client, &args.namespace, &args.connector_id)
+                .await
+                .context("--purge-on-exit")?;
+        } else {
+            info!("--purge-on-exit: not the lease holder, leaving the objects to the leader");
+        }
+    }
+    elector_stop.cancel();
     if let Some(task) = elector_task {
         let _ = task.await;
     }
@@ -134,6 +155,69 @@ where
         let _ = task.await;
     }
     source_result
+}
+
+/// `--dry-run` / `--diff`: one pass in plan mode, then print the plan.
+async fn dry_run<F, Fut>(client: kube::Client, args: &SyncArgs, diff: bool, source: F) -> Result<()>
+where
+    F: FnOnce(Arc<Catalog>, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<()>> + Send + 'static,
+{
+    let interrupted = signals::shutdown_token();
+    let stop = CancellationToken::new();
+    let (catalog, events) = Catalog::new();
+    let catalog = Arc::new(catalog);
+    let plan = Plan::default();
+    let sink =
+        Sink::new(client, args.sink_config(), catalog.clone(), events).with_plan(plan.clone());
+    let handle = sink.handle();
+    let mut source_task = tokio::spawn(source(catalog, stop.clone()));
+    let sink_task = tokio::spawn(sink.run(stop.clone()));
+    info!("dry run: reading the registry and the cluster; nothing will be written");
+    let outcome = tokio::select! {
+        _ = handle.wait_for(|s| s.initial_sync_done) => Ok(()),
+        _ = interrupted.cancelled() => Err(anyhow::anyhow!("interrupted before the registry's first complete snapshot")),
+        res = &mut source_task => match res {
+            Ok(Ok(())) => Err(anyhow::anyhow!("the registry source stopped before its first snapshot")),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(e).context("source task panicked"),
+        },
+    };
+    stop.cancel();
+    sink_task.await.context("sink task panicked")?;
+    source_task.abort();
+    outcome?;
+
+    let writes = plan.writes();
+    let count = |verb: &[Verb]| writes.iter().filter(|w| verb.contains(&w.verb)).count();
+    println!(
+        "Plan for namespace {} (connector id {}): {} to create, {} to update, {} to delete",
+        args.namespace,
+        args.connector_id,
+        count(&[Verb::Create]),
+        count(&[Verb::Apply, Verb::Replace]),
+        count(&[Verb::Delete]),
+    );
+    for write in &writes {
+        println!("  {write}");
+        if diff {
+            for change in &write.changes {
+                println!("      ~ {change}");
+            }
+        }
+    }
+    let held = handle.status().held_deletions;
+    if !held.is_empty() {
+        println!(
+            "Held by the mass-deletion guard (not in the plan): {} services: {}",
+            held.len(),
+            held.into_iter().collect::<Vec<_>>().join(", ")
+        );
+    }
+    if writes.is_empty() {
+        println!("  (nothing to do: the cluster matches the registry)");
+    }
+    Ok(())
 }
 
 async fn wait_source(
@@ -157,7 +241,18 @@ async fn wait_source(
 /// Runs one command to completion.
 pub async fn run(command: cli::Command) -> Result<()> {
     match command {
-        cli::Command::Consul(cmd) => run_consul(cmd).await,
+        cli::Command::Consul(cmd) => run_consul(*cmd).await,
+        cli::Command::Purge(cmd) => {
+            let client = sync_args::kube_client(cmd.kubeconfig.as_deref()).await?;
+            let purged = crate::sink::purge::purge(&client, &cmd.namespace, &cmd.connector_id)
+                .await
+                .with_context(|| format!("purging namespace {}", cmd.namespace))?;
+            println!(
+                "purged {} services, {} endpointslices, {} endpoints owned by connector {:?} in namespace {}",
+                purged.services, purged.endpoint_slices, purged.endpoints, cmd.connector_id, cmd.namespace
+            );
+            Ok(())
+        }
     }
 }
 

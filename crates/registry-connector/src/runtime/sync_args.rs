@@ -129,18 +129,23 @@ impl SyncArgs {
 
     /// A Kubernetes client from `--kubeconfig`, else the usual inference.
     pub async fn client(&self) -> Result<Client> {
-        let config = match &self.kubeconfig {
-            Some(path) => {
-                let kubeconfig = Kubeconfig::read_from(path)
-                    .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-                Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                    .await
-                    .with_context(|| format!("loading kubeconfig {}", path.display()))?
-            }
-            None => Config::infer()
-                .await
-                .context("no --kubeconfig given and no in-cluster or default kubeconfig found")?,
-        };
-        Client::try_from(config).context("building the Kubernetes client")
+        kube_client(self.kubeconfig.as_deref()).await
     }
+}
+
+/// A Kubernetes client from a kubeconfig file, else in-cluster or `~/.kube/config`.
+pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("loading kubeconfig {}", path.display()))?
+        }
+        None => Config::infer()
+            .await
+            .context("no --kubeconfig given and no in-cluster or default kubeconfig found")?,
+    };
+    Client::try_from(config).context("building the Kubernetes client")
 }

@@ -13,8 +13,11 @@
 pub mod backoff;
 pub mod cache;
 pub mod coalescer;
+pub mod events;
 pub mod guard;
 pub mod metrics;
+pub mod plan;
+pub mod purge;
 pub mod reconcile;
 pub mod writer;
 
@@ -148,6 +151,8 @@ pub struct Sink {
     allow_tx: mpsc::UnboundedSender<()>,
     leader: watch::Receiver<bool>,
     heartbeat: Heartbeat,
+    events: events::Events,
+    plan: Option<plan::Plan>,
     /// Keeps the default "always leader" channel open when no election is used.
     _always_leader: Option<watch::Sender<bool>>,
 }
@@ -171,7 +176,7 @@ impl Sink {
         let (always, leader) = watch::channel(true);
         Self {
             cfg,
-            client,
+            client: client.clone(),
             catalog,
             catalog_events,
             metrics: Arc::new(SinkMetrics::default()),
@@ -180,8 +185,23 @@ impl Sink {
             allow_tx,
             leader,
             heartbeat: Heartbeat::default(),
+            events: events::Events::new(client.clone()),
+            plan: None,
             _always_leader: Some(always),
         }
+    }
+
+    /// A dry run: writes are recorded in `plan`, none is sent, and no event either.
+    pub fn with_plan(mut self, plan: plan::Plan) -> Self {
+        self.plan = Some(plan);
+        self.events = events::Events::disabled();
+        self
+    }
+
+    /// Where Kubernetes Events go (disabled for dry runs).
+    pub fn with_events(mut self, events: events::Events) -> Self {
+        self.events = events;
+        self
     }
 
     /// Writes only while `leader` is true (a lease elector's channel). Caches and the
@@ -214,6 +234,8 @@ impl Sink {
             allow_tx: _,
             mut leader,
             heartbeat,
+            events,
+            plan,
             _always_leader,
         } = self;
         let ns = cfg.render.namespace.clone();
@@ -257,7 +279,7 @@ impl Sink {
         let quota =
             Quota::per_second(NonZeroU32::new(cfg.write_qps.max(1)).unwrap_or(NonZeroU32::MIN))
                 .allow_burst(NonZeroU32::new(cfg.write_burst.max(1)).unwrap_or(NonZeroU32::MIN));
-        let writer = Writer::new(
+        let mut writer = Writer::new(
             client.clone(),
             ns.clone(),
             cfg.render.connector_id.clone(),
@@ -265,6 +287,9 @@ impl Sink {
             metrics.clone(),
             leader.clone(),
         );
+        if let Some(plan) = plan {
+            writer = writer.with_plan(plan);
+        }
         let ctx = Arc::new(ReconcileContext {
             catalog: catalog.clone(),
             render: cfg.render.clone(),
@@ -306,6 +331,7 @@ impl Sink {
             recheck_at: None,
             synced_batch_pending: catalog.is_synced(),
             leader: is_leader,
+            events,
             batch_failures: 0,
             batch_ran: false,
         };
@@ -427,6 +453,7 @@ struct LoopState {
     batch_ran: bool,
     /// Reconciles start only while this process may write.
     leader: bool,
+    events: events::Events,
 }
 
 impl LoopState {
@@ -477,6 +504,15 @@ impl LoopState {
             }
             GuardDecision::Hold { since, recheck_at } => {
                 if !was_holding {
+                    for name in names.iter().take(events::MAX_HELD_EVENTS) {
+                        if let Some(svc) = self.ctx.services.get_named(name, name) {
+                            self.events.deletion_held(
+                                events::reference(svc.as_ref()),
+                                managed.len(),
+                                orphans,
+                            );
+                        }
+                    }
                     warn!(
                         managed = managed.len(),
                         would_delete = orphans,
@@ -547,9 +583,35 @@ impl LoopState {
                 self.batch_failures += 1;
                 let delay = self.retries.failed(&name);
                 let attempts = self.retries.attempts(&name);
+                if let writer::WriteError::Clash {
+                    object: Some(object),
+                    ..
+                } = &err
+                {
+                    let registry_name = self
+                        .ctx
+                        .catalog
+                        .aggregate(&name)
+                        .map(|m| m.registry_name.to_string())
+                        .unwrap_or_else(|| name.clone());
+                    if attempts == 1 || attempts % 10 == 0 {
+                        self.events.name_clash(object.clone(), &registry_name);
+                    }
+                }
                 if err.is_clash() {
                     warn!(service = %name, error = %err, retry_in = ?delay, "service not synced: name clash");
                 } else {
+                    if attempts == events::FAILURES_BEFORE_EVENT
+                        || (attempts > events::FAILURES_BEFORE_EVENT && attempts % 10 == 0)
+                    {
+                        if let Some(svc) = self.ctx.services.get_named(&name, &name) {
+                            self.events.sync_failing(
+                                events::reference(svc.as_ref()),
+                                attempts,
+                                &error_chain(&err),
+                            );
+                        }
+                    }
                     warn!(service = %name, error = %error_chain(&err), attempts, retry_in = ?delay, "reconcile failed; will retry");
                 }
             }

@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::metrics::{Kind, Outcome, SinkMetrics, Verb};
+use super::plan::{changed_fields, Plan, PlannedWrite};
 use crate::labels::{is_owned, FIELD_MANAGER};
 
 /// A write that did not happen.
@@ -31,7 +32,12 @@ use crate::labels::{is_owned, FIELD_MANAGER};
 pub enum WriteError {
     /// The name is taken by an object this connector does not own.
     #[error("{kind:?} {name} exists and is not managed by this connector; left untouched")]
-    Clash { kind: Kind, name: String },
+    Clash {
+        kind: Kind,
+        name: String,
+        /// The foreign object, when it was read (for an event on it).
+        object: Option<k8s_openapi::api::core::v1::ObjectReference>,
+    },
     /// This process does not hold the leader lease: it must not write.
     #[error("not the leader; {kind:?} {name} left to the lease holder")]
     NotLeader { kind: Kind, name: String },
@@ -86,6 +92,8 @@ pub struct Writer {
     limiter: Arc<DefaultDirectRateLimiter>,
     metrics: Arc<SinkMetrics>,
     leader: watch::Receiver<bool>,
+    /// Dry run: record writes here instead of sending them.
+    plan: Option<Plan>,
 }
 
 impl Writer {
@@ -104,7 +112,14 @@ impl Writer {
             limiter,
             metrics,
             leader,
+            plan: None,
         }
+    }
+
+    /// Records writes in `plan` instead of sending them (a dry run).
+    pub fn with_plan(mut self, plan: Plan) -> Self {
+        self.plan = Some(plan);
+        self
     }
 
     /// Waits for the rate limiter, then checks leadership: a replica that lost the
@@ -144,6 +159,9 @@ impl Writer {
             + DeserializeOwned
             + Debug,
     {
+        if let Some(plan) = &self.plan {
+            return Ok(plan_ensure(plan, kind, desired, live, matches));
+        }
         match live {
             Some(live) if matches(desired, live) => Ok(Ensured::Unchanged(live.clone())),
             Some(_) => self.apply(kind, desired).await.map(Ensured::Written),
@@ -193,11 +211,15 @@ impl Writer {
                         // Ours, and our cache had not seen it yet.
                         self.apply(kind, desired).await
                     }
-                    Some(_) => {
+                    Some(foreign) => {
                         self.metrics.name_clashes.inc();
                         warn!(?kind, %name, namespace = %self.namespace,
                             "name clash: an object of this name exists without our ownership labels; not touching it");
-                        Err(WriteError::Clash { kind, name })
+                        Err(WriteError::Clash {
+                            kind,
+                            name,
+                            object: Some(foreign.object_ref(&())),
+                        })
                     }
                     // Deleted in between: the retry will create it.
                     None => Err(WriteError::Api {
@@ -272,9 +294,22 @@ impl Writer {
             + Debug,
     {
         let name = obj.name_any();
+        if let Some(plan) = &self.plan {
+            plan.record(PlannedWrite {
+                verb: Verb::Replace,
+                kind,
+                name,
+                changes: Vec::new(),
+            });
+            return Ok(obj.clone());
+        }
         if !is_owned(obj.meta(), &self.connector_id) {
             self.metrics.name_clashes.inc();
-            return Err(WriteError::Clash { kind, name });
+            return Err(WriteError::Clash {
+                kind,
+                name,
+                object: Some(obj.object_ref(&())),
+            });
         }
         self.permit(kind, &name).await?;
         let pp = PostParams {
@@ -323,6 +358,15 @@ impl Writer {
             // Never delete blind: without a UID there is no proof of ownership.
             return Ok(());
         };
+        if let Some(plan) = &self.plan {
+            plan.record(PlannedWrite {
+                verb: Verb::Delete,
+                kind,
+                name: name.to_string(),
+                changes: Vec::new(),
+            });
+            return Ok(());
+        }
         self.permit(kind, name).await?;
         let dp = DeleteParams {
             preconditions: Some(Preconditions {
@@ -359,6 +403,46 @@ impl Writer {
                     source,
                 })
             }
+        }
+    }
+}
+
+/// A dry run's `ensure`: record what would be written and answer as the apiserver would
+/// (keeping the live object's UID, so owner references render as they would for real).
+fn plan_ensure<K>(
+    plan: &Plan,
+    kind: Kind,
+    desired: &K,
+    live: Option<&K>,
+    matches: fn(&K, &K) -> bool,
+) -> Ensured<K>
+where
+    K: Resource + Clone + Serialize,
+{
+    let to_json = |k: &K| serde_json::to_value(k).unwrap_or(serde_json::Value::Null);
+    match live {
+        Some(live) if matches(desired, live) => Ensured::Unchanged(live.clone()),
+        Some(live) => {
+            plan.record(PlannedWrite {
+                verb: Verb::Apply,
+                kind,
+                name: desired.name_any(),
+                changes: changed_fields(&to_json(desired), &to_json(live)),
+            });
+            let mut answer = desired.clone();
+            answer.meta_mut().uid = live.meta().uid.clone();
+            Ensured::Written(answer)
+        }
+        None => {
+            plan.record(PlannedWrite {
+                verb: Verb::Create,
+                kind,
+                name: desired.name_any(),
+                changes: Vec::new(),
+            });
+            let mut answer = desired.clone();
+            answer.meta_mut().uid = Some(format!("dry-run-{}", desired.name_any()));
+            Ensured::Written(answer)
         }
     }
 }
