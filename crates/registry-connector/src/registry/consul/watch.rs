@@ -170,6 +170,12 @@ pub(crate) async fn run(
         pacer.succeeded();
         let sent = index;
         index = next_index(sent, services.index);
+        debug!(
+            sent,
+            returned = services.index,
+            services = services.value.len(),
+            "Consul service list answered"
+        );
         let unchanged = sent > 1 && services.index == sent;
         let selected = shared.selection.selected(&services.value);
 
@@ -380,6 +386,12 @@ async fn watch_service(
                 pacer.succeeded();
                 let sent = index;
                 index = next_index(sent, answer.index);
+                debug!(
+                    sent,
+                    returned = answer.index,
+                    instances = answer.value.len(),
+                    "Consul service answered"
+                );
                 if sent > 1 && answer.index == sent {
                     // The wait ran out: nothing new.
                     continue;
