@@ -16,7 +16,13 @@ use serde_json::json;
 use testenv::consul::ConsulClient;
 use testenv::{unique_name, wait_for, TestEnv};
 
-async fn register(consul: &ConsulClient, tag: &str, id: &str, name: &str, addr: &str) -> Result<()> {
+async fn register(
+    consul: &ConsulClient,
+    tag: &str,
+    id: &str,
+    name: &str,
+    addr: &str,
+) -> Result<()> {
     consul
         .put(
             "/v1/agent/service/register",
@@ -58,34 +64,66 @@ async fn consul_outages_delete_nothing_and_are_caught_up() -> Result<()> {
     connector.wait_ready().await?;
     let services: Api<Service> = Api::namespaced(client.clone(), ns.name());
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns.name());
-    assert_eq!(endpoint_addresses(&slices, &a).await, Some(vec!["192.0.2.50".into()]));
+    assert_eq!(
+        endpoint_addresses(&slices, &a).await,
+        Some(vec!["192.0.2.50".into()])
+    );
 
     env.stop_component("consul")?;
-    let failures_before = connector.metric_sum("registry_connector_consul_requests_total").await?;
+    let failures_before = connector
+        .metric_sum("registry_connector_consul_requests_total")
+        .await?;
     // While it is down the connector keeps retrying; give it several retry rounds.
     wait_for("the connector to notice Consul is down", WAIT, || async {
         let m = connector.metrics().await.ok()?;
         let errors: f64 = m
             .iter()
-            .filter(|(k, _)| k.starts_with("registry_connector_consul_requests_total{") && k.contains("result=\"error\""))
+            .filter(|(k, _)| {
+                k.starts_with("registry_connector_consul_requests_total{")
+                    && k.contains("result=\"error\"")
+            })
             .map(|(_, v)| v)
             .sum();
         (errors >= 2.0).then_some(())
     })
     .await?;
     let _ = failures_before;
-    let names: Vec<String> = services.list(&ListParams::default()).await?.items.into_iter().filter_map(|s| s.metadata.name).collect();
-    assert_eq!(names.len(), 2, "nothing deleted while Consul is down: {names:?}");
+    let names: Vec<String> = services
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|s| s.metadata.name)
+        .collect();
+    assert_eq!(
+        names.len(),
+        2,
+        "nothing deleted while Consul is down: {names:?}"
+    );
 
     env.start_component("consul")?;
+    // A restarted agent brings its TTL checks back critical until their services report
+    // again, as a real service would after an agent restart.
+    for id in [format!("{a}-1"), format!("{b}-1")] {
+        consul
+            .put(&format!("/v1/agent/check/pass/service:{id}"), &json!(null))
+            .await?;
+    }
     // A change made after the restart shows that the connector caught up.
     register(&consul, &tag, &format!("{a}-2"), &a, "192.0.2.52").await?;
-    wait_for("the post-restart change", Duration::from_secs(60), || async {
-        let got = endpoint_addresses(&slices, &a).await?;
-        (got == vec!["192.0.2.50".to_string(), "192.0.2.52".to_string()]).then_some(())
-    })
+    wait_for(
+        "the post-restart change",
+        Duration::from_secs(60),
+        || async {
+            let got = endpoint_addresses(&slices, &a).await?;
+            (got == vec!["192.0.2.50".to_string(), "192.0.2.52".to_string()]).then_some(())
+        },
+    )
     .await?;
-    assert_eq!(endpoint_addresses(&slices, &b).await, Some(vec!["192.0.2.51".into()]));
+    assert_eq!(
+        endpoint_addresses(&slices, &b).await,
+        Some(vec!["192.0.2.51".into()])
+    );
     drop(connector);
 
     // 2. The connector starts while Consul is down: it waits, deletes nothing, and
@@ -94,20 +132,57 @@ async fn consul_outages_delete_nothing_and_are_caught_up() -> Result<()> {
     register(&consul, &tag, &format!("{late}-1"), &late, "192.0.2.60").await?;
     env.stop_component("consul")?;
     let connector = Connector::consul(env, ns.name(), &["--filter-tag", &tag])?;
-    wait_for("the admin server", WAIT, || async { connector.readyz().await }).await?;
-    assert_eq!(connector.readyz().await, Some(503), "not ready without the registry");
-    let names: Vec<String> = services.list(&ListParams::default()).await?.items.into_iter().filter_map(|s| s.metadata.name).collect();
-    assert_eq!(names.len(), 2, "nothing deleted or created while Consul is down: {names:?}");
+    wait_for("the admin server", WAIT, || async {
+        connector.readyz().await
+    })
+    .await?;
+    assert_eq!(
+        connector.readyz().await,
+        Some(503),
+        "not ready without the registry"
+    );
+    let names: Vec<String> = services
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|s| s.metadata.name)
+        .collect();
+    assert_eq!(
+        names.len(),
+        2,
+        "nothing deleted or created while Consul is down: {names:?}"
+    );
     env.start_component("consul")?;
+    for id in [
+        format!("{a}-1"),
+        format!("{a}-2"),
+        format!("{b}-1"),
+        format!("{late}-1"),
+    ] {
+        consul
+            .put(&format!("/v1/agent/check/pass/service:{id}"), &json!(null))
+            .await?;
+    }
     connector.wait_ready().await?;
     wait_for("the late service", WAIT, || async {
         (endpoint_addresses(&slices, &late).await? == vec!["192.0.2.60".to_string()]).then_some(())
     })
     .await?;
-    assert_eq!(endpoint_addresses(&slices, &a).await.map(|v| v.len()), Some(2));
+    assert_eq!(
+        endpoint_addresses(&slices, &a).await.map(|v| v.len()),
+        Some(2)
+    );
 
-    for id in [format!("{a}-1"), format!("{a}-2"), format!("{b}-1"), format!("{late}-1")] {
-        let _ = consul.put(&format!("/v1/agent/service/deregister/{id}"), &json!(null)).await;
+    for id in [
+        format!("{a}-1"),
+        format!("{a}-2"),
+        format!("{b}-1"),
+        format!("{late}-1"),
+    ] {
+        let _ = consul
+            .put(&format!("/v1/agent/service/deregister/{id}"), &json!(null))
+            .await;
     }
     Ok(())
 }

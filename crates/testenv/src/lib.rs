@@ -241,8 +241,17 @@ pub fn script_path() -> PathBuf {
     repo_root().join("scripts").join("testenv")
 }
 
-/// The repository root, found from this crate's manifest directory.
+/// The repository root: the nearest ancestor of the working directory (cargo runs tests
+/// in their package's directory) that holds `scripts/testenv`, else the one this crate
+/// was compiled in. Looked up at run time, so a test binary built from another checkout
+/// that shares the target directory still drives this checkout's scripts.
 pub fn repo_root() -> PathBuf {
+    let holds_script = |dir: &Path| dir.join("scripts").join("testenv").is_file();
+    if let Ok(cwd) = std::env::current_dir() {
+        if let Some(root) = cwd.ancestors().find(|d| holds_script(d)) {
+            return root.to_path_buf();
+        }
+    }
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .ancestors()
         .nth(2)

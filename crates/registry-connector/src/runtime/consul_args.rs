@@ -85,6 +85,16 @@ pub struct ConsulArgs {
     #[arg(long, env = "RC_SUFFIX_TAG", value_name = "TAG")]
     pub suffix_tag: Option<String>,
 
+    /// How long Consul may hold a blocking query open when nothing changes.
+    #[arg(long, env = "RC_CONSUL_WAIT", default_value = "5m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub consul_wait: std::time::Duration,
+
+    /// Most connections open to Consul at once (each watched service holds one long
+    /// poll); keep it below the agent's limits.http_max_conns_per_client (200 by
+    /// default). 0 means no limit.
+    #[arg(long, env = "RC_CONSUL_MAX_CONNECTIONS", default_value_t = crate::registry::consul::DEFAULT_MAX_CONNECTIONS, value_name = "N")]
+    pub consul_max_connections: usize,
+
     /// Prepended to every synced service name.
     #[arg(
         long,
@@ -112,6 +122,8 @@ impl ConsulArgs {
         cfg.prefix_tag = self.prefix_tag.clone().filter(|t| !t.is_empty());
         cfg.suffix_tag = self.suffix_tag.clone().filter(|t| !t.is_empty());
         cfg.service_prefix = self.service_prefix.clone();
+        cfg.wait = self.consul_wait;
+        cfg.max_connections = self.consul_max_connections;
         Ok(cfg)
     }
 }

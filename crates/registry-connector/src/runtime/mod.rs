@@ -195,7 +195,7 @@ where
         args.namespace,
         args.connector_id,
         count(&[Verb::Create]),
-        count(&[Verb::Apply, Verb::Replace]),
+        count(&[Verb::Update]),
         count(&[Verb::Delete]),
     );
     for write in &writes {

@@ -20,8 +20,7 @@ pub enum Kind {
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Verb {
     Create,
-    Apply,
-    Replace,
+    Update,
     Delete,
 }
 
@@ -52,7 +51,7 @@ macro_rules! label_values {
 }
 
 label_values!(Kind { Service => "service", EndpointSlice => "endpointslice", Endpoints => "endpoints" });
-label_values!(Verb { Create => "create", Apply => "apply", Replace => "replace", Delete => "delete" });
+label_values!(Verb { Create => "create", Update => "update", Delete => "delete" });
 label_values!(Outcome { Success => "success", Conflict => "conflict", Error => "error" });
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -148,7 +147,7 @@ impl SinkMetrics {
 
     /// Writes of one kind that the apiserver accepted.
     pub fn successful_writes(&self, kind: Kind) -> u64 {
-        [Verb::Create, Verb::Apply, Verb::Replace, Verb::Delete]
+        [Verb::Create, Verb::Update, Verb::Delete]
             .into_iter()
             .map(|verb| {
                 self.writes

@@ -594,7 +594,7 @@ impl LoopState {
                         .aggregate(&name)
                         .map(|m| m.registry_name.to_string())
                         .unwrap_or_else(|| name.clone());
-                    if attempts == 1 || attempts % 10 == 0 {
+                    if attempts == 1 || attempts.is_multiple_of(10) {
                         self.events.name_clash(object.clone(), &registry_name);
                     }
                 }
@@ -602,7 +602,7 @@ impl LoopState {
                     warn!(service = %name, error = %err, retry_in = ?delay, "service not synced: name clash");
                 } else {
                     if attempts == events::FAILURES_BEFORE_EVENT
-                        || (attempts > events::FAILURES_BEFORE_EVENT && attempts % 10 == 0)
+                        || (attempts > events::FAILURES_BEFORE_EVENT && attempts.is_multiple_of(10))
                     {
                         if let Some(svc) = self.ctx.services.get_named(&name, &name) {
                             self.events.sync_failing(

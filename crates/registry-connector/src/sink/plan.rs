@@ -26,7 +26,7 @@ impl fmt::Display for PlannedWrite {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let verb = match self.verb {
             Verb::Create => "create",
-            Verb::Apply | Verb::Replace => "update",
+            Verb::Update => "update",
             Verb::Delete => "delete",
         };
         write!(f, "{verb:<6} {:<13} {}", self.kind.as_str(), self.name)

@@ -89,18 +89,7 @@ impl ReconcileContext {
             )
             .await?;
         writes += usize::from(svc.wrote());
-        let mut svc = svc.object().clone();
-        if !diff::service_matches(&desired_svc, &svc) {
-            // Apply restored our ports but cannot remove ports another manager added
-            // (ports are a map-list): take the whole list back with a replace.
-            let mut fixed = svc.clone();
-            if let (Some(spec), Some(want)) = (fixed.spec.as_mut(), desired_svc.spec.as_ref()) {
-                spec.ports = want.ports.clone();
-            }
-            svc = self.writer.replace(Kind::Service, &fixed).await?;
-            writes += 1;
-        }
-        let owner = render::owner_reference(&svc);
+        let owner = render::owner_reference(svc.object());
 
         let live_slices: Vec<EndpointSlice> = self
             .slices

@@ -1,22 +1,29 @@
-//! The only place that writes to Kubernetes: create, server-side apply, delete.
+//! The only place that writes to Kubernetes: create, update, delete.
 //!
-//! Every write waits for the client-side rate limiter and is counted by kind, verb and
-//! result. Ownership is checked before anything is changed:
+//! Every write waits for the client-side rate limiter, checks leadership, and is counted
+//! by kind, verb and result. Ownership is checked before anything is changed:
 //! - an object missing from our cache is created with a plain POST, which fails with
 //!   409 AlreadyExists instead of adopting an object someone else made; the object is
-//!   then read back, applied if it is ours (our cache was only behind) or reported as a
+//!   then read back, updated if it is ours (our cache was only behind) or reported as a
 //!   clash and left untouched if it is not;
-//! - an object in our cache (hence carrying our labels) is updated by server-side apply
-//!   with our field manager and `force`, which restores the fields we own after drift
-//!   and leaves fields others added alone;
+//! - an object in our cache (hence carrying our labels) is updated with a PUT of the
+//!   live object with our content laid over it (see [`overlay`]), with the live
+//!   resourceVersion as precondition: what we own is restored exactly (extra ports
+//!   someone added are removed), labels and annotations others added are kept, and a
+//!   concurrent change makes the write fail and retry instead of being lost;
 //! - deletes carry a UID precondition, so only the object we saw (ours) is deleted.
+//!
+//! Why not server-side apply: objects are created with POST (to never adopt), and
+//! fields set by a create belong to an "Update" manager that a later apply cannot
+//! remove (a port dropped by the registry would stay), so apply would need a managed-
+//! fields migration after every create. A whole-object update has no such subtlety.
 
 use std::fmt::Debug;
 use std::sync::Arc;
 
 use governor::DefaultDirectRateLimiter;
 use k8s_openapi::NamespaceResourceScope;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{DeleteParams, PostParams, Preconditions};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -41,6 +48,14 @@ pub enum WriteError {
     /// This process does not hold the leader lease: it must not write.
     #[error("not the leader; {kind:?} {name} left to the lease holder")]
     NotLeader { kind: Kind, name: String },
+    /// The update body could not be built (a bug, not a cluster condition).
+    #[error("building the update of {kind:?} {name}")]
+    Encode {
+        kind: Kind,
+        name: String,
+        #[source]
+        source: serde_json::Error,
+    },
     /// The apiserver refused or could not be reached.
     #[error("{verb:?} {kind:?} {name}")]
     Api {
@@ -164,7 +179,7 @@ impl Writer {
         }
         match live {
             Some(live) if matches(desired, live) => Ok(Ensured::Unchanged(live.clone())),
-            Some(_) => self.apply(kind, desired).await.map(Ensured::Written),
+            Some(live) => self.update(kind, desired, live).await.map(Ensured::Written),
             None => self
                 .create_or_adopt(kind, desired)
                 .await
@@ -209,7 +224,7 @@ impl Writer {
                 match existing {
                     Some(obj) if is_owned(obj.meta(), &self.connector_id) => {
                         // Ours, and our cache had not seen it yet.
-                        self.apply(kind, desired).await
+                        self.update(kind, desired, &obj).await
                     }
                     Some(foreign) => {
                         self.metrics.name_clashes.inc();
@@ -243,7 +258,8 @@ impl Writer {
         }
     }
 
-    async fn apply<K>(&self, kind: Kind, desired: &K) -> Result<K, WriteError>
+    /// PUTs `desired` laid over `live`, with `live`'s resourceVersion as precondition.
+    async fn update<K>(&self, kind: Kind, desired: &K, live: &K) -> Result<K, WriteError>
     where
         K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
             + Clone
@@ -252,75 +268,29 @@ impl Writer {
             + Debug,
     {
         let name = desired.name_any();
-        self.permit(kind, &name).await?;
-        let params = PatchParams::apply(FIELD_MANAGER).force();
-        match self
-            .api::<K>()
-            .patch(&name, &params, &Patch::Apply(desired))
-            .await
-        {
-            Ok(obj) => {
-                self.metrics
-                    .record_write(kind, Verb::Apply, Outcome::Success);
-                debug!(?kind, %name, "applied");
-                Ok(obj)
-            }
-            Err(source) => {
-                let result = match &source {
-                    kube::Error::Api(s) if s.code == 409 => Outcome::Conflict,
-                    _ => Outcome::Error,
-                };
-                self.metrics.record_write(kind, Verb::Apply, result);
-                Err(WriteError::Api {
-                    kind,
-                    verb: Verb::Apply,
-                    name,
-                    source,
-                })
-            }
-        }
-    }
-
-    /// Replaces the whole object (PUT, with the resourceVersion `obj` carries as the
-    /// optimistic-concurrency precondition). Only for the rare case server-side apply
-    /// cannot express: removing entries that another field manager added to a list we
-    /// must own entirely (a Service's ports).
-    pub async fn replace<K>(&self, kind: Kind, obj: &K) -> Result<K, WriteError>
-    where
-        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + Serialize
-            + DeserializeOwned
-            + Debug,
-    {
-        let name = obj.name_any();
-        if let Some(plan) = &self.plan {
-            plan.record(PlannedWrite {
-                verb: Verb::Replace,
-                kind,
-                name,
-                changes: Vec::new(),
-            });
-            return Ok(obj.clone());
-        }
-        if !is_owned(obj.meta(), &self.connector_id) {
+        if !is_owned(live.meta(), &self.connector_id) {
             self.metrics.name_clashes.inc();
             return Err(WriteError::Clash {
                 kind,
                 name,
-                object: Some(obj.object_ref(&())),
+                object: Some(live.object_ref(&())),
             });
         }
+        let body = overlay(desired, live).map_err(|source| WriteError::Encode {
+            kind,
+            name: name.clone(),
+            source,
+        })?;
         self.permit(kind, &name).await?;
         let pp = PostParams {
             field_manager: Some(FIELD_MANAGER.to_string()),
             dry_run: false,
         };
-        match self.api::<K>().replace(&name, &pp, obj).await {
+        match self.api::<K>().replace(&name, &pp, &body).await {
             Ok(obj) => {
                 self.metrics
-                    .record_write(kind, Verb::Replace, Outcome::Success);
-                debug!(?kind, %name, "replaced");
+                    .record_write(kind, Verb::Update, Outcome::Success);
+                debug!(?kind, %name, "updated");
                 Ok(obj)
             }
             Err(source) => {
@@ -328,10 +298,10 @@ impl Writer {
                     kube::Error::Api(s) if s.code == 409 => Outcome::Conflict,
                     _ => Outcome::Error,
                 };
-                self.metrics.record_write(kind, Verb::Replace, result);
+                self.metrics.record_write(kind, Verb::Update, result);
                 Err(WriteError::Api {
                     kind,
-                    verb: Verb::Replace,
+                    verb: Verb::Update,
                     name,
                     source,
                 })
@@ -424,7 +394,7 @@ where
         Some(live) if matches(desired, live) => Ensured::Unchanged(live.clone()),
         Some(live) => {
             plan.record(PlannedWrite {
-                verb: Verb::Apply,
+                verb: Verb::Update,
                 kind,
                 name: desired.name_any(),
                 changes: changed_fields(&to_json(desired), &to_json(live)),
@@ -444,5 +414,171 @@ where
             answer.meta_mut().uid = Some(format!("dry-run-{}", desired.name_any()));
             Ensured::Written(answer)
         }
+    }
+}
+
+/// The object to PUT: `live` with `desired`'s content laid over it.
+///
+/// - `metadata`: `desired`'s labels and annotations are merged into the live ones (those
+///   others added stay); `ownerReferences` are `desired`'s; everything else (uid,
+///   resourceVersion as the update's precondition, finalizers) is the live object's.
+/// - every other top-level field of `desired` (`spec`, `endpoints`, `ports`, `subsets`,
+///   ...) replaces the live one key by key at its first level: for a Service this sets
+///   type, ports, clusterIP (when we set it) and externalName and keeps what the
+///   apiserver allocated (clusterIPs, ipFamilies, ...); a `selector` is always removed,
+///   since a selector makes the endpoints controller fight us over the Endpoints.
+/// - the over-capacity annotation of Endpoints is removed when `desired` lacks it: it
+///   is ours to set and to clear.
+pub fn overlay<K: Serialize + DeserializeOwned>(
+    desired: &K,
+    live: &K,
+) -> Result<K, serde_json::Error> {
+    use serde_json::Value;
+    let want = serde_json::to_value(desired)?;
+    let mut out = serde_json::to_value(live)?;
+    let (Value::Object(want), Value::Object(out_map)) = (want, &mut out) else {
+        return serde_json::from_value(out);
+    };
+    for (key, value) in want {
+        match key.as_str() {
+            "metadata" => {
+                let meta = out_map
+                    .entry("metadata")
+                    .or_insert_with(|| Value::Object(Default::default()));
+                merge_metadata(meta, &value);
+            }
+            "apiVersion" | "kind" | "status" => {}
+            "spec" => {
+                let spec = out_map
+                    .entry("spec")
+                    .or_insert_with(|| Value::Object(Default::default()));
+                if let (Value::Object(spec), Value::Object(want_spec)) = (spec, value) {
+                    spec.remove("selector");
+                    for (k, v) in want_spec {
+                        spec.insert(k, v);
+                    }
+                }
+            }
+            _ => {
+                out_map.insert(key, value);
+            }
+        }
+    }
+    serde_json::from_value(out)
+}
+
+fn merge_metadata(live: &mut serde_json::Value, desired: &serde_json::Value) {
+    use serde_json::Value;
+    let Value::Object(live) = live else { return };
+    live.remove("managedFields");
+    for field in ["labels", "annotations"] {
+        let entry = live
+            .entry(field)
+            .or_insert_with(|| Value::Object(Default::default()));
+        if entry.is_null() {
+            *entry = Value::Object(Default::default());
+        }
+        if let Value::Object(map) = entry {
+            if field == "annotations" {
+                let keep_over_capacity = desired
+                    .pointer("/annotations")
+                    .and_then(|a| a.get(crate::labels::ENDPOINTS_OVER_CAPACITY_ANNOTATION))
+                    .is_some();
+                if !keep_over_capacity {
+                    map.remove(crate::labels::ENDPOINTS_OVER_CAPACITY_ANNOTATION);
+                }
+            }
+            if let Some(Value::Object(want)) = desired.get(field) {
+                for (k, v) in want {
+                    map.insert(k.clone(), v.clone());
+                }
+            }
+        }
+    }
+    match desired.get("ownerReferences") {
+        Some(refs) => {
+            live.insert("ownerReferences".into(), refs.clone());
+        }
+        None => {
+            live.remove("ownerReferences");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::Service;
+    use serde_json::json;
+
+    fn svc(v: serde_json::Value) -> Service {
+        serde_json::from_value(v).expect("valid service")
+    }
+
+    #[test]
+    fn overlay_restores_our_fields_and_keeps_others() {
+        let desired = svc(json!({
+            "metadata": {"name": "a", "labels": {"app.kubernetes.io/managed-by": "registry-connector"},
+                         "annotations": {"flomesh.io/mesh-service-sync": "false"}},
+            "spec": {"type": "ClusterIP", "clusterIP": "None", "ports": [{"name": "http80", "port": 80}]}
+        }));
+        let live = svc(json!({
+            "metadata": {"name": "a", "uid": "u1", "resourceVersion": "7",
+                         "labels": {"app.kubernetes.io/managed-by": "registry-connector", "team": "x"},
+                         "annotations": {"mesh.example/inject": "true"},
+                         "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"type": "ClusterIP", "clusterIP": "None", "clusterIPs": ["None"], "selector": {"app": "a"},
+                     "ports": [{"name": "http80", "port": 80}, {"name": "oops", "port": 1234}],
+                     "sessionAffinity": "None"}
+        }));
+        let out = overlay(&desired, &live).expect("overlay");
+        let meta = &out.metadata;
+        assert_eq!(
+            meta.resource_version.as_deref(),
+            Some("7"),
+            "precondition kept"
+        );
+        assert_eq!(meta.uid.as_deref(), Some("u1"));
+        assert!(meta.managed_fields.is_none());
+        let labels = meta.labels.clone().unwrap_or_default();
+        assert_eq!(
+            labels.get("team").map(String::as_str),
+            Some("x"),
+            "others' label kept"
+        );
+        let annotations = meta.annotations.clone().unwrap_or_default();
+        assert_eq!(annotations.len(), 2);
+        let spec = out.spec.expect("spec");
+        assert!(spec.selector.is_none(), "selector removed");
+        assert_eq!(
+            spec.ports.unwrap_or_default().len(),
+            1,
+            "foreign port removed"
+        );
+        assert_eq!(
+            spec.session_affinity.as_deref(),
+            Some("None"),
+            "defaults kept"
+        );
+        assert_eq!(
+            spec.cluster_ips,
+            Some(vec!["None".to_string()]),
+            "allocations kept"
+        );
+    }
+
+    #[test]
+    fn overlay_clears_the_over_capacity_annotation_we_no_longer_set() {
+        use k8s_openapi::api::core::v1::Endpoints;
+        let desired: Endpoints =
+            serde_json::from_value(json!({"metadata": {"name": "a"}, "subsets": []})).expect("eps");
+        let live: Endpoints = serde_json::from_value(json!({
+            "metadata": {"name": "a", "annotations": {"endpoints.kubernetes.io/over-capacity": "truncated"}},
+            "subsets": [{"addresses": [{"ip": "192.0.2.1"}]}]
+        }))
+        .expect("eps");
+        let out = overlay(&desired, &live).expect("overlay");
+        assert!(out.metadata.annotations.unwrap_or_default().is_empty());
+        assert!(out.subsets.unwrap_or_default().is_empty());
     }
 }
