@@ -196,6 +196,10 @@ async fn syncs_services_with_their_ports_protocols_and_addresses() -> Result<()>
         .collect();
     assert_eq!(families.len(), 2, "{families:?}");
     assert!(families.contains(&"IPv6".to_string()));
+    // The instance tagged zone=blue is also published under `blue-<name>` (prefix tag
+    // only, no suffix tag configured).
+    s.wait_endpoints(&format!("blue-{pay}"), &[("192.0.2.2", true)])
+        .await?;
     connector.wait_ready().await?;
     drop(connector);
     s.cleanup().await;
