@@ -18,6 +18,32 @@ fn from_json<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> T {
     serde_json::from_value(value).expect("test object literal is valid")
 }
 
+/// Waits for an events.k8s.io Event with `reason` regarding the object `name`.
+async fn wait_for_event(
+    h: &Harness,
+    reason: &str,
+    name: &str,
+) -> Result<k8s_openapi::api::events::v1::Event> {
+    let events: kube::Api<k8s_openapi::api::events::v1::Event> =
+        kube::Api::namespaced(h.client.clone(), h.ns.name());
+    wait_for(&format!("a {reason} event on {name}"), WAIT, || {
+        let events = events.clone();
+        async move {
+            events
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some(reason)
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                })
+        }
+    })
+    .await
+}
+
 fn versions(slices: &[k8s_openapi::api::discovery::v1::EndpointSlice]) -> BTreeMap<String, String> {
     slices
         .iter()
@@ -288,6 +314,13 @@ async fn an_unowned_service_of_the_same_name_is_left_alone() -> Result<()> {
             "not ours"
         );
     }
+    let event = wait_for_event(&h, "NameClash", "taken").await?;
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert_eq!(
+        event.regarding.as_ref().and_then(|r| r.uid.clone()),
+        theirs.metadata.uid,
+        "the event is on their object"
+    );
     Ok(())
 }
 
@@ -317,6 +350,8 @@ async fn an_empty_snapshot_is_held_and_released_by_the_operator() -> Result<()> 
     for name in ["big", "mixed", "multi"] {
         assert!(names.contains(&name.to_string()), "{name} kept while held");
     }
+
+    wait_for_event(&h, "DeletionHeld", "big").await?;
 
     h.sink.allow_held_deletions();
     wait_for("the allowed deletions", WAIT, || async {
