@@ -1,0 +1,388 @@
+//! The connector under test: the release binary run as a separate process, its
+//! `/metrics` and `/readyz`, and its CPU time and memory from `/proc`.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use tokio::process::{Child, Command};
+
+/// How one connector process is started.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub bin: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub consul_addr: String,
+    pub namespace: String,
+    pub filter_tag: String,
+    pub quiet_period: Duration,
+    /// Flags beyond the ones above (throughput tuning, log level).
+    pub extra: Vec<String>,
+    pub log: PathBuf,
+}
+
+impl Launch {
+    /// The full argument list, as reported in the results.
+    pub fn args(&self, admin: SocketAddr) -> Vec<String> {
+        let mut args = vec![
+            "consul".to_string(),
+            "--kubeconfig".into(),
+            self.kubeconfig.display().to_string(),
+            "--namespace".into(),
+            self.namespace.clone(),
+            "--consul-http-addr".into(),
+            self.consul_addr.clone(),
+            "--filter-tag".into(),
+            self.filter_tag.clone(),
+            "--quiet-period".into(),
+            humantime::format_duration(self.quiet_period).to_string(),
+            "--admin-addr".into(),
+            admin.to_string(),
+            "--leader-elect=false".into(),
+        ];
+        args.extend(self.extra.iter().cloned());
+        args
+    }
+}
+
+/// A running connector process.
+pub struct Connector {
+    child: Child,
+    pid: u32,
+    admin: SocketAddr,
+    http: reqwest::Client,
+    pub started: Instant,
+    pub args: Vec<String>,
+    pub log: PathBuf,
+}
+
+/// CPU and memory of a process, from `/proc/<pid>/stat` and `/proc/<pid>/status`.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct ProcStats {
+    /// User + system CPU seconds since the process started.
+    pub cpu_seconds: f64,
+    /// Current resident set (VmRSS), MiB.
+    pub rss_mib: f64,
+    /// Peak resident set (VmHWM), MiB.
+    pub peak_rss_mib: f64,
+}
+
+fn free_port() -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").context("picking a free port")?;
+    l.local_addr().context("local addr")
+}
+
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|t| *t > 0.0)
+        .unwrap_or(100.0)
+}
+
+/// Reads CPU seconds and memory of `pid`.
+pub fn proc_stats(pid: u32) -> Result<ProcStats> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command (which may contain spaces) start at field 3 (state).
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed /proc/pid/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, so 11 and 12 of `rest`
+    // (0-based; `rest` starts at field 3).
+    let utime: f64 = fields.get(11).context("utime")?.parse()?;
+    let stime: f64 = fields.get(12).context("stime")?.parse()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let kib = |key: &str| -> f64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    Ok(ProcStats {
+        cpu_seconds: (utime + stime) / clock_ticks(),
+        rss_mib: kib("VmRSS:") / 1024.0,
+        peak_rss_mib: kib("VmHWM:") / 1024.0,
+    })
+}
+
+/// A scrape of `/metrics`: series (name plus label text) to value.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    series: HashMap<String, f64>,
+}
+
+impl Metrics {
+    pub fn parse(text: &str) -> Metrics {
+        let mut series = HashMap::new();
+        for line in text.lines() {
+            if line.starts_with('#') || line.trim().is_empty() {
+                continue;
+            }
+            // `name{labels} value` or `name value`; label values never hold "} " here.
+            let (key, value) = match line.rfind(' ') {
+                Some(i) => (&line[..i], &line[i + 1..]),
+                None => continue,
+            };
+            if let Ok(v) = value.parse::<f64>() {
+                series.insert(key.to_string(), v);
+            }
+        }
+        Metrics { series }
+    }
+
+    /// Sum of every series of metric `name` whose labels contain all of `labels`
+    /// (`key="value"` pairs).
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.series
+            .iter()
+            .filter(|(k, _)| {
+                let (n, l) = match k.find('{') {
+                    Some(i) => (&k[..i], &k[i..]),
+                    None => (k.as_str(), ""),
+                };
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(lk, lv)| l.contains(&format!("{lk}=\"{lv}\"")))
+            })
+            .map(|(_, v)| v)
+            .fold(0.0, |a, b| a + b)
+    }
+
+    /// Successful Kubernetes writes.
+    pub fn writes(&self) -> f64 {
+        self.sum(
+            "registry_connector_kubernetes_writes_total",
+            &[("result", "success")],
+        )
+    }
+
+    /// Kubernetes writes whatever their result.
+    pub fn writes_all(&self) -> f64 {
+        self.sum("registry_connector_kubernetes_writes_total", &[])
+    }
+
+    /// Successful writes of one kind (`service`, `endpointslice`, `endpoints`).
+    pub fn writes_of(&self, kind: &str) -> f64 {
+        self.sum(
+            "registry_connector_kubernetes_writes_total",
+            &[("kind", kind), ("result", "success")],
+        )
+    }
+
+    /// Consul requests, all endpoints and results.
+    pub fn consul_requests(&self) -> f64 {
+        self.sum("registry_connector_consul_requests_total", &[])
+    }
+
+    /// Consul requests to one endpoint label value.
+    pub fn consul_requests_to(&self, endpoint: &str) -> f64 {
+        self.sum(
+            "registry_connector_consul_requests_total",
+            &[("endpoint", endpoint)],
+        )
+    }
+
+    pub fn reconciles(&self) -> f64 {
+        self.sum("registry_connector_reconciles_total", &[])
+    }
+
+    pub fn managed_services(&self) -> f64 {
+        self.sum("registry_connector_managed_services", &[])
+    }
+
+    /// The label values seen for `label` on metric `name` (to report what is there).
+    pub fn label_values(&self, name: &str, label: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .series
+            .keys()
+            .filter(|k| k.starts_with(&format!("{name}{{")))
+            .filter_map(|k| {
+                let pat = format!("{label}=\"");
+                let i = k.find(&pat)? + pat.len();
+                let j = k[i..].find('"')?;
+                Some(k[i..i + j].to_string())
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
+impl Connector {
+    /// Starts the connector; returns once its admin server answers.
+    pub async fn start(launch: &Launch) -> Result<Connector> {
+        let admin = free_port()?;
+        let args = launch.args(admin);
+        if let Some(dir) = launch.log.parent() {
+            std::fs::create_dir_all(dir).ok();
+        }
+        let log = std::fs::File::create(&launch.log)
+            .with_context(|| format!("creating {}", launch.log.display()))?;
+        let log2 = log.try_clone()?;
+        let started = Instant::now();
+        let child = Command::new(&launch.bin)
+            .args(&args)
+            .env_remove("RUST_LOG")
+            .env("RC_LOG_FORMAT", "plain")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", launch.bin.display()))?;
+        let pid = child.id().context("connector pid")?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .no_proxy()
+            .build()?;
+        let mut c = Connector {
+            child,
+            pid,
+            admin,
+            http,
+            started,
+            args,
+            log: launch.log.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = c.child.try_wait()? {
+                bail!(
+                    "the connector exited at start with {status}; log: {}\n{}",
+                    c.log.display(),
+                    tail(&c.log, 20)
+                );
+            }
+            if c.get("/healthz").await.is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the connector's admin server did not answer within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(c)
+    }
+
+    async fn get(&self, path: &str) -> Result<(u16, String)> {
+        let resp = self
+            .http
+            .get(format!("http://{}{}", self.admin, path))
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.text().await?))
+    }
+
+    pub async fn metrics(&self) -> Result<Metrics> {
+        let (status, body) = self.get("/metrics").await?;
+        if status != 200 {
+            bail!("/metrics answered {status}");
+        }
+        Ok(Metrics::parse(&body))
+    }
+
+    /// Waits until `/readyz` answers 200 (the first snapshot is reconciled).
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<Duration> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "the connector exited with {status}; see {}",
+                    self.log.display()
+                );
+            }
+            if let Ok((200, _)) = self.get("/readyz").await {
+                return Ok(self.started.elapsed());
+            }
+            if Instant::now() > deadline {
+                bail!("the connector was not ready within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn stats(&self) -> Result<ProcStats> {
+        proc_stats(self.pid)
+    }
+
+    /// Fails if the process has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "the connector exited with {status}; log {}:\n{}",
+                self.log.display(),
+                tail(&self.log, 20)
+            );
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then SIGKILL after 20 s. Returns the stats just before the signal.
+    pub async fn stop(mut self) -> Result<ProcStats> {
+        let stats = self.stats().unwrap_or_default();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status();
+        match tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await {
+            Ok(_) => {}
+            Err(_) => {
+                eprintln!("bench: connector {} ignored SIGTERM; killing it", self.pid);
+                let _ = self.child.kill().await;
+            }
+        }
+        Ok(stats)
+    }
+}
+
+/// The last `n` lines of a file (for error messages).
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_openmetrics_text() {
+        let text = "# HELP x y\n\
+            registry_connector_kubernetes_writes_total{kind=\"service\",verb=\"create\",result=\"success\"} 3\n\
+            registry_connector_kubernetes_writes_total{kind=\"endpointslice\",verb=\"apply\",result=\"success\"} 2\n\
+            registry_connector_kubernetes_writes_total{kind=\"endpointslice\",verb=\"apply\",result=\"error\"} 1\n\
+            registry_connector_managed_services 7\n# EOF\n";
+        let m = Metrics::parse(text);
+        assert_eq!(m.writes(), 5.0);
+        assert_eq!(m.writes_all(), 6.0);
+        assert_eq!(m.writes_of("endpointslice"), 2.0);
+        assert_eq!(m.managed_services(), 7.0);
+        assert_eq!(
+            m.label_values("registry_connector_kubernetes_writes_total", "kind"),
+            vec!["endpointslice".to_string(), "service".to_string()]
+        );
+    }
+
+    #[test]
+    fn reads_own_proc_stats() {
+        let s = proc_stats(std::process::id()).expect("own stats");
+        assert!(s.peak_rss_mib > 0.0 && s.peak_rss_mib >= s.rss_mib * 0.5);
+        assert!(s.cpu_seconds >= 0.0);
+    }
+}
