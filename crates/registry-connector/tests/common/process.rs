@@ -24,40 +24,170 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-impl Connector {
-    /// Starts `registry-connector consul` with the test environment's kubeconfig and
-    /// Consul, short coalescing periods, and `extra` flags.
-    pub fn consul(env: &testenv::TestEnv, namespace: &str, extra: &[&str]) -> Result<Self> {
+/// Leader-election settings of a [`ConnectorBuilder`].
+#[derive(Debug, Clone, Default)]
+struct LeaderElection {
+    lease_namespace: String,
+    lease_name: String,
+    holder: Option<String>,
+    duration: Option<String>,
+    renew_interval: Option<String>,
+}
+
+/// Options of a connector process; `start` spawns it.
+pub struct ConnectorBuilder<'a> {
+    env: &'a testenv::TestEnv,
+    namespace: String,
+    kubeconfig: Option<PathBuf>,
+    consul_addr: Option<String>,
+    leader_election: Option<LeaderElection>,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+}
+
+impl ConnectorBuilder<'_> {
+    /// Another kubeconfig file than the environment's admin one (e.g. a ServiceAccount's).
+    pub fn kubeconfig(mut self, path: impl Into<PathBuf>) -> Self {
+        self.kubeconfig = Some(path.into());
+        self
+    }
+
+    /// Another Consul address than the environment's agent (`host:port` or a URL).
+    pub fn consul_addr(mut self, addr: impl Into<String>) -> Self {
+        self.consul_addr = Some(addr.into());
+        self
+    }
+
+    /// `--leader-elect=true` on the Lease `namespace/name`.
+    pub fn leader_elect(mut self, lease_namespace: &str, lease_name: &str) -> Self {
+        self.leader_election = Some(LeaderElection {
+            lease_namespace: lease_namespace.to_string(),
+            lease_name: lease_name.to_string(),
+            ..Default::default()
+        });
+        self
+    }
+
+    /// `--lease-holder`; needs [`Self::leader_elect`] first.
+    pub fn lease_holder(mut self, holder: &str) -> Self {
+        if let Some(le) = self.leader_election.as_mut() {
+            le.holder = Some(holder.to_string());
+        }
+        self
+    }
+
+    /// `--lease-duration` and `--lease-renew-interval` (e.g. "4s", "1s"); needs
+    /// [`Self::leader_elect`] first.
+    pub fn lease_timing(mut self, duration: &str, renew_interval: &str) -> Self {
+        if let Some(le) = self.leader_election.as_mut() {
+            le.duration = Some(duration.to_string());
+            le.renew_interval = Some(renew_interval.to_string());
+        }
+        self
+    }
+
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn args<S: AsRef<str>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_string()));
+        self
+    }
+
+    /// An environment variable of the child process (e.g. `POD_NAME`).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Spawns the process; it is killed when the returned [`Connector`] drops.
+    pub fn start(self) -> Result<Connector> {
+        let env = self.env;
         let port = free_port();
         let admin = format!("127.0.0.1:{port}");
         let log = env
             .dir()
             .join("logs")
-            .join(format!("connector-{namespace}-{port}.log"));
+            .join(format!("connector-{}-{port}.log", self.namespace));
         let out = std::fs::File::create(&log).context("connector log file")?;
         let err = out.try_clone()?;
+        let kubeconfig = self
+            .kubeconfig
+            .unwrap_or_else(|| env.kubeconfig().to_path_buf());
+        let consul_addr = match self.consul_addr {
+            Some(addr) => addr,
+            None => env.consul_addr()?.to_string(),
+        };
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_registry-connector"));
         cmd.arg("consul")
-            .args(["--kubeconfig", &env.kubeconfig().to_string_lossy()])
-            .args(["--namespace", namespace])
-            .args(["--consul-http-addr", env.consul_addr()?])
+            .args(["--kubeconfig", &kubeconfig.to_string_lossy()])
+            .args(["--namespace", &self.namespace])
+            .args(["--consul-http-addr", &consul_addr])
             .args(["--quiet-period", "100ms", "--max-period", "500ms"])
-            .args(["--admin-addr", &admin])
-            .args(["--leader-elect=false"])
-            .args(extra)
+            .args(["--admin-addr", &admin]);
+        match &self.leader_election {
+            None => {
+                cmd.arg("--leader-elect=false");
+            }
+            Some(le) => {
+                cmd.arg("--leader-elect=true")
+                    .args(["--lease-namespace", &le.lease_namespace])
+                    .args(["--lease-name", &le.lease_name]);
+                if let Some(holder) = &le.holder {
+                    cmd.args(["--lease-holder", holder]);
+                }
+                if let Some(d) = &le.duration {
+                    cmd.args(["--lease-duration", d]);
+                }
+                if let Some(r) = &le.renew_interval {
+                    cmd.args(["--lease-renew-interval", r]);
+                }
+            }
+        }
+        cmd.args(&self.args)
             .env("RUST_LOG", "info,registry_connector=debug")
             .env_remove("CONSUL_HTTP_TOKEN")
+            // The test runner's own pod identity (if any) must not leak into the lease.
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE")
+            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .kill_on_drop(true);
         let child = cmd.spawn().context("starting registry-connector")?;
-        Ok(Self {
+        Ok(Connector {
             child: Some(child),
             admin,
             log,
             http: reqwest::Client::new(),
         })
+    }
+}
+
+impl Connector {
+    /// Starts `registry-connector consul` with the test environment's kubeconfig and
+    /// Consul, short coalescing periods, no leader election, and `extra` flags.
+    pub fn consul(env: &testenv::TestEnv, namespace: &str, extra: &[&str]) -> Result<Self> {
+        Self::builder(env, namespace).args(extra).start()
+    }
+
+    /// A connector to configure before starting it: the defaults are those of
+    /// [`Connector::consul`] (admin kubeconfig, the environment's Consul, 100ms/500ms
+    /// coalescing, `--leader-elect=false`, an admin server on a free loopback port).
+    pub fn builder<'a>(env: &'a testenv::TestEnv, namespace: &str) -> ConnectorBuilder<'a> {
+        ConnectorBuilder {
+            env,
+            namespace: namespace.to_string(),
+            kubeconfig: None,
+            consul_addr: None,
+            leader_election: None,
+            args: Vec::new(),
+            envs: Vec::new(),
+        }
     }
 
     /// `/readyz` status code, or None when the server does not answer yet.
@@ -81,16 +211,27 @@ impl Connector {
         .with_context(|| format!("log: {}", self.log_tail()))
     }
 
-    /// The `/metrics` page, parsed into `name{labels}` → value.
-    pub async fn metrics(&self) -> Result<BTreeMap<String, f64>> {
-        let text = self
+    /// The `/metrics` page as served.
+    pub async fn metrics_text(&self) -> Result<String> {
+        let resp = self
             .http
             .get(format!("http://{}/metrics", self.admin))
             .send()
-            .await?
-            .text()
             .await?;
-        Ok(parse_metrics(&text))
+        if !resp.status().is_success() {
+            bail!("/metrics answered {}", resp.status());
+        }
+        Ok(resp.text().await?)
+    }
+
+    /// The `/metrics` page, parsed into `name{labels}` → value.
+    pub async fn metrics(&self) -> Result<BTreeMap<String, f64>> {
+        Ok(parse_metrics(&self.metrics_text().await?))
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
     }
 
     /// Sum of all series of one metric family (all label values).
@@ -145,6 +286,28 @@ impl Connector {
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
+}
+
+/// Runs the binary once with `args` (e.g. `purge ...`, `consul --dry-run ...`) and
+/// returns its output; fails when it does not exit within `timeout`.
+pub async fn run_once(args: &[&str], timeout: Duration) -> Result<std::process::Output> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_registry-connector"));
+    cmd.args(args)
+        .env("RUST_LOG", "info,registry_connector=debug")
+        .env_remove("CONSUL_HTTP_TOKEN")
+        .env_remove("POD_NAME")
+        .env_remove("POD_NAMESPACE")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    tokio::time::timeout(timeout, cmd.output())
+        .await
+        .with_context(|| {
+            format!(
+                "registry-connector {} did not exit in {timeout:?}",
+                args.join(" ")
+            )
+        })?
+        .context("running registry-connector")
 }
 
 /// Parses the Prometheus/OpenMetrics text format: `name{labels} value` lines.
