@@ -353,8 +353,10 @@ impl Sink {
                     CatalogEvent::Synced => {
                         state.synced_batch_pending = true;
                         state.status.send_modify(|s| s.source_synced = true);
-                        // Owned objects absent from the snapshot can now be deleted.
-                        changes.push(all_names(&catalog, &services, &slices, &endpoints));
+                        // The first complete snapshot is reconciled at once, without waiting
+                        // for a quiet period: nothing is in Kubernetes yet to coalesce with.
+                        // Owned objects absent from it can now be deleted.
+                        state.enqueue(all_names(&catalog, &services, &slices, &endpoints));
                     }
                 },
                 batch = changes.next_batch() => {

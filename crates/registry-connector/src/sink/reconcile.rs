@@ -98,56 +98,74 @@ impl ReconcileContext {
             .map(|s| EndpointSlice::clone(s))
             .collect();
         let plan = plan_endpoint_slices(&self.render, name, meta, &live_slices, owner.clone());
-        for desired in &plan.desired {
+
+        // Once the Service exists, its slices and Endpoints do not depend on each other:
+        // write them concurrently (one round trip per service instead of one per object).
+        let slice_writes = plan.desired.iter().map(|desired| {
             let live = live_slices
                 .iter()
                 .find(|s| s.name_any() == desired.name_any());
-            let ensured = self
-                .writer
-                .ensure(
-                    Kind::EndpointSlice,
-                    desired,
-                    live,
-                    diff::endpoint_slice_matches,
-                )
-                .await?;
-            writes += usize::from(ensured.wrote());
-        }
-        for stale in &plan.delete {
+            async move {
+                self.writer
+                    .ensure(
+                        Kind::EndpointSlice,
+                        desired,
+                        live,
+                        diff::endpoint_slice_matches,
+                    )
+                    .await
+                    .map(|e| usize::from(e.wrote()))
+            }
+        });
+        let slice_deletes = plan.delete.iter().map(|stale| {
             let uid = live_slices
                 .iter()
                 .find(|s| s.name_any() == *stale)
                 .and_then(|s| s.uid());
-            self.writer
-                .delete::<EndpointSlice>(Kind::EndpointSlice, stale, uid)
-                .await?;
-            writes += 1;
-        }
-
-        let live_eps = self.endpoints.get_named(name, name);
-        match render::endpoints::desired_endpoints(&self.render, name, meta, owner) {
-            Some(desired) => {
-                let ensured = self
-                    .writer
-                    .ensure(
-                        Kind::Endpoints,
-                        &desired,
-                        live_eps.as_deref(),
-                        diff::endpoints_matches,
-                    )
-                    .await?;
-                writes += usize::from(ensured.wrote());
+            async move {
+                self.writer
+                    .delete::<EndpointSlice>(Kind::EndpointSlice, stale, uid)
+                    .await
+                    .map(|()| 1)
             }
-            None => {
-                if let Some(live) = live_eps {
-                    self.writer
-                        .delete::<Endpoints>(Kind::Endpoints, name, live.uid())
-                        .await?;
-                    writes += 1;
-                }
-            }
-        }
+        });
+        let (slices, deletes, endpoints) = futures::join!(
+            futures::future::try_join_all(slice_writes),
+            futures::future::try_join_all(slice_deletes),
+            self.sync_endpoints(name, meta, owner),
+        );
+        writes += slices?.iter().sum::<usize>() + deletes?.iter().sum::<usize>() + endpoints?;
         Ok(Reconciled::Synced { writes })
+    }
+
+    /// The legacy Endpoints object: written when enabled, deleted when it is not.
+    async fn sync_endpoints(
+        &self,
+        name: &str,
+        meta: &crate::model::MicroSvcMeta,
+        owner: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
+    ) -> Result<usize, WriteError> {
+        let live = self.endpoints.get_named(name, name);
+        match render::endpoints::desired_endpoints(&self.render, name, meta, owner) {
+            Some(desired) => self
+                .writer
+                .ensure(
+                    Kind::Endpoints,
+                    &desired,
+                    live.as_deref(),
+                    diff::endpoints_matches,
+                )
+                .await
+                .map(|e| usize::from(e.wrote())),
+            None => match live {
+                Some(live) => self
+                    .writer
+                    .delete::<Endpoints>(Kind::Endpoints, name, live.uid())
+                    .await
+                    .map(|()| 1),
+                None => Ok(0),
+            },
+        }
     }
 
     async fn delete_all(&self, name: &str) -> Result<Reconciled, WriteError> {
