@@ -34,6 +34,26 @@ use super::metrics::{Kind, Outcome, SinkMetrics, Verb};
 use super::plan::{changed_fields, Plan, PlannedWrite};
 use crate::labels::{is_owned, FIELD_MANAGER};
 
+/// What the writer can write: a namespaced built-in kind (Service, EndpointSlice,
+/// Endpoints) that serialises both ways.
+pub trait Object:
+    Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+    + Clone
+    + Serialize
+    + DeserializeOwned
+    + Debug
+{
+}
+
+impl<K> Object for K where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + Debug
+{
+}
+
 /// A write that did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -168,11 +188,7 @@ impl Writer {
         matches: fn(&K, &K) -> bool,
     ) -> Result<Ensured<K>, WriteError>
     where
-        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + Serialize
-            + DeserializeOwned
-            + Debug,
+        K: Object,
     {
         if let Some(plan) = &self.plan {
             return Ok(plan_ensure(plan, kind, desired, live, matches));
@@ -189,11 +205,7 @@ impl Writer {
 
     async fn create_or_adopt<K>(&self, kind: Kind, desired: &K) -> Result<K, WriteError>
     where
-        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + Serialize
-            + DeserializeOwned
-            + Debug,
+        K: Object,
     {
         let name = desired.name_any();
         self.permit(kind, &name).await?;
@@ -261,11 +273,7 @@ impl Writer {
     /// PUTs `desired` laid over `live`, with `live`'s resourceVersion as precondition.
     async fn update<K>(&self, kind: Kind, desired: &K, live: &K) -> Result<K, WriteError>
     where
-        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + Serialize
-            + DeserializeOwned
-            + Debug,
+        K: Object,
     {
         let name = desired.name_any();
         if !is_owned(live.meta(), &self.connector_id) {
@@ -319,10 +327,7 @@ impl Writer {
         uid: Option<String>,
     ) -> Result<(), WriteError>
     where
-        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + DeserializeOwned
-            + Debug,
+        K: Object,
     {
         let Some(uid) = uid else {
             // Never delete blind: without a UID there is no proof of ownership.
