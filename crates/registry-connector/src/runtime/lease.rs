@@ -39,8 +39,8 @@ pub struct LeaseConfig {
 enum Round {
     /// We hold the lease, renewed at the round's start.
     Held,
-    /// Somebody else holds it.
-    Other(String),
+    /// Somebody else holds it; it lapses at the given instant unless renewed first.
+    Other(String, Option<Instant>),
 }
 
 /// The elector. `run` publishes leadership on the returned channel.
@@ -67,6 +67,9 @@ impl LeaseElector {
         let mut valid_until: Option<Instant> = None;
         loop {
             let started = Instant::now();
+            // When the other holder's lease lapses if it is not renewed: try exactly then,
+            // not at the next renewal tick, so a takeover is not a tick late.
+            let mut their_expiry: Option<Instant> = None;
             match self.round().await {
                 Ok(Round::Held) => {
                     if valid_until.is_none() {
@@ -74,7 +77,8 @@ impl LeaseElector {
                     }
                     valid_until = Some(started + self.cfg.duration);
                 }
-                Ok(Round::Other(holder)) => {
+                Ok(Round::Other(holder, lapses_at)) => {
+                    their_expiry = lapses_at;
                     if valid_until.take().is_some() {
                         warn!(lease = %self.cfg.name, %holder, "the lease was taken over");
                     }
@@ -87,10 +91,11 @@ impl LeaseElector {
 
             // Wake for the next renewal, or exactly when our own lease would lapse.
             let next = started + self.cfg.renew_interval;
-            let wake = match valid_until {
-                Some(t) if t < next => t,
-                _ => next,
-            };
+            let wake = [valid_until, their_expiry]
+                .into_iter()
+                .flatten()
+                .filter(|t| *t > Instant::now())
+                .fold(next, Instant::min);
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep_until(wake) => {}
@@ -124,7 +129,7 @@ impl LeaseElector {
             return match self.api.create(&PostParams::default(), &fresh).await {
                 Ok(_) => Ok(Round::Held),
                 // Someone else created it first: read it next round.
-                Err(kube::Error::Api(s)) if s.code == 409 => Ok(Round::Other(String::new())),
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(Round::Other(String::new(), None)),
                 Err(e) => Err(e),
             };
         };
@@ -158,7 +163,7 @@ impl LeaseElector {
             .unwrap_or(self.cfg.duration);
         let free = holder.is_empty() || seen_at.elapsed() >= their_duration;
         if !free {
-            return Ok(Round::Other(holder));
+            return Ok(Round::Other(holder, Some(seen_at + their_duration)));
         }
         self.update(lease, self.spec(now.clone(), now, transitions + 1))
             .await
@@ -175,7 +180,7 @@ impl LeaseElector {
             .await
         {
             Ok(_) => Ok(Round::Held),
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(Round::Other(String::new())),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(Round::Other(String::new(), None)),
             Err(e) => Err(e),
         }
     }

@@ -70,6 +70,8 @@ pub struct SinkMetrics {
     pub reconciles: Counter,
     pub reconcile_failures: Counter,
     pub reconcile_duration: Histogram,
+    /// From a registry change reaching the catalog to the Kubernetes write it caused.
+    pub change_to_write: Histogram,
     /// Objects that carry a name we want but are not ours.
     pub name_clashes: Counter,
     /// Deletions currently held by the mass-deletion guard.
@@ -87,6 +89,7 @@ impl Default for SinkMetrics {
             reconciles: Counter::default(),
             reconcile_failures: Counter::default(),
             reconcile_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            change_to_write: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
             name_clashes: Counter::default(),
             held_deletions: Gauge::default(),
             managed_services: Gauge::default(),
@@ -97,6 +100,17 @@ impl Default for SinkMetrics {
 
 impl SinkMetrics {
     pub fn register(&self, registry: &mut Registry) {
+        // Every kind and verb shows up from the start (a standby reports 0 writes, not
+        // "no data").
+        for kind in [Kind::Service, Kind::EndpointSlice, Kind::Endpoints] {
+            for verb in [Verb::Create, Verb::Update, Verb::Delete] {
+                let _ = self.writes.get_or_create(&WriteLabels {
+                    kind,
+                    verb,
+                    result: Outcome::Success,
+                });
+            }
+        }
         registry.register(
             "kubernetes_writes",
             "Kubernetes API writes by kind, verb and result",
@@ -116,6 +130,11 @@ impl SinkMetrics {
             "reconcile_duration_seconds",
             "Duration of one service's reconcile",
             self.reconcile_duration.clone(),
+        );
+        registry.register(
+            "registry_change_to_write_seconds",
+            "From a registry change to the Kubernetes write it caused (includes the quiet period)",
+            self.change_to_write.clone(),
         );
         registry.register(
             "name_clashes",

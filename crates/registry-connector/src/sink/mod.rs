@@ -21,7 +21,7 @@ pub mod purge;
 pub mod reconcile;
 pub mod writer;
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -332,6 +332,7 @@ impl Sink {
             synced_batch_pending: catalog.is_synced(),
             leader: is_leader,
             events,
+            changed_at: HashMap::new(),
             batch_failures: 0,
             batch_ran: false,
         };
@@ -349,7 +350,13 @@ impl Sink {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(event) = catalog_events.recv() => match event {
-                    CatalogEvent::Changed(names) => changes.push(names),
+                    CatalogEvent::Changed(names) => {
+                        let now = Instant::now();
+                        for name in &names {
+                            state.changed_at.entry(name.clone()).or_insert(now);
+                        }
+                        changes.push(names);
+                    }
                     CatalogEvent::Synced => {
                         state.synced_batch_pending = true;
                         state.status.send_modify(|s| s.source_synced = true);
@@ -364,7 +371,7 @@ impl Sink {
                     state.enqueue(batch);
                 }
                 Some(name) = state.retries.next() => state.enqueue([name]),
-                Some((name, result)) = running.next(), if !running.is_empty() => state.finished(name, result),
+                Some((name, changed_at, result)) = running.next(), if !running.is_empty() => state.finished(name, changed_at, result),
                 Some(()) = allow_rx.recv() => {
                     state.guard.allow();
                     let held = std::mem::take(&mut state.held);
@@ -428,7 +435,10 @@ fn all_names(
 }
 
 type ReconcileResult = Result<Reconciled, writer::WriteError>;
-type Running = FuturesUnordered<futures::future::BoxFuture<'static, (String, ReconcileResult)>>;
+/// A finished reconcile: the name, when its registry change happened (if one did), and
+/// the result.
+type Finished = (String, Option<Instant>, ReconcileResult);
+type Running = FuturesUnordered<futures::future::BoxFuture<'static, Finished>>;
 
 /// The loop's own state; only the loop task touches it, so it needs no locks.
 struct LoopState {
@@ -456,6 +466,9 @@ struct LoopState {
     /// Reconciles start only while this process may write.
     leader: bool,
     events: events::Events,
+    /// When the registry first changed each service since its last reconcile started:
+    /// the start of the registry-change-to-write latency.
+    changed_at: HashMap<String, Instant>,
 }
 
 impl LoopState {
@@ -552,6 +565,8 @@ impl LoopState {
             let ctx = self.ctx.clone();
             let may_delete = self.catalog.is_synced();
             let metrics = self.metrics.clone();
+            let changed_at = self.changed_at.remove(&name);
+            let span = info_span!("reconcile", service = %name);
             running.push(Box::pin(
                 async move {
                     let started = std::time::Instant::now();
@@ -560,20 +575,26 @@ impl LoopState {
                     metrics
                         .reconcile_duration
                         .observe(started.elapsed().as_secs_f64());
-                    (name, result)
+                    (name, changed_at, result)
                 }
-                .instrument(info_span!("reconcile")),
+                .instrument(span),
             ));
         }
         self.maybe_complete_batch(running.len());
     }
 
-    fn finished(&mut self, name: String, result: ReconcileResult) {
+    fn finished(&mut self, name: String, changed_at: Option<Instant>, result: ReconcileResult) {
         self.in_flight.remove(&name);
         match result {
             Ok(outcome) => {
                 debug!(service = %name, ?outcome, "reconciled");
                 self.retries.succeeded(&name);
+                let wrote = matches!(outcome, Reconciled::Synced { writes } | Reconciled::Deleted { writes } if writes > 0);
+                if let (true, Some(at)) = (wrote, changed_at) {
+                    self.metrics
+                        .change_to_write
+                        .observe(at.elapsed().as_secs_f64());
+                }
             }
             Err(err) if err.is_not_leader() => {
                 // Not a failure: the next leader (or this one, on re-election) does a
