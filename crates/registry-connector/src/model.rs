@@ -105,6 +105,20 @@ pub enum AddrErrorReason {
     Multicast,
 }
 
+impl AddrErrorReason {
+    /// A short metric label value (`loopback`, `not_an_ip`, ...).
+    pub fn as_label(self) -> &'static str {
+        match self {
+            Self::NotAnIp => "not_an_ip",
+            Self::Unspecified => "unspecified_address",
+            Self::Loopback => "loopback_address",
+            Self::LinkLocalUnicast => "link_local_address",
+            Self::LinkLocalMulticast => "link_local_multicast_address",
+            Self::Multicast => "multicast_address",
+        }
+    }
+}
+
 impl fmt::Display for AddrErrorReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

@@ -84,7 +84,7 @@ async fn one_change_among_500_services_costs_a_constant() -> Result<()> {
     let initial = started.elapsed();
 
     let consul_before = connector
-        .metric_sum("registry_connector_consul_requests_total")
+        .metric_sum("registry_connector_registry_requests_total")
         .await?;
     let writes_before = connector.writes().await?;
     let target = format!("{tag}-s7");
@@ -117,7 +117,7 @@ async fn one_change_among_500_services_costs_a_constant() -> Result<()> {
     let read = || async {
         anyhow::Ok((
             connector
-                .metric_sum("registry_connector_consul_requests_total")
+                .metric_sum("registry_connector_registry_requests_total")
                 .await?,
             connector.writes().await?,
         ))

@@ -71,7 +71,7 @@ async fn consul_outages_delete_nothing_and_are_caught_up() -> Result<()> {
 
     env.stop_component("consul")?;
     let failures_before = connector
-        .metric_sum("registry_connector_consul_requests_total")
+        .metric_sum("registry_connector_registry_requests_total")
         .await?;
     // While it is down the connector keeps retrying; give it several retry rounds.
     wait_for("the connector to notice Consul is down", WAIT, || async {
@@ -79,7 +79,7 @@ async fn consul_outages_delete_nothing_and_are_caught_up() -> Result<()> {
         let errors: f64 = m
             .iter()
             .filter(|(k, _)| {
-                k.starts_with("registry_connector_consul_requests_total{")
+                k.starts_with("registry_connector_registry_requests_total{")
                     && k.contains("result=\"error\"")
             })
             .map(|(_, v)| v)

@@ -941,7 +941,7 @@ async fn metrics_parse_and_move_and_readyz_turns_ready_after_the_first_sync() ->
         || async move {
             let m = Metrics::of(c).await.ok()?;
             (m.sum(
-                "registry_connector_consul_requests_total",
+                "registry_connector_registry_requests_total",
                 &[("result", "error")],
             ) >= 1.0)
                 .then_some(())
@@ -987,7 +987,11 @@ async fn metrics_parse_and_move_and_readyz_turns_ready_after_the_first_sync() ->
     // Naming and types as Prometheus expects them.
     for (family, ty) in [
         ("registry_connector_kubernetes_writes", SampleType::Counter),
-        ("registry_connector_consul_requests", SampleType::Counter),
+        ("registry_connector_registry_requests", SampleType::Counter),
+        (
+            "registry_connector_registry_change_to_write_seconds",
+            SampleType::Histogram,
+        ),
         ("registry_connector_reconciles", SampleType::Counter),
         (
             "registry_connector_reconcile_duration_seconds",
@@ -1030,7 +1034,7 @@ async fn metrics_parse_and_move_and_readyz_turns_ready_after_the_first_sync() ->
     assert!(m.histogram_count("registry_connector_reconcile_duration_seconds") >= 3.0);
     assert!(
         m.sum(
-            "registry_connector_consul_requests_total",
+            "registry_connector_registry_requests_total",
             &[("result", "ok")]
         ) >= 1.0
     );
@@ -1050,7 +1054,7 @@ async fn metrics_parse_and_move_and_readyz_turns_ready_after_the_first_sync() ->
         .await?;
     wait_synced(&client, ns.name(), &s4, &["192.0.2.94"]).await?;
     let consul_before = m.sum(
-        "registry_connector_consul_requests_total",
+        "registry_connector_registry_requests_total",
         &[("result", "ok")],
     );
     let reconciles_before = m.sum("registry_connector_reconciles_total", &[]);
@@ -1070,7 +1074,7 @@ async fn metrics_parse_and_move_and_readyz_turns_ready_after_the_first_sync() ->
     assert!(m2.sum("registry_connector_reconciles_total", &[]) > reconciles_before);
     assert!(
         m2.sum(
-            "registry_connector_consul_requests_total",
+            "registry_connector_registry_requests_total",
             &[("result", "ok")]
         ) > consul_before
     );

@@ -64,10 +64,21 @@ impl EncodeLabelValue for Outcome {
     }
 }
 
+/// The registry a metric is about; a constant here, a label so that dashboards can put
+/// several sources side by side.
+const SOURCE: &str = "consul";
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
+    pub source: &'static str,
     pub endpoint: Endpoint,
     pub result: Outcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectedLabels {
+    pub source: &'static str,
+    pub reason: &'static str,
 }
 
 /// The Consul source's metrics; shared (`Arc`) between the source and whoever reads them.
@@ -79,43 +90,86 @@ pub struct ConsulMetrics {
     /// Instances left out because Consul reported something Kubernetes cannot carry (an
     /// address such as loopback, port 0); counted each time a service's answer is
     /// processed, so a permanently bad instance counts once per change of its service.
-    pub skipped_instances: Counter,
+    pub rejected: Family<RejectedLabels, Counter>,
     /// Services currently watched (one blocking query each).
     pub watched_services: Gauge,
 }
 
 impl ConsulMetrics {
-    /// Registers the metrics under `registry` (give it a `consul` sub-registry; names get
-    /// the process-wide `registry_connector_` prefix there).
+    /// Registers the metrics under `registry` (names get the process-wide
+    /// `registry_connector_` prefix there): `registry_requests_total{source,endpoint,result}`,
+    /// `registry_rejected_entries_total{source,reason}`, `consul_watched_services`.
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
-            "requests",
-            "Consul HTTP requests by endpoint and result",
+            "registry_requests",
+            "Registry requests by source, endpoint and result",
             self.requests.clone(),
         );
         registry.register(
-            "skipped_instances",
-            "Consul instances left out for an invalid address or port",
-            self.skipped_instances.clone(),
+            "registry_rejected_entries",
+            "Registry instances left out, by source and reason (invalid address or port)",
+            self.rejected.clone(),
         );
         registry.register(
-            "watched_services",
+            "consul_watched_services",
             "Consul services watched with a blocking query",
             self.watched_services.clone(),
         );
     }
 
+    /// Counts one instance left out for `reason`.
+    pub(crate) fn reject(&self, reason: &'static str) {
+        self.rejected
+            .get_or_create(&RejectedLabels {
+                source: SOURCE,
+                reason,
+            })
+            .inc();
+    }
+
+    /// Instances left out so far, for every reason.
+    pub fn rejected_total(&self) -> u64 {
+        let mut total = 0;
+        for reason in [
+            "no_address",
+            "invalid_port",
+            "not_an_ip",
+            "unspecified_address",
+            "loopback_address",
+            "link_local_address",
+            "link_local_multicast_address",
+            "multicast_address",
+        ] {
+            total += self
+                .rejected
+                .get_or_create(&RejectedLabels {
+                    source: SOURCE,
+                    reason,
+                })
+                .get();
+        }
+        total
+    }
+
     pub(crate) fn record(&self, endpoint: Endpoint, ok: bool) {
         let result = if ok { Outcome::Ok } else { Outcome::Error };
         self.requests
-            .get_or_create(&RequestLabels { endpoint, result })
+            .get_or_create(&RequestLabels {
+                source: SOURCE,
+                endpoint,
+                result,
+            })
             .inc();
     }
 
     /// Completed requests to `endpoint` that ended with `result`.
     pub fn requests(&self, endpoint: Endpoint, result: Outcome) -> u64 {
         self.requests
-            .get_or_create(&RequestLabels { endpoint, result })
+            .get_or_create(&RequestLabels {
+                source: SOURCE,
+                endpoint,
+                result,
+            })
             .get()
     }
 
@@ -142,12 +196,23 @@ mod tests {
         assert_eq!(m.requests(Endpoint::HealthService, Outcome::Ok), 1);
         assert_eq!(m.requests_total(), 3);
 
-        let mut registry = Registry::with_prefix("registry_connector_consul");
+        m.reject("loopback_address");
+        assert_eq!(m.rejected_total(), 1);
+
+        let mut registry = Registry::with_prefix("registry_connector");
         m.register(&mut registry);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
         assert!(
-            text.contains("registry_connector_consul_requests_total{endpoint=\"health_service\",result=\"error\"} 1"),
+            text.contains(
+                "registry_connector_registry_requests_total{source=\"consul\",endpoint=\"health_service\",result=\"error\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "registry_connector_registry_rejected_entries_total{source=\"consul\",reason=\"loopback_address\"} 1"
+            ),
             "{text}"
         );
     }

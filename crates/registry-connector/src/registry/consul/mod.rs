@@ -95,10 +95,9 @@ impl ConsulSource {
     }
 
     /// Registers the source's metrics under a `consul` sub-registry of `registry`
-    /// (`<prefix>_consul_requests_total`, ...).
+    /// (`<prefix>_registry_requests_total`, ...).
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
-        self.metrics
-            .register(registry.sub_registry_with_prefix("consul"));
+        self.metrics.register(registry);
     }
 
     /// Watches Consul and keeps `catalog` up to date until `shutdown` is cancelled.

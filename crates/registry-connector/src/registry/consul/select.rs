@@ -72,6 +72,17 @@ pub enum SkipReason {
     Port(i64),
 }
 
+impl SkipReason {
+    /// The `reason` label of the rejected-entries metric.
+    pub fn as_label(&self) -> &'static str {
+        match self {
+            Self::NoAddress => "no_address",
+            Self::Address(e) => e.reason.as_label(),
+            Self::Port(_) => "invalid_port",
+        }
+    }
+}
+
 /// An instance that was left out, with enough context to find it in Consul.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SkippedInstance {

@@ -77,7 +77,7 @@ impl Shared {
     fn build(&self, service: &str, entries: &[HealthEntry]) -> Built {
         let built = self.selection.build(service, entries);
         for skipped in &built.skipped {
-            self.metrics.skipped_instances.inc();
+            self.metrics.reject(skipped.reason.as_label());
             warn!(
                 service = %skipped.service,
                 instance = %skipped.instance_id,
