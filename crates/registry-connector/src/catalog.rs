@@ -49,6 +49,8 @@ struct State {
     /// Every registry service that claims a Kubernetes name, by that name.
     claims: HashMap<String, BTreeMap<MicroSvcName, MicroSvcMeta>>,
     synced: bool,
+    /// Endpoints of all published services, kept up to date on every write.
+    endpoints: usize,
 }
 
 impl State {
@@ -59,6 +61,13 @@ impl State {
             .find(|(name, _)| name.as_str() == kube_name)
             .or_else(|| claims.iter().next())
             .map(|(_, meta)| meta)
+    }
+
+    /// Updates the endpoint total after `kube_name`'s published meta changed from `before`.
+    fn recount(&mut self, before: Option<&MicroSvcMeta>, kube_name: &str) {
+        let was = before.map_or(0, |m| m.endpoints.len());
+        let now = self.published(kube_name).map_or(0, |m| m.endpoints.len());
+        self.endpoints = (self.endpoints + now).saturating_sub(was);
     }
 
     fn collisions(&self, kube_name: &str) -> Vec<NameCollision> {
@@ -115,8 +124,15 @@ impl Catalog {
             State {
                 claims: next,
                 synced: true,
+                endpoints: 0,
             },
         );
+        state.endpoints = state
+            .claims
+            .keys()
+            .filter_map(|name| state.published(name))
+            .map(|meta| meta.endpoints.len())
+            .sum();
         let names: BTreeSet<String> = before
             .into_iter()
             .chain(state.claims.keys().cloned())
@@ -151,6 +167,7 @@ impl Catalog {
             .or_default()
             .insert(meta.registry_name.clone(), meta);
         let changed = before.as_ref() != state.published(&kube_name);
+        state.recount(before.as_ref(), &kube_name);
         let collisions = state.collisions(&kube_name);
         drop(state);
         report_collisions(&collisions);
@@ -171,10 +188,16 @@ impl Catalog {
             }
         }
         let changed = before.as_ref() != state.published(&kube_name);
+        state.recount(before.as_ref(), &kube_name);
         drop(state);
         if changed {
             self.emit(vec![kube_name]);
         }
+    }
+
+    /// Endpoints of all published services.
+    pub fn endpoint_count(&self) -> usize {
+        self.lock().endpoints
     }
 
     /// Whether the source has delivered a complete snapshot.
@@ -360,5 +383,22 @@ mod tests {
         catalog.remove(&MicroSvcName("orders_service".into()));
         assert!(catalog.aggregate("orders-service").is_none());
         assert!(catalog.is_empty());
+        assert_eq!(catalog.endpoint_count(), 0);
+    }
+
+    #[test]
+    fn the_endpoint_total_follows_every_write() {
+        let (catalog, _rx) = Catalog::new();
+        catalog.replace_all([
+            svc("a", &["192.0.2.1", "192.0.2.2"]),
+            svc("b", &["192.0.2.3"]),
+        ]);
+        assert_eq!(catalog.endpoint_count(), 3);
+        catalog.upsert(svc("a", &["192.0.2.1"]));
+        assert_eq!(catalog.endpoint_count(), 2);
+        catalog.upsert(svc("c", &["192.0.2.4", "192.0.2.5"]));
+        assert_eq!(catalog.endpoint_count(), 4);
+        catalog.remove(&MicroSvcName("b".into()));
+        assert_eq!(catalog.endpoint_count(), 3);
     }
 }

@@ -65,7 +65,9 @@ where
     let shutdown = signals::shutdown_token();
     let (catalog, events) = Catalog::new();
     let catalog = Arc::new(catalog);
-    let mut sink = Sink::new(client.clone(), args.sink_config(), catalog.clone(), events);
+    let mut sink_config = args.sink_config();
+    sink_config.source = source_name;
+    let mut sink = Sink::new(client.clone(), sink_config, catalog.clone(), events);
     sink.handle().metrics.register(&mut registry);
 
     // Leadership: a Lease elector, or always the leader when election is off.

@@ -55,6 +55,11 @@ label_values!(Verb { Create => "create", Update => "update", Delete => "delete" 
 label_values!(Outcome { Success => "success", Conflict => "conflict", Error => "error" });
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WriteLabels {
     pub kind: Kind,
     pub verb: Verb,
@@ -77,7 +82,9 @@ pub struct SinkMetrics {
     /// Deletions currently held by the mass-deletion guard.
     pub held_deletions: Gauge,
     /// Services this connector instance manages (from its caches).
-    pub managed_services: Gauge,
+    pub managed_services: Family<SourceLabels, Gauge>,
+    /// Endpoints of the services this connector publishes (from the registry's view).
+    pub managed_endpoints: Family<SourceLabels, Gauge>,
     /// Unix time of the last batch that completed without failures.
     pub last_sync_timestamp: Gauge,
 }
@@ -92,7 +99,8 @@ impl Default for SinkMetrics {
             change_to_write: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
             name_clashes: Counter::default(),
             held_deletions: Gauge::default(),
-            managed_services: Gauge::default(),
+            managed_services: Family::default(),
+            managed_endpoints: Family::default(),
             last_sync_timestamp: Gauge::default(),
         }
     }
@@ -148,8 +156,13 @@ impl SinkMetrics {
         );
         registry.register(
             "managed_services",
-            "Services managed by this connector instance",
+            "Services managed by this connector instance, by source",
             self.managed_services.clone(),
+        );
+        registry.register(
+            "managed_endpoints",
+            "Endpoints of the services this connector instance publishes, by source",
+            self.managed_endpoints.clone(),
         );
         registry.register(
             "last_sync_timestamp_seconds",

@@ -44,7 +44,7 @@ use backoff::{BackoffPolicy, RetryQueue};
 use cache::{run_cache, ObjectCache};
 use coalescer::Coalescer;
 use guard::{DeletionGuard, GuardDecision, GuardPolicy};
-use metrics::SinkMetrics;
+use metrics::{SinkMetrics, SourceLabels};
 use reconcile::{ReconcileContext, Reconciled};
 use writer::Writer;
 
@@ -52,6 +52,8 @@ use writer::Writer;
 #[derive(Debug, Clone)]
 pub struct SinkConfig {
     pub render: RenderConfig,
+    /// The registry feeding this sink (`consul`, ...), a metric label.
+    pub source: &'static str,
     /// Wait for this long without changes before syncing (the seed's K8SQuietPeriod).
     pub quiet_period: Duration,
     /// Never wait longer than this under a steady stream of changes (K8SMaxPeriod).
@@ -71,6 +73,7 @@ impl SinkConfig {
     pub fn new(render: RenderConfig) -> Self {
         Self {
             render,
+            source: "registry",
             quiet_period: Duration::from_secs(1),
             max_period: Duration::from_secs(5),
             concurrency: 16,
@@ -400,10 +403,17 @@ impl Sink {
                     }
                 }
             }
+            let source = SourceLabels { source: cfg.source };
             state
                 .metrics
                 .managed_services
+                .get_or_create(&source)
                 .set(services.service_count() as i64);
+            state
+                .metrics
+                .managed_endpoints
+                .get_or_create(&source)
+                .set(catalog.endpoint_count() as i64);
         }
         info!(
             in_flight = running.len(),
