@@ -54,6 +54,9 @@ pub struct ChangeRun {
     pub final_wait_s: f64,
     /// Mean duration of the registry write itself (part of every latency), ms.
     pub registry_write_ms: f64,
+    /// Per change, in the order made: seconds since the connector started, and the
+    /// latency in ms (null: not landed within the phase).
+    pub timeline: Vec<(f64, Option<f64>)>,
 }
 
 /// Percentile over all changes, unlanded ones counted as +infinity: `None` when the
@@ -95,6 +98,7 @@ pub async fn run(
     services: &mut [Service],
     opts: &ChangeOpts,
     rng: &mut StdRng,
+    connector_started: Instant,
 ) -> Result<ChangeRun> {
     let started = Instant::now();
     let mut made: Vec<(u64, Instant, Kind)> = Vec::with_capacity(opts.count);
@@ -170,6 +174,18 @@ pub async fn run(
             latencies.push(at.saturating_duration_since(*t0).as_secs_f64() * 1000.0);
         }
     }
+    let timeline = made
+        .iter()
+        .map(|(id, t0, _)| {
+            (
+                t0.saturating_duration_since(connector_started)
+                    .as_secs_f64(),
+                tracker
+                    .met(*id)
+                    .map(|at| at.saturating_duration_since(*t0).as_secs_f64() * 1000.0),
+            )
+        })
+        .collect();
     let landed = latencies.len();
     Ok(ChangeRun {
         changes: made.len(),
@@ -184,5 +200,6 @@ pub async fn run(
         } else {
             write_time.as_secs_f64() * 1000.0 / made.len() as f64
         },
+        timeline,
     })
 }

@@ -183,17 +183,38 @@ impl Metrics {
         )
     }
 
+    /// Consul requests matching `labels`: `registry_connector_registry_requests_total
+    /// {source="consul",endpoint,result}`, or the older
+    /// `registry_connector_consul_requests_total{endpoint,result}`.
+    fn consul_sum(&self, labels: &[(&str, &str)]) -> f64 {
+        let mut with_source = vec![("source", "consul")];
+        with_source.extend_from_slice(labels);
+        self.sum("registry_connector_registry_requests_total", &with_source)
+            + self.sum("registry_connector_consul_requests_total", labels)
+    }
+
     /// Consul requests, all endpoints and results.
     pub fn consul_requests(&self) -> f64 {
-        self.sum("registry_connector_consul_requests_total", &[])
+        self.consul_sum(&[])
+    }
+
+    /// Consul requests that failed (no answer, error status).
+    pub fn consul_errors(&self) -> f64 {
+        self.consul_sum(&[("result", "error")])
     }
 
     /// Consul requests to one endpoint label value.
     pub fn consul_requests_to(&self, endpoint: &str) -> f64 {
-        self.sum(
-            "registry_connector_consul_requests_total",
-            &[("endpoint", endpoint)],
-        )
+        self.consul_sum(&[("endpoint", endpoint)])
+    }
+
+    /// The endpoint label values of the Consul request counters.
+    pub fn consul_endpoints(&self) -> Vec<String> {
+        let mut v = self.label_values("registry_connector_registry_requests_total", "endpoint");
+        v.extend(self.label_values("registry_connector_consul_requests_total", "endpoint"));
+        v.sort();
+        v.dedup();
+        v
     }
 
     pub fn reconciles(&self) -> f64 {
@@ -347,6 +368,51 @@ impl Connector {
             }
         }
         Ok(stats)
+    }
+}
+
+/// Loopback packet loss counters of this network namespace: packets dropped from the
+/// per-CPU input backlog (`/proc/net/softnet_stat`, second column, summed over CPUs)
+/// and TCP retransmission timeouts (`TcpExtTCPTimeouts` in `/proc/net/netstat`).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct NetCounters {
+    pub backlog_drops: u64,
+    pub tcp_timeouts: u64,
+}
+
+impl NetCounters {
+    pub fn read() -> NetCounters {
+        let backlog_drops = std::fs::read_to_string("/proc/net/softnet_stat")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter_map(|v| u64::from_str_radix(v, 16).ok())
+            .sum();
+        let netstat = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+        let lines: Vec<&str> = netstat.lines().collect();
+        let mut tcp_timeouts = 0;
+        for pair in lines.chunks(2) {
+            if let [head, vals] = pair {
+                if head.starts_with("TcpExt:") {
+                    let h: Vec<&str> = head.split_whitespace().collect();
+                    let v: Vec<&str> = vals.split_whitespace().collect();
+                    if let Some(i) = h.iter().position(|k| *k == "TCPTimeouts") {
+                        tcp_timeouts = v.get(i).and_then(|x| x.parse().ok()).unwrap_or(0);
+                    }
+                }
+            }
+        }
+        NetCounters {
+            backlog_drops,
+            tcp_timeouts,
+        }
+    }
+
+    pub fn since(&self, earlier: &NetCounters) -> NetCounters {
+        NetCounters {
+            backlog_drops: self.backlog_drops.saturating_sub(earlier.backlog_drops),
+            tcp_timeouts: self.tcp_timeouts.saturating_sub(earlier.tcp_timeouts),
+        }
     }
 }
 

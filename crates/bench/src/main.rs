@@ -86,6 +86,9 @@ struct Args {
     /// Seed of the random choices (service, kind of change, intervals).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Skip the cost-per-change runs (N = 100 and 1,000).
+    #[arg(long)]
+    no_cost: bool,
     /// Leave namespaces and Consul entries in place at the end.
     #[arg(long)]
     keep: bool,
@@ -106,6 +109,8 @@ struct Plan {
     final_wait: Duration,
     cost_final_wait: Duration,
     cost_idle_cap: Duration,
+    /// Longest wait for pending changes before the steady-state window.
+    settle_max: Duration,
 }
 
 fn plan(args: &Args) -> Plan {
@@ -137,11 +142,19 @@ fn plan(args: &Args) -> Plan {
         k: args.k.unwrap_or(k),
         k_cost: args.k_cost.unwrap_or(k_cost),
         steady: args.steady.unwrap_or(steady),
-        cost_ns: vec![100, 1000],
+        cost_ns: if args.no_cost {
+            vec![]
+        } else {
+            vec![100, 1000]
+        },
         land_slack: Duration::from_millis(1500),
         final_wait,
         cost_final_wait,
         cost_idle_cap,
+        settle_max: match args.profile {
+            Profile::Quick => Duration::from_secs(30),
+            Profile::Full => Duration::from_secs(360),
+        },
     }
 }
 
@@ -390,7 +403,17 @@ async fn run_all(ctx: &mut Ctx, profile: &str, stamp: &str) -> Result<Results> {
     ));
     let floor_services = consul::make_services("f", "none", n, m);
     let ns = ctx.namespace("floor").await?;
+    // The same watches as during the initial sync, so that the apiserver fans out the
+    // same events in both measurements.
+    let floor_watches = [
+        Tracker::endpoint_slices(ctx.client.clone(), &ns),
+        Tracker::endpoints(ctx.client.clone(), &ns),
+    ];
+    for w in &floor_watches {
+        w.wait_synced(Duration::from_secs(30)).await?;
+    }
     let f = floor::run(&ctx.client, &ns, &floor_services, ctx.args.concurrency).await?;
+    drop(floor_watches);
     results.floor = FloorResult {
         services_and_slices_s: f.services_and_slices.as_secs_f64(),
         endpoints_s: f.endpoints.as_secs_f64(),
@@ -436,6 +459,7 @@ async fn run_all(ctx: &mut Ctx, profile: &str, stamp: &str) -> Result<Results> {
         "connector-sync-quiet1s.log",
     );
     say("initial sync: starting the connector");
+    let net0 = connector::NetCounters::read();
     let mut a = Connector::start(&launch_a).await?;
     let t0 = a.started;
     let slices_s = wait_all(&slices, t0, sync_timeout(n), "initial sync (slices)").await?;
@@ -444,6 +468,7 @@ async fn run_all(ctx: &mut Ctx, profile: &str, stamp: &str) -> Result<Results> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let ma = a.metrics().await?;
     let sa = a.stats()?;
+    results.net_during_initial_sync = connector::NetCounters::read().since(&net0);
     results.connector_command = format!("{} {}", ctx.bin.display(), a.args.join(" "));
     results.initial_sync = SyncResult {
         registry_load_s: reg_time.as_secs_f64(),
@@ -458,6 +483,7 @@ async fn run_all(ctx: &mut Ctx, profile: &str, stamp: &str) -> Result<Results> {
             ma.writes_of("endpoints"),
         ],
         consul_requests: ma.consul_requests(),
+        consul_errors: ma.consul_errors(),
         cpu_s: sa.cpu_seconds,
         peak_rss_mib: sa.peak_rss_mib,
         ratio_to_floor: complete_s.max(slices_s) / results.floor.all_s,
@@ -467,8 +493,7 @@ async fn run_all(ctx: &mut Ctx, profile: &str, stamp: &str) -> Result<Results> {
         "initial sync: slices in place after {slices_s:.2} s, complete after {:.2} s, {} writes",
         results.initial_sync.complete_s, results.initial_sync.writes
     ));
-    results.consul_endpoint_labels =
-        ma.label_values("registry_connector_consul_requests_total", "endpoint");
+    results.consul_endpoint_labels = ma.consul_endpoints();
 
     // 3. Propagation, quiet 1s (connector A), then 100ms (connector B, same namespace).
     let mut prop = Vec::new();
@@ -478,7 +503,15 @@ async fn run_all(ctx: &mut Ctx, profile: &str, stamp: &str) -> Result<Results> {
         opts.count
     ));
     let before = a.metrics().await?;
-    let run = changes::run(&ctx.registry, &slices, &mut services, &opts, &mut ctx.rng).await?;
+    let run = changes::run(
+        &ctx.registry,
+        &slices,
+        &mut services,
+        &opts,
+        &mut ctx.rng,
+        a.started,
+    )
+    .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = a.metrics().await?;
     prop.push(PropResult::new(1000, n, &run, &before, &after));
@@ -521,20 +554,48 @@ async fn run_all(ctx: &mut Ctx, profile: &str, stamp: &str) -> Result<Results> {
         opts.count
     ));
     let before = b.metrics().await?;
-    let run = changes::run(&ctx.registry, &slices, &mut services, &opts, &mut ctx.rng).await?;
+    let run = changes::run(
+        &ctx.registry,
+        &slices,
+        &mut services,
+        &opts,
+        &mut ctx.rng,
+        b.started,
+    )
+    .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = b.metrics().await?;
     prop.push(PropResult::new(100, n, &run, &before, &after));
     say(prop_line(prop.last().expect("pushed")));
     results.propagation = prop;
 
-    // 5. Steady state on connector B.
+    // 5. Steady state on connector B, once every change made so far has landed (a
+    // change still pending would write during the window).
+    let pending = slices.open();
+    let tw = Instant::now();
+    if pending > 0 {
+        say(format!(
+            "waiting for {pending} changes still pending before the steady state"
+        ));
+        slices
+            .wait_until(Instant::now() + ctx.plan.settle_max, |t| t.open() == 0)
+            .await;
+    }
+    results.pending_before_steady = PendingWait {
+        pending,
+        waited_s: tw.elapsed().as_secs_f64(),
+        still_pending: slices.open(),
+    };
+    if pending > 0 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
     say(format!(
         "steady state: {} s without changes",
         ctx.plan.steady.as_secs()
     ));
     let m0 = b.metrics().await?;
     let s0 = b.stats()?;
+    let net0 = connector::NetCounters::read();
     let ts = Instant::now();
     idle(&mut b, ctx.plan.steady).await?;
     let m1 = b.metrics().await?;
@@ -546,6 +607,8 @@ async fn run_all(ctx: &mut Ctx, profile: &str, stamp: &str) -> Result<Results> {
         writes: m1.writes_all() - m0.writes_all(),
         consul_requests: m1.consul_requests() - m0.consul_requests(),
         consul_requests_per_min: (m1.consul_requests() - m0.consul_requests()) / minutes,
+        consul_errors: m1.consul_errors() - m0.consul_errors(),
+        net: connector::NetCounters::read().since(&net0),
         reconciles: m1.reconciles() - m0.reconciles(),
         cpu_s: s1.cpu_seconds - s0.cpu_seconds,
         cpu_s_total: s1.cpu_seconds,
@@ -608,7 +671,15 @@ async fn cost_run(ctx: &mut Ctx, cn: usize, results: &mut Results) -> Result<Cos
     tokio::time::sleep(Duration::from_secs(2)).await;
     let m0 = c.metrics().await?;
     let opts = ctx.change_opts(ctx.plan.k_cost, quiet, ctx.plan.cost_final_wait);
-    let run = changes::run(&ctx.registry, &slices, &mut services, &opts, &mut ctx.rng).await?;
+    let run = changes::run(
+        &ctx.registry,
+        &slices,
+        &mut services,
+        &opts,
+        &mut ctx.rng,
+        c.started,
+    )
+    .await?;
     // Let the reconcile of the last change (and any stray write) finish.
     tokio::time::sleep(quiet + Duration::from_secs(2)).await;
     let m1 = c.metrics().await?;
@@ -617,7 +688,7 @@ async fn cost_run(ctx: &mut Ctx, cn: usize, results: &mut Results) -> Result<Cos
     let idle_len = Duration::from_secs_f64(change_phase).min(ctx.plan.cost_idle_cap);
     idle(&mut c, idle_len).await?;
     let m2 = c.metrics().await?;
-    c.stop().await?;
+    let stats = c.stop().await?;
     let nodes = services[0].nodes.clone();
     release_consul(
         ctx,
@@ -645,7 +716,7 @@ async fn cost_run(ctx: &mut Ctx, cn: usize, results: &mut Results) -> Result<Cos
         ],
         consul_requests: consul_raw,
         consul_by_endpoint: m1
-            .label_values("registry_connector_consul_requests_total", "endpoint")
+            .consul_endpoints()
             .into_iter()
             .map(|e| {
                 let d = m1.consul_requests_to(&e) - m0.consul_requests_to(&e);
@@ -660,5 +731,8 @@ async fn cost_run(ctx: &mut Ctx, cn: usize, results: &mut Results) -> Result<Cos
         p99_ms: changes::percentile(&run, 99.0),
         max_ms: changes::max(&run),
         change_phase_s: change_phase,
+        cpu_s: stats.cpu_seconds,
+        peak_rss_mib: stats.peak_rss_mib,
+        consul_errors: m1.consul_errors() - m0.consul_errors(),
     })
 }

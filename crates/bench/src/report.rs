@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use crate::changes::{self, ChangeRun};
-use crate::connector::Metrics;
+use crate::connector::{Metrics, NetCounters};
 
 #[derive(Debug, Default, Serialize)]
 pub struct Machine {
@@ -77,6 +77,7 @@ pub struct SyncResult {
     /// Service, EndpointSlice, Endpoints.
     pub writes_by_kind: [f64; 3],
     pub consul_requests: f64,
+    pub consul_errors: f64,
     pub cpu_s: f64,
     pub peak_rss_mib: f64,
     /// complete / floor (Services + slices + Endpoints): the same objects.
@@ -138,6 +139,8 @@ pub struct SteadyResult {
     pub writes: f64,
     pub consul_requests: f64,
     pub consul_requests_per_min: f64,
+    pub consul_errors: f64,
+    pub net: NetCounters,
     pub reconciles: f64,
     pub cpu_s: f64,
     pub cpu_s_total: f64,
@@ -168,6 +171,17 @@ pub struct CostResult {
     pub p99_ms: Option<f64>,
     pub max_ms: Option<f64>,
     pub change_phase_s: f64,
+    /// CPU seconds and peak RSS of the whole connector process (start to stop).
+    pub cpu_s: f64,
+    pub peak_rss_mib: f64,
+    pub consul_errors: f64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct PendingWait {
+    pub pending: usize,
+    pub waited_s: f64,
+    pub still_pending: usize,
 }
 
 /// Connections the Consul agent kept for a stopped connector (see `touch_all`).
@@ -204,6 +218,8 @@ pub struct Results {
     pub cost: Vec<CostResult>,
     pub targets: Vec<Target>,
     pub consul_connections_after_stop: Vec<ConnRelease>,
+    pub net_during_initial_sync: NetCounters,
+    pub pending_before_steady: PendingWait,
     pub total_s: f64,
 }
 
@@ -416,10 +432,19 @@ pub fn markdown(r: &Results) -> String {
     row(
         &mut s,
         "2 initial sync",
-        "Consul requests, CPU, peak RSS",
+        "Consul requests (failed), connector CPU, peak RSS",
         format!(
-            "{:.0}, {:.2} s, {:.1} MiB",
-            i.consul_requests, i.cpu_s, i.peak_rss_mib
+            "{:.0} ({:.0}), {:.2} s, {:.1} MiB",
+            i.consul_requests, i.consul_errors, i.cpu_s, i.peak_rss_mib
+        ),
+    );
+    row(
+        &mut s,
+        "2 initial sync",
+        "loopback backlog drops, TCP timeouts (whole machine)",
+        format!(
+            "{}, {}",
+            r.net_during_initial_sync.backlog_drops, r.net_during_initial_sync.tcp_timeouts
         ),
     );
     row(
@@ -500,8 +525,29 @@ pub fn markdown(r: &Results) -> String {
                 ms_opt(c.max_ms)
             ),
         );
+        row(
+            &mut s,
+            "4 cost per change",
+            &format!("N={}: initial sync, connector CPU, peak RSS", c.n),
+            format!(
+                "{:.2} s, {:.2} s, {:.1} MiB",
+                c.initial_sync_s, c.cpu_s, c.peak_rss_mib
+            ),
+        );
     }
     let st = &r.steady;
+    let pw = &r.pending_before_steady;
+    if pw.pending > 0 {
+        row(
+            &mut s,
+            "5 steady state",
+            "changes still pending before the window: waited",
+            format!(
+                "{} pending, {:.0} s, {} left",
+                pw.pending, pw.waited_s, pw.still_pending
+            ),
+        );
+    }
     row(
         &mut s,
         "5 steady state",
@@ -511,8 +557,11 @@ pub fn markdown(r: &Results) -> String {
     row(
         &mut s,
         "5 steady state",
-        "Consul requests per minute",
-        format!("{:.1}", st.consul_requests_per_min),
+        "Consul requests per minute (failed in the window)",
+        format!(
+            "{:.1} ({:.0})",
+            st.consul_requests_per_min, st.consul_errors
+        ),
     );
     row(
         &mut s,
