@@ -70,51 +70,8 @@ where
     let mut sink = Sink::new(client.clone(), sink_config, catalog.clone(), events);
     sink.handle().metrics.register(&mut registry);
 
-    // Leadership: a Lease elector, or always the leader when election is off.
-    let leader_gauge = Gauge::<i64>::default();
-    registry.register(
-        "leader",
-        "1 while this process holds the lease (or runs without election), else 0",
-        leader_gauge.clone(),
-    );
-    let (leader_tx, leader_rx) = watch::channel(!op.leader_elect);
-    let mut elector_task = None;
-    let elector_stop = CancellationToken::new();
-    // Without election the sender must outlive the sink: the channel then says
-    // "leader" for the whole run.
-    let mut _always_leader = None;
-    if op.leader_elect {
-        let cfg = LeaseConfig {
-            name: op.lease_name.clone(),
-            namespace: op
-                .lease_namespace
-                .clone()
-                .unwrap_or_else(|| args.namespace.clone()),
-            holder: lease::default_holder(op.lease_holder.as_deref()),
-            duration: op.lease_duration,
-            renew_interval: op.lease_renew_interval,
-        };
-        info!(lease = %cfg.name, namespace = %cfg.namespace, holder = %cfg.holder, "leader election on");
-        let elector = LeaseElector::new(client.clone(), cfg);
-        // Its own stop signal: the lease is kept (and released) only after the sink has
-        // stopped and a --purge-on-exit has run, so the purge happens under the lease.
-        elector_task = Some(tokio::spawn(elector.run(leader_tx, elector_stop.clone())));
-    } else {
-        _always_leader = Some(leader_tx);
-    }
-    {
-        let mut rx = leader_rx.clone();
-        let gauge = leader_gauge.clone();
-        tokio::spawn(async move {
-            loop {
-                gauge.set(i64::from(*rx.borrow_and_update()));
-                if rx.changed().await.is_err() {
-                    gauge.set(0);
-                    break;
-                }
-            }
-        });
-    }
+    let leadership = Leadership::start(&client, args, op, &mut registry);
+    let leader_rx = leadership.receiver();
     let purge_leader = leader_rx.clone();
     sink = sink.with_leadership(leader_rx);
 
@@ -149,14 +106,88 @@ where
             info!("--purge-on-exit: not the lease holder, leaving the objects to the leader");
         }
     }
-    elector_stop.cancel();
-    if let Some(task) = elector_task {
-        let _ = task.await;
-    }
+    leadership.stop().await;
     if let Some(task) = admin_task {
         let _ = task.await;
     }
     source_result
+}
+
+/// Whether this process may write: a Lease elector, or always when election is off.
+struct Leadership {
+    rx: watch::Receiver<bool>,
+    elector: Option<tokio::task::JoinHandle<()>>,
+    /// Its own stop signal: the lease is kept (and released) only after the sink has
+    /// stopped and a --purge-on-exit has run, so that purge happens under the lease.
+    stop: CancellationToken,
+    /// Without election the sender must outlive the sink: the channel then says
+    /// "leader" for the whole run.
+    _always: Option<watch::Sender<bool>>,
+}
+
+impl Leadership {
+    fn start(
+        client: &kube::Client,
+        args: &SyncArgs,
+        op: &OperationArgs,
+        registry: &mut Registry,
+    ) -> Self {
+        let (tx, rx) = watch::channel(!op.leader_elect);
+        let stop = CancellationToken::new();
+        let mut leadership = Self {
+            rx,
+            elector: None,
+            stop: stop.clone(),
+            _always: None,
+        };
+        if op.leader_elect {
+            let cfg = LeaseConfig {
+                name: op.lease_name.clone(),
+                namespace: op
+                    .lease_namespace
+                    .clone()
+                    .unwrap_or_else(|| args.namespace.clone()),
+                holder: lease::default_holder(op.lease_holder.as_deref()),
+                duration: op.lease_duration,
+                renew_interval: op.lease_renew_interval,
+            };
+            info!(lease = %cfg.name, namespace = %cfg.namespace, holder = %cfg.holder, "leader election on");
+            let elector = LeaseElector::new(client.clone(), cfg);
+            leadership.elector = Some(tokio::spawn(elector.run(tx, stop)));
+        } else {
+            leadership._always = Some(tx);
+        }
+
+        let gauge = Gauge::<i64>::default();
+        registry.register(
+            "leader",
+            "1 while this process holds the lease (or runs without election), else 0",
+            gauge.clone(),
+        );
+        let mut rx = leadership.rx.clone();
+        tokio::spawn(async move {
+            loop {
+                gauge.set(i64::from(*rx.borrow_and_update()));
+                if rx.changed().await.is_err() {
+                    gauge.set(0);
+                    break;
+                }
+            }
+        });
+        leadership
+    }
+
+    fn receiver(&self) -> watch::Receiver<bool> {
+        self.rx.clone()
+    }
+
+    /// Stops the elector, which releases a held lease.
+    async fn stop(self) {
+        self.stop.cancel();
+        if let Some(task) = self.elector {
+            let _ = task.await;
+        }
+    }
 }
 
 /// `--dry-run` / `--diff`: one pass in plan mode, then print the plan.
