@@ -19,12 +19,13 @@ pub mod metrics;
 pub mod plan;
 pub mod purge;
 pub mod reconcile;
+mod work;
 pub mod writer;
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
@@ -35,7 +36,7 @@ use kube::{Api, Client};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, info, warn};
 
 use crate::catalog::{Catalog, CatalogEvent};
 use crate::labels::{owner_selector, SERVICE_NAME_LABEL};
@@ -43,9 +44,10 @@ use crate::render::RenderConfig;
 use backoff::{BackoffPolicy, RetryQueue};
 use cache::{run_cache, ObjectCache};
 use coalescer::Coalescer;
-use guard::{DeletionGuard, GuardDecision, GuardPolicy};
+use guard::{DeletionGuard, GuardPolicy};
 use metrics::{SinkMetrics, SourceLabels};
-use reconcile::{ReconcileContext, Reconciled};
+use reconcile::ReconcileContext;
+use work::LoopState;
 use writer::Writer;
 
 /// Settings of the sink and its loop.
@@ -442,251 +444,4 @@ fn all_names(
     names.extend(slices.service_names());
     names.extend(endpoints.service_names());
     names.into_iter().collect()
-}
-
-type ReconcileResult = Result<Reconciled, writer::WriteError>;
-/// A finished reconcile: the name, when its registry change happened (if one did), and
-/// the result.
-type Finished = (String, Option<Instant>, ReconcileResult);
-type Running = FuturesUnordered<futures::future::BoxFuture<'static, Finished>>;
-
-/// The loop's own state; only the loop task touches it, so it needs no locks.
-struct LoopState {
-    ctx: Arc<ReconcileContext>,
-    catalog: Arc<Catalog>,
-    metrics: Arc<SinkMetrics>,
-    status: watch::Sender<SinkStatus>,
-    concurrency: usize,
-    /// Names ready to reconcile, in order, without duplicates (`queued`).
-    queue: VecDeque<String>,
-    queued: HashSet<String>,
-    /// Names being reconciled now; a name queued again meanwhile is marked `dirty`
-    /// and re-queued when its reconcile ends, so one name never runs twice at once.
-    in_flight: HashSet<String>,
-    dirty: HashSet<String>,
-    retries: RetryQueue,
-    guard: DeletionGuard,
-    held: BTreeSet<String>,
-    recheck_at: Option<Instant>,
-    /// The catalog is synced and the next drained queue completes the initial sync.
-    synced_batch_pending: bool,
-    batch_failures: usize,
-    /// Something was reconciled since the queue last drained.
-    batch_ran: bool,
-    /// Reconciles start only while this process may write.
-    leader: bool,
-    events: events::Events,
-    /// When the registry first changed each service since its last reconcile started:
-    /// the start of the registry-change-to-write latency.
-    changed_at: HashMap<String, Instant>,
-}
-
-impl LoopState {
-    fn enqueue(&mut self, names: impl IntoIterator<Item = String>) {
-        let mut deletions = Vec::new();
-        for name in names {
-            if !self.catalog.contains(&name) {
-                if self.ctx.has_objects(&name) {
-                    deletions.push(name);
-                }
-                continue;
-            }
-            self.held.remove(&name);
-            self.push(name);
-        }
-        if !deletions.is_empty() {
-            self.plan_deletions(deletions);
-        }
-        self.publish_held();
-    }
-
-    fn push(&mut self, name: String) {
-        if self.in_flight.contains(&name) {
-            self.dirty.insert(name);
-        } else if self.queued.insert(name.clone()) {
-            self.queue.push_back(name);
-        }
-    }
-
-    /// Runs deletions through the first-snapshot rule and the mass-deletion guard.
-    fn plan_deletions(&mut self, names: Vec<String>) {
-        if !self.catalog.is_synced() {
-            debug!(
-                count = names.len(),
-                "not deleting before the source's first complete snapshot"
-            );
-            return;
-        }
-        let managed = self.ctx.services.service_names();
-        let orphans = managed.iter().filter(|n| !self.catalog.contains(n)).count();
-        let was_holding = self.guard.is_holding();
-        match self.guard.evaluate(managed.len(), orphans, Instant::now()) {
-            GuardDecision::Proceed => {
-                for name in names {
-                    self.held.remove(&name);
-                    self.push(name);
-                }
-            }
-            GuardDecision::Hold { since, recheck_at } => {
-                if !was_holding {
-                    for name in names.iter().take(events::MAX_HELD_EVENTS) {
-                        if let Some(svc) = self.ctx.services.get_named(name, name) {
-                            self.events.deletion_held(
-                                events::reference(svc.as_ref()),
-                                managed.len(),
-                                orphans,
-                            );
-                        }
-                    }
-                    warn!(
-                        managed = managed.len(),
-                        would_delete = orphans,
-                        held_for = ?since.elapsed(),
-                        "mass deletion held: the registry's view would delete too many managed services"
-                    );
-                }
-                self.held.extend(names);
-                self.recheck_at = Some(recheck_at);
-            }
-        }
-    }
-
-    fn publish_held(&mut self) {
-        self.metrics.held_deletions.set(self.held.len() as i64);
-        let held = &self.held;
-        self.status.send_if_modified(|s| {
-            if s.held_deletions != *held {
-                s.held_deletions = held.clone();
-                true
-            } else {
-                false
-            }
-        });
-    }
-
-    fn start_ready(&mut self, running: &mut Running) {
-        while self.leader && running.len() < self.concurrency {
-            let Some(name) = self.queue.pop_front() else {
-                break;
-            };
-            self.queued.remove(&name);
-            self.in_flight.insert(name.clone());
-            self.batch_ran = true;
-            let ctx = self.ctx.clone();
-            let may_delete = self.catalog.is_synced();
-            let metrics = self.metrics.clone();
-            let changed_at = self.changed_at.remove(&name);
-            let span = info_span!("reconcile", service = %name);
-            running.push(Box::pin(
-                async move {
-                    let started = std::time::Instant::now();
-                    let result = ctx.reconcile(&name, may_delete).await;
-                    metrics.reconciles.inc();
-                    metrics
-                        .reconcile_duration
-                        .observe(started.elapsed().as_secs_f64());
-                    (name, changed_at, result)
-                }
-                .instrument(span),
-            ));
-        }
-        self.maybe_complete_batch(running.len());
-    }
-
-    fn finished(&mut self, name: String, changed_at: Option<Instant>, result: ReconcileResult) {
-        self.in_flight.remove(&name);
-        match result {
-            Ok(outcome) => {
-                debug!(service = %name, ?outcome, "reconciled");
-                self.retries.succeeded(&name);
-                let wrote = matches!(outcome, Reconciled::Synced { writes } | Reconciled::Deleted { writes } if writes > 0);
-                if let (true, Some(at)) = (wrote, changed_at) {
-                    self.metrics
-                        .change_to_write
-                        .observe(at.elapsed().as_secs_f64());
-                }
-            }
-            Err(err) if err.is_not_leader() => {
-                // Not a failure: the next leader (or this one, on re-election) does a
-                // full pass anyway.
-                debug!(service = %name, "reconcile stopped: lease lost");
-            }
-            Err(err) => {
-                self.metrics.reconcile_failures.inc();
-                self.batch_failures += 1;
-                let delay = self.retries.failed(&name);
-                let attempts = self.retries.attempts(&name);
-                if let writer::WriteError::Clash {
-                    object: Some(object),
-                    ..
-                } = &err
-                {
-                    let registry_name = self
-                        .ctx
-                        .catalog
-                        .aggregate(&name)
-                        .map(|m| m.registry_name.to_string())
-                        .unwrap_or_else(|| name.clone());
-                    if attempts == 1 || attempts.is_multiple_of(10) {
-                        self.events.name_clash(object.clone(), &registry_name);
-                    }
-                }
-                if err.is_clash() {
-                    warn!(service = %name, error = %err, retry_in = ?delay, "service not synced: name clash");
-                } else {
-                    if attempts == events::FAILURES_BEFORE_EVENT
-                        || (attempts > events::FAILURES_BEFORE_EVENT && attempts.is_multiple_of(10))
-                    {
-                        if let Some(svc) = self.ctx.services.get_named(&name, &name) {
-                            self.events.sync_failing(
-                                events::reference(svc.as_ref()),
-                                attempts,
-                                &error_chain(&err),
-                            );
-                        }
-                    }
-                    warn!(service = %name, error = %error_chain(&err), attempts, retry_in = ?delay, "reconcile failed; will retry");
-                }
-            }
-        }
-        if self.dirty.remove(&name) {
-            self.push(name);
-        }
-        let retrying = self.retries.len();
-        self.status.send_if_modified(|s| {
-            let changed = s.retrying != retrying;
-            s.retrying = retrying;
-            changed
-        });
-    }
-
-    /// Marks sync progress whenever the work queue drains.
-    fn maybe_complete_batch(&mut self, running: usize) {
-        if running > 0 || !self.queue.is_empty() || !self.batch_ran {
-            return;
-        }
-        self.batch_ran = false;
-        if self.batch_failures == 0 {
-            if let Ok(now) = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
-                self.metrics.last_sync_timestamp.set(now.as_secs() as i64);
-            }
-        }
-        self.batch_failures = 0;
-        if self.synced_batch_pending && self.catalog.is_synced() {
-            self.synced_batch_pending = false;
-            info!(services = self.catalog.len(), "initial sync complete");
-            self.status.send_modify(|s| s.initial_sync_done = true);
-        }
-    }
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
