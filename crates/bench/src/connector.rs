@@ -423,6 +423,49 @@ pub fn tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// The apiserver's own request counters (`apiserver_request_total`), summed by verb and
+/// resource: what a workload asked of the apiserver, whoever asked.
+pub async fn apiserver_requests(client: &kube::Client) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(req) = kube::core::Request::new("/metrics").list(&Default::default()) else {
+        return out;
+    };
+    let Ok(text) = client.request_text(req).await else {
+        return out;
+    };
+    let label = |l: &str, key: &str| -> Option<String> {
+        let pat = format!("{key}=\"");
+        let i = l.find(&pat)? + pat.len();
+        let j = l[i..].find('"')?;
+        Some(l[i..i + j].to_string())
+    };
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+            continue;
+        };
+        let (Some(verb), Some(resource)) = (label(rest, "verb"), label(rest, "resource")) else {
+            continue;
+        };
+        let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
+            continue;
+        };
+        *out.entry(format!("{verb} {resource}")).or_insert(0.0) += v;
+    }
+    out
+}
+
+/// `after - before`, keeping the entries that moved.
+pub fn delta(
+    before: &std::collections::BTreeMap<String, f64>,
+    after: &std::collections::BTreeMap<String, f64>,
+) -> std::collections::BTreeMap<String, f64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, d)| *d > 0.0)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -412,7 +412,10 @@ async fn run_all(ctx: &mut Ctx, profile: &str, stamp: &str) -> Result<Results> {
     for w in &floor_watches {
         w.wait_synced(Duration::from_secs(30)).await?;
     }
+    let api0 = connector::apiserver_requests(&ctx.client).await;
     let f = floor::run(&ctx.client, &ns, &floor_services, ctx.args.concurrency).await?;
+    results.apiserver_requests_floor =
+        connector::delta(&api0, &connector::apiserver_requests(&ctx.client).await);
     drop(floor_watches);
     results.floor = FloorResult {
         services_and_slices_s: f.services_and_slices.as_secs_f64(),
@@ -460,6 +463,7 @@ async fn run_all(ctx: &mut Ctx, profile: &str, stamp: &str) -> Result<Results> {
     );
     say("initial sync: starting the connector");
     let net0 = connector::NetCounters::read();
+    let api0 = connector::apiserver_requests(&ctx.client).await;
     let mut a = Connector::start(&launch_a).await?;
     let t0 = a.started;
     let slices_s = wait_all(&slices, t0, sync_timeout(n), "initial sync (slices)").await?;
@@ -469,6 +473,8 @@ async fn run_all(ctx: &mut Ctx, profile: &str, stamp: &str) -> Result<Results> {
     let ma = a.metrics().await?;
     let sa = a.stats()?;
     results.net_during_initial_sync = connector::NetCounters::read().since(&net0);
+    results.apiserver_requests_initial_sync =
+        connector::delta(&api0, &connector::apiserver_requests(&ctx.client).await);
     results.connector_command = format!("{} {}", ctx.bin.display(), a.args.join(" "));
     results.initial_sync = SyncResult {
         registry_load_s: reg_time.as_secs_f64(),
@@ -596,11 +602,14 @@ async fn run_all(ctx: &mut Ctx, profile: &str, stamp: &str) -> Result<Results> {
     let m0 = b.metrics().await?;
     let s0 = b.stats()?;
     let net0 = connector::NetCounters::read();
+    let api0 = connector::apiserver_requests(&ctx.client).await;
     let ts = Instant::now();
     idle(&mut b, ctx.plan.steady).await?;
     let m1 = b.metrics().await?;
     let s1 = b.stats()?;
     let minutes = ts.elapsed().as_secs_f64() / 60.0;
+    results.apiserver_requests_steady =
+        connector::delta(&api0, &connector::apiserver_requests(&ctx.client).await);
     results.steady = SteadyResult {
         n,
         window_s: minutes * 60.0,

@@ -205,6 +205,8 @@ pub struct Results {
     pub profile: String,
     pub started_utc: String,
     pub command: String,
+    /// `git describe --always --dirty` of the tree the connector was built from.
+    pub git: String,
     pub machine: Machine,
     pub params: Params,
     pub connector_flags: String,
@@ -219,6 +221,11 @@ pub struct Results {
     pub targets: Vec<Target>,
     pub consul_connections_after_stop: Vec<ConnRelease>,
     pub net_during_initial_sync: NetCounters,
+    /// apiserver_request_total deltas ("VERB resource"), whoever made the requests
+    /// (the harness's watches and the controller-manager included).
+    pub apiserver_requests_floor: std::collections::BTreeMap<String, f64>,
+    pub apiserver_requests_initial_sync: std::collections::BTreeMap<String, f64>,
+    pub apiserver_requests_steady: std::collections::BTreeMap<String, f64>,
     pub pending_before_steady: PendingWait,
     pub total_s: f64,
 }
@@ -254,6 +261,13 @@ impl Results {
             profile: profile.into(),
             started_utc: stamp.into(),
             command: command.into(),
+            git: std::process::Command::new("git")
+                .args(["describe", "--always", "--dirty"])
+                .output()
+                .ok()
+                .and_then(|o| String::from_utf8(o.stdout).ok())
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
             machine: Machine::read(),
             ..Default::default()
         }
@@ -370,8 +384,8 @@ pub fn markdown(r: &Results) -> String {
         }
     ));
     s.push_str(&format!(
-        "Machine: {} cores, {} MiB, kernel {}, load average at start {}. Connector flags: `{}`; floor client concurrency {}.\n\n",
-        r.machine.nproc, r.machine.mem_total_mib, r.machine.kernel, r.machine.load_avg_at_start,
+        "Tree: `{}`. Machine: {} cores, {} MiB, kernel {}, load average at start {}. Connector flags: `{}`; floor client concurrency {}.\n\n",
+        r.git, r.machine.nproc, r.machine.mem_total_mib, r.machine.kernel, r.machine.load_avg_at_start,
         r.connector_flags, p.concurrency
     ));
     s.push_str("| workload | figure | value |\n|---|---|---|\n");
@@ -574,6 +588,33 @@ pub fn markdown(r: &Results) -> String {
         "5 steady state",
         "RSS now / peak (VmHWM)",
         format!("{:.1} / {:.1} MiB", st.rss_mib, st.peak_rss_mib),
+    );
+    let top = |m: &std::collections::BTreeMap<String, f64>| {
+        let mut v: Vec<(&String, &f64)> = m.iter().filter(|(_, d)| **d >= 10.0).collect();
+        v.sort_by(|a, b| b.1.total_cmp(a.1));
+        v.iter()
+            .take(8)
+            .map(|(k, d)| format!("{k} {d:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    row(
+        &mut s,
+        "apiserver",
+        "requests during the floor (top, >= 10)",
+        top(&r.apiserver_requests_floor),
+    );
+    row(
+        &mut s,
+        "apiserver",
+        "requests during the initial sync (top, >= 10)",
+        top(&r.apiserver_requests_initial_sync),
+    );
+    row(
+        &mut s,
+        "apiserver",
+        "requests during the steady state (top, >= 10)",
+        top(&r.apiserver_requests_steady),
     );
     s.push_str("\n| target | measured | verdict |\n|---|---|---|\n");
     for t in &r.targets {
