@@ -37,7 +37,7 @@ enum Profile {
 
 /// Benchmarks registry-connector against the real test environment.
 #[derive(Debug, Parser)]
-#[command(name = "bench")]
+#[command(name = "bench", args_override_self = true)]
 struct Args {
     /// Workload sizes and durations.
     #[arg(value_enum)]
