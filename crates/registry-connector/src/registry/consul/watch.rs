@@ -38,11 +38,6 @@ use super::http::ConsulHttp;
 use super::metrics::ConsulMetrics;
 use super::select::{Built, Selection};
 
-/// Watchers started together after the first snapshot, then a pause: at most
-/// `RAMP_STEP / RAMP_PAUSE` (2,000) new long polls per second.
-const RAMP_STEP: usize = 50;
-const RAMP_PAUSE: Duration = Duration::from_millis(25);
-
 /// Shortest blocking wait when watchers take turns on a limited connection budget.
 const MIN_SHARED_WAIT: Duration = Duration::from_secs(1);
 
@@ -146,17 +141,7 @@ pub(crate) async fn run(
     shared
         .watched
         .store(initial.services.len(), Ordering::Relaxed);
-    // Start the watchers in small steps, not all at once: 10,000 connection set-ups in
-    // one burst overflow the receiving host's backlog and lost first polls then wait for
-    // the blocking timeout (BENCHMARKS.md). Each watcher starts from its snapshot index,
-    // so a change made while the others start is still answered at once.
-    for (started, (name, (index, published))) in initial.services.into_iter().enumerate() {
-        if started > 0 && started % RAMP_STEP == 0 {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(RAMP_PAUSE) => {}
-            }
-        }
+    for (name, (index, published)) in initial.services {
         let watcher = spawn_watcher(&shared, &shutdown, name.clone(), index, published);
         watchers.insert(name, watcher);
     }
