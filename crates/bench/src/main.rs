@@ -503,25 +503,7 @@ async fn run_all(ctx: &mut Ctx, profile: &str, stamp: &str) -> Result<Results> {
 
     // 3. Propagation, quiet 1s (connector A), then 100ms (connector B, same namespace).
     let mut prop = Vec::new();
-    let opts = ctx.change_opts(ctx.plan.k, Duration::from_secs(1), ctx.plan.final_wait);
-    say(format!(
-        "propagation: {} changes, quiet period 1s",
-        opts.count
-    ));
-    let before = a.metrics().await?;
-    let run = changes::run(
-        &ctx.registry,
-        &slices,
-        &mut services,
-        &opts,
-        &mut ctx.rng,
-        a.started,
-    )
-    .await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = a.metrics().await?;
-    prop.push(PropResult::new(1000, n, &run, &before, &after));
-    say(prop_line(prop.last().expect("pushed")));
+    prop.push(propagation(ctx, &a, &slices, &mut services, Duration::from_secs(1), n).await?);
     a.stop().await?;
     release_consul(
         ctx,
@@ -554,25 +536,17 @@ async fn run_all(ctx: &mut Ctx, profile: &str, stamp: &str) -> Result<Results> {
         "restart on a synced namespace: ready after {restart_ready:.2} s, {} writes",
         mb.writes()
     ));
-    let opts = ctx.change_opts(ctx.plan.k, Duration::from_millis(100), ctx.plan.final_wait);
-    say(format!(
-        "propagation: {} changes, quiet period 100ms",
-        opts.count
-    ));
-    let before = b.metrics().await?;
-    let run = changes::run(
-        &ctx.registry,
-        &slices,
-        &mut services,
-        &opts,
-        &mut ctx.rng,
-        b.started,
-    )
-    .await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = b.metrics().await?;
-    prop.push(PropResult::new(100, n, &run, &before, &after));
-    say(prop_line(prop.last().expect("pushed")));
+    prop.push(
+        propagation(
+            ctx,
+            &b,
+            &slices,
+            &mut services,
+            Duration::from_millis(100),
+            n,
+        )
+        .await?,
+    );
     results.propagation = prop;
 
     // 5. Steady state on connector B, once every change made so far has landed (a
@@ -655,6 +629,39 @@ async fn run_all(ctx: &mut Ctx, profile: &str, stamp: &str) -> Result<Results> {
     }
     results.evaluate();
     Ok(results)
+}
+
+/// One propagation run against `connector` (started with `quiet` as its quiet period):
+/// K changes, then the connector's counters before and after.
+async fn propagation(
+    ctx: &mut Ctx,
+    connector: &Connector,
+    slices: &Tracker,
+    services: &mut [consul::Service],
+    quiet: Duration,
+    n: usize,
+) -> Result<PropResult> {
+    let opts = ctx.change_opts(ctx.plan.k, quiet, ctx.plan.final_wait);
+    say(format!(
+        "propagation: {} changes, quiet period {}",
+        opts.count,
+        humantime::format_duration(quiet)
+    ));
+    let before = connector.metrics().await?;
+    let run = changes::run(
+        &ctx.registry,
+        slices,
+        services,
+        &opts,
+        &mut ctx.rng,
+        connector.started,
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = connector.metrics().await?;
+    let result = PropResult::new(quiet.as_millis() as u64, n, &run, &before, &after);
+    say(prop_line(&result));
+    Ok(result)
 }
 
 async fn cost_run(ctx: &mut Ctx, cn: usize, results: &mut Results) -> Result<CostResult> {
