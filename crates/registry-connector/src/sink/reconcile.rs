@@ -168,26 +168,34 @@ impl ReconcileContext {
         }
     }
 
+    /// Deletes every object of `name`: slices and Endpoints first (together), then the
+    /// Service, so that nothing is left to the garbage collector's timing.
     async fn delete_all(&self, name: &str) -> Result<Reconciled, WriteError> {
-        let mut writes = 0;
-        for slice in self.slices.get(name) {
+        let (slices, endpoints) = futures::join!(
+            self.delete_cached(Kind::EndpointSlice, &self.slices, name),
+            self.delete_cached(Kind::Endpoints, &self.endpoints, name),
+        );
+        let services = self
+            .delete_cached(Kind::Service, &self.services, name)
+            .await?;
+        Ok(Reconciled::Deleted {
+            writes: slices? + endpoints? + services,
+        })
+    }
+
+    /// Deletes the cached objects of one kind for `name`; returns how many.
+    async fn delete_cached<K: super::writer::Object + Send + Sync + 'static>(
+        &self,
+        kind: Kind,
+        cache: &ObjectCache<K>,
+        name: &str,
+    ) -> Result<usize, WriteError> {
+        let objs = cache.get(name);
+        for obj in &objs {
             self.writer
-                .delete::<EndpointSlice>(Kind::EndpointSlice, &slice.name_any(), slice.uid())
+                .delete::<K>(kind, &obj.name_any(), obj.uid())
                 .await?;
-            writes += 1;
         }
-        for eps in self.endpoints.get(name) {
-            self.writer
-                .delete::<Endpoints>(Kind::Endpoints, &eps.name_any(), eps.uid())
-                .await?;
-            writes += 1;
-        }
-        for svc in self.services.get(name) {
-            self.writer
-                .delete::<Service>(Kind::Service, &svc.name_any(), svc.uid())
-                .await?;
-            writes += 1;
-        }
-        Ok(Reconciled::Deleted { writes })
+        Ok(objs.len())
     }
 }
