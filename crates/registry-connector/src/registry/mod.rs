@@ -11,9 +11,22 @@
 //! a watch loop ([`pacer`]) and the file-descriptor limit that long polls run into.
 
 pub mod consul;
+pub mod eureka;
 pub mod pacer;
 
 pub use pacer::{Pacer, PacerConfig};
+
+/// An error with its sources, `: `-separated, for one log field.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
 
 /// The soft and hard `RLIMIT_NOFILE` after [`raise_nofile_limit`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use super::logging::LogFormat;
+use super::source_args::SourceArgs;
 use super::sync_args::SyncArgs;
 
 /// Keeps Kubernetes Services and EndpointSlices in sync with a service registry.
@@ -36,6 +37,8 @@ pub struct Cli {
 pub enum Command {
     /// Sync Consul services into Kubernetes.
     Consul(Box<ConsulCommand>),
+    /// Sync Eureka applications into Kubernetes.
+    Eureka(Box<EurekaCommand>),
     /// Delete every Service, EndpointSlice and Endpoints object that one connector
     /// instance owns in a namespace, and nothing else.
     Purge(PurgeCommand),
@@ -65,6 +68,25 @@ pub struct PurgeCommand {
 pub struct ConsulCommand {
     #[command(flatten)]
     pub consul: super::consul_args::ConsulArgs,
+
+    #[command(flatten)]
+    pub source: SourceArgs,
+
+    #[command(flatten)]
+    pub sync: SyncArgs,
+
+    #[command(flatten)]
+    pub operation: OperationArgs,
+}
+
+/// The same shared flag sets as [`ConsulCommand`], with Eureka's own in front.
+#[derive(Debug, Args)]
+pub struct EurekaCommand {
+    #[command(flatten)]
+    pub eureka: super::eureka_args::EurekaArgs,
+
+    #[command(flatten)]
+    pub source: SourceArgs,
 
     #[command(flatten)]
     pub sync: SyncArgs,
@@ -172,6 +194,74 @@ mod tests {
         assert!(!cmd.sync.endpoints);
         assert_eq!(cmd.operation.admin_addr, AdminAddr(None));
         assert_eq!(cmd.sync.connector_id, "default");
+    }
+
+    #[test]
+    fn both_sources_share_the_selection_and_sync_flags() {
+        let common = [
+            "--namespace",
+            "apps",
+            "--passing-only=false",
+            "--service-prefix",
+            "reg-",
+            "--quiet-period",
+            "300ms",
+            "--leader-elect=false",
+        ];
+        let consul =
+            Cli::try_parse_from(["registry-connector", "consul"].into_iter().chain(common))
+                .expect("consul parses");
+        let Command::Consul(consul) = consul.command else {
+            panic!("consul command expected");
+        };
+        let eureka = Cli::try_parse_from(
+            [
+                "registry-connector",
+                "eureka",
+                "--eureka-url",
+                "http://127.0.0.1:1/eureka",
+            ]
+            .into_iter()
+            .chain(common)
+            .chain([
+                "--filter-metadata",
+                "team=blue",
+                "--filter-metadata",
+                "env=prod",
+            ]),
+        )
+        .expect("eureka parses");
+        let Command::Eureka(eureka) = eureka.command else {
+            panic!("eureka command expected");
+        };
+        for (source, sync, operation) in [
+            (&consul.source, &consul.sync, &consul.operation),
+            (&eureka.source, &eureka.sync, &eureka.operation),
+        ] {
+            assert!(!source.passing_only);
+            assert_eq!(source.service_prefix, "reg-");
+            assert_eq!(sync.quiet_period, Duration::from_millis(300));
+            assert!(!operation.leader_elect);
+        }
+        let cfg = eureka.eureka.to_config(&eureka.source);
+        assert_eq!(cfg.poll_interval, Duration::from_secs(5));
+        assert!(!cfg.passing_only);
+        assert_eq!(
+            cfg.filter_metadata,
+            [
+                ("team".to_string(), "blue".to_string()),
+                ("env".into(), "prod".into())
+            ]
+        );
+        assert!(Cli::try_parse_from([
+            "registry-connector",
+            "eureka",
+            "-n",
+            "x",
+            "--filter-metadata",
+            "nokey"
+        ])
+        .is_err());
     }
 
     #[test]

@@ -72,11 +72,6 @@ pub struct ConsulArgs {
     #[arg(long, env = "RC_K8S_TAG", default_value = "k8s", value_name = "TAG")]
     pub k8s_tag: String,
 
-    /// Publish only instances whose checks pass; with false, failing instances are
-    /// published as not ready.
-    #[arg(long, env = "RC_PASSING_ONLY", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
-    pub passing_only: bool,
-
     /// Instance tag `<prefix-tag>=<p>` also publishes the instance under `<p>-<name>-<s>`.
     #[arg(long, env = "RC_PREFIX_TAG", value_name = "TAG")]
     pub prefix_tag: Option<String>,
@@ -94,20 +89,15 @@ pub struct ConsulArgs {
     /// default). 0 means no limit.
     #[arg(long, env = "RC_CONSUL_MAX_CONNECTIONS", default_value_t = crate::registry::consul::DEFAULT_MAX_CONNECTIONS, value_name = "N")]
     pub consul_max_connections: usize,
-
-    /// Prepended to every synced service name.
-    #[arg(
-        long,
-        env = "RC_SERVICE_PREFIX",
-        default_value = "",
-        value_name = "PREFIX"
-    )]
-    pub service_prefix: String,
 }
 
 impl ConsulArgs {
-    /// The source's configuration from the flags (defaults for what has no flag).
-    pub fn to_config(&self) -> anyhow::Result<crate::registry::consul::ConsulConfig> {
+    /// The source's configuration from its flags and the shared selection flags
+    /// (defaults for what has no flag).
+    pub fn to_config(
+        &self,
+        shared: &super::source_args::SourceArgs,
+    ) -> anyhow::Result<crate::registry::consul::ConsulConfig> {
         let mut cfg = crate::registry::consul::ConsulConfig::new(self.consul_http_addr.clone());
         cfg.token = self.consul_token.clone().filter(|t| !t.is_empty());
         cfg.token_file = self.consul_token_file.clone();
@@ -118,10 +108,10 @@ impl ConsulArgs {
         cfg.consul_domain = self.consul_domain.clone();
         cfg.filter_tag = self.filter_tag.clone().filter(|t| !t.is_empty());
         cfg.k8s_tag = self.k8s_tag.clone();
-        cfg.passing_only = self.passing_only;
+        cfg.passing_only = shared.passing_only;
         cfg.prefix_tag = self.prefix_tag.clone().filter(|t| !t.is_empty());
         cfg.suffix_tag = self.suffix_tag.clone().filter(|t| !t.is_empty());
-        cfg.service_prefix = self.service_prefix.clone();
+        cfg.service_prefix = shared.service_prefix.clone();
         cfg.wait = self.consul_wait;
         cfg.max_connections = self.consul_max_connections;
         Ok(cfg)

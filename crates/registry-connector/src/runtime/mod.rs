@@ -4,9 +4,11 @@
 pub mod admin;
 pub mod cli;
 pub mod consul_args;
+pub mod eureka_args;
 pub mod lease;
 pub mod logging;
 pub mod signals;
+pub mod source_args;
 pub mod sync_args;
 
 use std::future::Future;
@@ -275,6 +277,7 @@ async fn wait_source(
 pub async fn run(command: cli::Command) -> Result<()> {
     match command {
         cli::Command::Consul(cmd) => run_consul(*cmd).await,
+        cli::Command::Eureka(cmd) => run_eureka(*cmd).await,
         cli::Command::Purge(cmd) => {
             let client = sync_args::kube_client(cmd.kubeconfig.as_deref()).await?;
             let purged = crate::sink::purge::purge(&client, &cmd.namespace, &cmd.connector_id)
@@ -290,7 +293,7 @@ pub async fn run(command: cli::Command) -> Result<()> {
 }
 
 async fn run_consul(cmd: cli::ConsulCommand) -> Result<()> {
-    let config = cmd.consul.to_config()?;
+    let config = cmd.consul.to_config(&cmd.source)?;
     let source = crate::registry::consul::ConsulSource::new(config)
         .context("configuring the Consul source")?;
     let mut registry = Registry::with_prefix("registry_connector");
@@ -305,6 +308,27 @@ async fn run_consul(cmd: cli::ConsulCommand) -> Result<()> {
                 .run(catalog, shutdown)
                 .await
                 .context("reading Consul")
+        },
+    )
+    .await
+}
+
+async fn run_eureka(cmd: cli::EurekaCommand) -> Result<()> {
+    let config = cmd.eureka.to_config(&cmd.source);
+    let source = crate::registry::eureka::EurekaSource::new(config)
+        .context("configuring the Eureka source")?;
+    let mut registry = Registry::with_prefix("registry_connector");
+    source.register_metrics(&mut registry);
+    run_connector(
+        &cmd.sync,
+        &cmd.operation,
+        registry,
+        "eureka",
+        move |catalog, shutdown| async move {
+            source
+                .run(catalog, shutdown)
+                .await
+                .context("reading Eureka")
         },
     )
     .await

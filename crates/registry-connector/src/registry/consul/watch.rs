@@ -18,7 +18,6 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::error::Error as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,7 +29,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::catalog::Catalog;
 use crate::model::{MicroSvcMeta, MicroSvcName};
-use crate::registry::{Pacer, PacerConfig};
+use crate::registry::{error_chain, Pacer, PacerConfig};
 
 use super::api::{next_index, HealthEntry};
 use super::error::ConsulError;
@@ -163,7 +162,7 @@ pub(crate) async fn run(
             Ok(services) => services,
             Err(e) => {
                 let delay = pacer.failed();
-                warn!(error = %chain(&e), retry_in = ?delay, "watching the Consul service list failed");
+                warn!(error = %error_chain(&e), retry_in = ?delay, "watching the Consul service list failed");
                 continue;
             }
         };
@@ -251,7 +250,7 @@ async fn initial_snapshot(shared: &Arc<Shared>, shutdown: &CancellationToken) ->
             Err(e) => {
                 let delay = pacer.failed();
                 warn!(
-                    error = %chain(&e),
+                    error = %error_chain(&e),
                     retry_in = ?delay,
                     "waiting for Consul: cannot list services (nothing is published or deleted until it answers)"
                 );
@@ -315,7 +314,7 @@ async fn fetch_until_ok(
             Ok(answer) => return Some((next_index(0, answer.index), answer.value)),
             Err(e) => {
                 let delay = pacer.failed();
-                warn!(service = %name, error = %chain(&e), retry_in = ?delay, "cannot read a Consul service");
+                warn!(service = %name, error = %error_chain(&e), retry_in = ?delay, "cannot read a Consul service");
             }
         }
     }
@@ -403,9 +402,9 @@ async fn watch_service(
                 // Thousands of watchers fail together when Consul goes away: say it on
                 // the first failure and every tenth, not on every retry.
                 if pacer.failures() == 1 || pacer.failures().is_multiple_of(10) {
-                    warn!(error = %chain(&e), failures = pacer.failures(), retry_in = ?delay, "watching a Consul service failed");
+                    warn!(error = %error_chain(&e), failures = pacer.failures(), retry_in = ?delay, "watching a Consul service failed");
                 } else {
-                    debug!(error = %chain(&e), retry_in = ?delay, "watching a Consul service failed");
+                    debug!(error = %error_chain(&e), retry_in = ?delay, "watching a Consul service failed");
                 }
             }
         }
@@ -453,18 +452,6 @@ impl Budget {
         }
         self.over_fds = over;
     }
-}
-
-/// An error with its sources, `: `-separated, for one log field.
-fn chain(e: &ConsulError) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -539,7 +526,7 @@ mod tests {
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
         };
         assert_eq!(
-            chain(&e),
+            error_chain(&e),
             "cannot read the Consul token file /nonexistent: no such file"
         );
     }

@@ -1,0 +1,352 @@
+//! The shapes of Eureka's JSON answers to `GET /apps` and `GET /apps/delta`, decoded
+//! leniently.
+//!
+//! Eureka servers and the proxies in front of them are not strict about types: a port
+//! number may come as `8080` or `"8080"`, a flag as `"true"` or `true`, a list of one
+//! element as the element itself (the XStream-style JSON of older servers), and an empty
+//! metadata map as `{"@class": "java.util.Collections$EmptyMap"}`. Everything here
+//! accepts all of those, so that one oddly encoded instance does not make the whole
+//! registry unreadable. Only the fields the connector uses are decoded; leases and
+//! timestamps are ignored.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+
+/// An instance's status, as Eureka's `InstanceStatus`. Names Eureka does not know decode
+/// as `Unknown`, which is what Eureka itself does with them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Status {
+    Up,
+    Down,
+    Starting,
+    OutOfService,
+    #[default]
+    Unknown,
+}
+
+impl Status {
+    /// Eureka's spelling, which is also the key of the reconcile hash code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Up => "UP",
+            Self::Down => "DOWN",
+            Self::Starting => "STARTING",
+            Self::OutOfService => "OUT_OF_SERVICE",
+            Self::Unknown => "UNKNOWN",
+        }
+    }
+
+    /// Parses a status name without regard to case or surrounding space.
+    pub fn parse(name: &str) -> Self {
+        match name.trim().to_ascii_uppercase().as_str() {
+            "UP" => Self::Up,
+            "DOWN" => Self::Down,
+            "STARTING" => Self::Starting,
+            "OUT_OF_SERVICE" => Self::OutOfService,
+            _ => Self::Unknown,
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Status {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match Value::deserialize(d)? {
+            Value::String(s) => Self::parse(&s),
+            _ => Self::Unknown,
+        })
+    }
+}
+
+/// What a delta says happened to an instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActionType {
+    Added,
+    Modified,
+    Deleted,
+}
+
+impl<'de> Deserialize<'de> for ActionType {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.trim().to_ascii_uppercase().as_str() {
+            "ADDED" => Ok(Self::Added),
+            "MODIFIED" => Ok(Self::Modified),
+            "DELETED" => Ok(Self::Deleted),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown actionType {other:?}"
+            ))),
+        }
+    }
+}
+
+/// `port` or `securePort`: `{"$": 8080, "@enabled": "true"}`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct PortInfo {
+    /// The number as given; it may be out of range (checked when instances are selected).
+    #[serde(rename = "$", default, deserialize_with = "lenient_i64")]
+    pub number: Option<i64>,
+    /// Absent means Eureka's default for the field (see [`Instance::http_port`]).
+    #[serde(rename = "@enabled", default, deserialize_with = "lenient_bool")]
+    pub enabled: Option<bool>,
+}
+
+/// One registered instance, with the fields the connector reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Instance {
+    #[serde(default, deserialize_with = "lenient_string")]
+    pub instance_id: Option<String>,
+    #[serde(default, deserialize_with = "lenient_string")]
+    pub host_name: Option<String>,
+    #[serde(default, deserialize_with = "lenient_string")]
+    pub app: Option<String>,
+    #[serde(default, deserialize_with = "lenient_string")]
+    pub ip_addr: Option<String>,
+    #[serde(default)]
+    pub status: Status,
+    #[serde(default)]
+    pub port: Option<PortInfo>,
+    #[serde(default)]
+    pub secure_port: Option<PortInfo>,
+    #[serde(default, deserialize_with = "lenient_string")]
+    pub vip_address: Option<String>,
+    #[serde(default, deserialize_with = "lenient_string")]
+    pub secure_vip_address: Option<String>,
+    #[serde(default, deserialize_with = "metadata_map")]
+    pub metadata: BTreeMap<String, String>,
+    /// Set in deltas; in full answers it tells the last change and is ignored.
+    #[serde(default)]
+    pub action_type: Option<ActionType>,
+}
+
+impl Instance {
+    /// The key Eureka files the instance under: `instanceId`, else `hostName` (Eureka's
+    /// `InstanceInfo.getId()` outside AWS). `None` when the instance has neither.
+    pub fn id(&self) -> Option<&str> {
+        [&self.instance_id, &self.host_name]
+            .into_iter()
+            .filter_map(|v| v.as_deref())
+            .map(str::trim)
+            .find(|v| !v.is_empty())
+    }
+
+    /// The plain port when enabled (Eureka enables it unless told otherwise).
+    pub fn http_port(&self) -> Option<i64> {
+        self.port
+            .as_ref()
+            .filter(|p| p.enabled.unwrap_or(true))
+            .and_then(|p| p.number)
+    }
+
+    /// The secure port when enabled (Eureka disables it unless told otherwise).
+    pub fn https_port(&self) -> Option<i64> {
+        self.secure_port
+            .as_ref()
+            .filter(|p| p.enabled.unwrap_or(false))
+            .and_then(|p| p.number)
+    }
+}
+
+/// One application with its instances.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct Application {
+    #[serde(default)]
+    pub name: String,
+    #[serde(rename = "instance", default, deserialize_with = "one_or_many")]
+    pub instances: Vec<Instance>,
+}
+
+/// The body of `GET /apps` and `GET /apps/delta`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct Applications {
+    /// The reconcile hash code of the server's whole registry (`UP_3_DOWN_1_`, sorted by
+    /// status); after a delta is applied, the local copy must hash to the same.
+    #[serde(
+        rename = "apps__hashcode",
+        default,
+        deserialize_with = "lenient_string"
+    )]
+    pub apps_hashcode: Option<String>,
+    #[serde(rename = "application", default, deserialize_with = "one_or_many")]
+    pub applications: Vec<Application>,
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    applications: Applications,
+}
+
+/// Decodes a `GET /apps` or `GET /apps/delta` body.
+pub fn decode_applications(body: &[u8]) -> Result<Applications, serde_json::Error> {
+    serde_json::from_slice::<Envelope>(body).map(|e| e.applications)
+}
+
+/// A list, a single element standing for a list of one, or null.
+fn one_or_many<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    match Value::deserialize(d)? {
+        Value::Null => Ok(Vec::new()),
+        Value::Array(items) => items
+            .into_iter()
+            .map(|v| serde_json::from_value(v).map_err(serde::de::Error::custom))
+            .collect(),
+        one => serde_json::from_value(one)
+            .map(|v| vec![v])
+            .map_err(serde::de::Error::custom),
+    }
+}
+
+fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::String(s) => Some(s),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    })
+}
+
+fn lenient_i64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    })
+}
+
+fn lenient_bool<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::Bool(b) => Some(b),
+        Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => None,
+        },
+        _ => None,
+    })
+}
+
+/// Metadata values as text; Jackson's `@class` type hints and values that are not
+/// scalars are dropped.
+fn metadata_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let Value::Object(map) = Value::deserialize(d)? else {
+        return Ok(BTreeMap::new());
+    };
+    Ok(map
+        .into_iter()
+        .filter(|(key, _)| !key.starts_with('@'))
+        .filter_map(|(key, value)| match value {
+            Value::String(s) => Some((key, s)),
+            Value::Number(n) => Some((key, n.to_string())),
+            Value::Bool(b) => Some((key, b.to_string())),
+            _ => None,
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `GET /apps` answer as the Spring Cloud Netflix Eureka server of the test
+    /// environment writes it (trimmed to two instances).
+    const FULL: &str = r#"{"applications":{"versions__delta":"1","apps__hashcode":"OUT_OF_SERVICE_1_UP_1_","application":[{"name":"ORDERS","instance":[
+        {"instanceId":"orders-2","hostName":"orders-2.example","app":"ORDERS","ipAddr":"2001:db8::10","status":"UP","overriddenStatus":"UNKNOWN",
+         "port":{"$":8080,"@enabled":"true"},"securePort":{"$":7002,"@enabled":"false"},"countryId":1,
+         "dataCenterInfo":{"@class":"com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo","name":"MyOwn"},
+         "leaseInfo":{"renewalIntervalInSecs":30,"durationInSecs":90},"metadata":{"@class":"java.util.Collections$EmptyMap"},
+         "vipAddress":"orders","isCoordinatingDiscoveryServer":"false","lastUpdatedTimestamp":"1796192314265","actionType":"ADDED"},
+        {"instanceId":"orders-1","hostName":"orders-1.example","app":"ORDERS","ipAddr":"192.0.2.10","status":"OUT_OF_SERVICE",
+         "port":{"$":8080,"@enabled":"true"},"securePort":{"$":8443,"@enabled":"true"},
+         "metadata":{"zone":"a","weight":3},"vipAddress":"orders","secureVipAddress":"orders","actionType":"MODIFIED"}]}]}}"#;
+
+    #[test]
+    fn decodes_what_the_server_writes() {
+        let apps = decode_applications(FULL.as_bytes()).expect("decodes");
+        assert_eq!(
+            apps.apps_hashcode.as_deref(),
+            Some("OUT_OF_SERVICE_1_UP_1_")
+        );
+        assert_eq!(apps.applications.len(), 1);
+        let orders = &apps.applications[0];
+        assert_eq!(orders.name, "ORDERS");
+        let [two, one] = &orders.instances[..] else {
+            panic!("two instances expected");
+        };
+        assert_eq!(two.id(), Some("orders-2"));
+        assert_eq!(two.status, Status::Up);
+        assert_eq!(two.http_port(), Some(8080));
+        assert_eq!(two.https_port(), None, "securePort disabled");
+        assert!(two.metadata.is_empty(), "the @class hint is not metadata");
+        assert_eq!(one.status, Status::OutOfService);
+        assert_eq!(one.https_port(), Some(8443));
+        assert_eq!(
+            one.metadata,
+            BTreeMap::from([("weight".into(), "3".into()), ("zone".into(), "a".into())])
+        );
+        assert_eq!(one.action_type, Some(ActionType::Modified));
+    }
+
+    #[test]
+    fn accepts_single_elements_strings_for_numbers_and_missing_fields() {
+        let body = br#"{"applications":{"application":{"name":"A","instance":
+            {"hostName":"h1","status":"weird","port":{"$":"9000"},"securePort":{"$":443,"@enabled":true}}}}}"#;
+        let apps = decode_applications(body).expect("decodes");
+        assert_eq!(apps.apps_hashcode, None);
+        let instance = &apps.applications[0].instances[0];
+        assert_eq!(
+            instance.id(),
+            Some("h1"),
+            "hostName stands in for instanceId"
+        );
+        assert_eq!(instance.status, Status::Unknown);
+        assert_eq!(
+            instance.http_port(),
+            Some(9000),
+            "enabled unless told otherwise"
+        );
+        assert_eq!(instance.https_port(), Some(443));
+
+        let empty =
+            decode_applications(br#"{"applications":{"apps__hashcode":"","application":[]}}"#)
+                .expect("decodes");
+        assert!(empty.applications.is_empty());
+        assert_eq!(empty.apps_hashcode.as_deref(), Some(""));
+    }
+
+    #[test]
+    fn refuses_what_is_not_an_applications_document() {
+        assert!(decode_applications(b"<applications/>").is_err());
+        assert!(decode_applications(br#"{"apps":[]}"#).is_err());
+        assert!(decode_applications(
+            br#"{"applications":{"application":[{"name":"A","instance":[{"actionType":"EXPLODED"}]}]}}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn status_names_parse_like_eureka() {
+        for status in [
+            Status::Up,
+            Status::Down,
+            Status::Starting,
+            Status::OutOfService,
+            Status::Unknown,
+        ] {
+            assert_eq!(Status::parse(status.as_str()), status);
+        }
+        assert_eq!(Status::parse(" out_of_service "), Status::OutOfService);
+        assert_eq!(Status::parse("SLEEPING"), Status::Unknown);
+    }
+}

@@ -1,0 +1,63 @@
+//! Errors of the Eureka source. Configuration errors come from
+//! [`super::EurekaSource::new`]; request errors are logged and retried by the poll loop,
+//! never returned from `run`. No variant carries a password: URLs in errors are redacted.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong talking to Eureka.
+#[derive(Debug, thiserror::Error)]
+pub enum EurekaError {
+    /// A service URL could not be used.
+    #[error("invalid Eureka service URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+
+    /// A file named in the configuration could not be read.
+    #[error("cannot read the Eureka {what} file {path}")]
+    ReadFile {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The TLS material is not usable.
+    #[error("invalid Eureka {what}")]
+    Tls {
+        what: &'static str,
+        #[source]
+        source: reqwest::Error,
+    },
+
+    /// A configuration value that cannot work.
+    #[error("invalid Eureka configuration: {0}")]
+    Config(String),
+
+    /// The HTTP client could not be built.
+    #[error("cannot build the Eureka HTTP client")]
+    Client(#[source] reqwest::Error),
+
+    /// No answer (connection refused or reset, timeout, ...).
+    #[error("GET {url} failed")]
+    Request {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+
+    /// An error status: 401/403 (credentials; also 403 while a freshly started server
+    /// waits for its peers), 5xx, ...
+    #[error("GET {url}: Eureka answered {status}: {body}")]
+    Status {
+        url: String,
+        status: u16,
+        body: String,
+    },
+
+    /// The answer was not an applications document.
+    #[error("GET {url}: cannot decode the answer")]
+    Decode {
+        url: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}

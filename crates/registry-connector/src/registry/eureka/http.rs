@@ -1,0 +1,379 @@
+//! The HTTP side of the Eureka source: the service URLs (with failover between peers),
+//! basic auth, TLS, JSON `Accept`, timeouts and counting every request.
+//!
+//! Does not retry (the poll loop does, with backoff) and decides nothing about the
+//! registry's content.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use reqwest::header::{HeaderValue, ACCEPT};
+use reqwest::Url;
+
+use super::api::{self, Applications};
+use super::config::EurekaConfig;
+use super::error::EurekaError;
+use super::metrics::{Endpoint, EurekaMetrics};
+
+/// Longest error body kept in an error message.
+const MAX_ERROR_BODY: usize = 512;
+
+#[derive(Clone)]
+struct Credentials {
+    username: String,
+    password: Option<String>,
+}
+
+/// The Eureka HTTP client of one source.
+#[derive(Clone)]
+pub struct EurekaHttp {
+    client: reqwest::Client,
+    /// Service URLs without credentials, each ending in `/`.
+    urls: Arc<[Url]>,
+    /// The URL in use; moves to the next peer after a failed request, as Eureka clients
+    /// fail over.
+    current: Arc<AtomicUsize>,
+    credentials: Option<Credentials>,
+    timeout: std::time::Duration,
+    metrics: Arc<EurekaMetrics>,
+}
+
+impl std::fmt::Debug for EurekaHttp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EurekaHttp")
+            .field(
+                "urls",
+                &self.urls.iter().map(Url::as_str).collect::<Vec<_>>(),
+            )
+            .field(
+                "username",
+                &self.credentials.as_ref().map(|c| c.username.as_str()),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl EurekaHttp {
+    /// Parses the URLs, reads the password and TLS files, builds the client.
+    pub fn new(cfg: &EurekaConfig, metrics: Arc<EurekaMetrics>) -> Result<Self, EurekaError> {
+        let parsed = parse_service_urls(&cfg.service_urls)?;
+        let url_credentials = parsed.iter().find_map(|(_, c)| c.clone());
+        let password = match (&cfg.password, &cfg.password_file) {
+            (Some(p), _) if !p.is_empty() => Some(p.clone()),
+            (_, Some(file)) => Some(read_secret(file)?),
+            _ => None,
+        };
+        let credentials = match cfg.username.as_deref().map(str::trim) {
+            Some(user) if !user.is_empty() => Some(Credentials {
+                username: user.to_string(),
+                password,
+            }),
+            _ if password.is_some() => {
+                return Err(EurekaError::Config(
+                    "a password was given without a user name".into(),
+                ))
+            }
+            _ => url_credentials,
+        };
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(cfg.connect_timeout)
+            .user_agent(concat!("registry-connector/", env!("CARGO_PKG_VERSION")));
+        if let Some(ca) = &cfg.ca_file {
+            let pem = read_file("CA", ca)?;
+            let certs =
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| EurekaError::Tls {
+                    what: "CA file",
+                    source,
+                })?;
+            if certs.is_empty() {
+                return Err(EurekaError::Config(format!(
+                    "the CA file {} holds no certificate",
+                    ca.display()
+                )));
+            }
+            builder = builder.tls_certs_only(certs);
+        }
+        match (&cfg.client_cert_file, &cfg.client_key_file) {
+            (Some(cert), Some(key)) => {
+                let mut pem = read_file("client certificate", cert)?;
+                pem.push(b'\n');
+                pem.extend(read_file("client key", key)?);
+                let identity =
+                    reqwest::Identity::from_pem(&pem).map_err(|source| EurekaError::Tls {
+                        what: "client certificate or key",
+                        source,
+                    })?;
+                builder = builder.identity(identity);
+            }
+            (None, None) => {}
+            _ => {
+                return Err(EurekaError::Config(
+                    "a client certificate needs both the certificate and the key file".into(),
+                ))
+            }
+        }
+        Ok(Self {
+            client: builder.build().map_err(EurekaError::Client)?,
+            urls: parsed.into_iter().map(|(url, _)| url).collect(),
+            current: Arc::default(),
+            credentials,
+            timeout: cfg.request_timeout,
+            metrics,
+        })
+    }
+
+    /// The URL the next request goes to (no credentials in it).
+    pub fn current_url(&self) -> &Url {
+        &self.urls[self.current.load(Ordering::Relaxed) % self.urls.len()]
+    }
+
+    /// `GET apps/`: the whole registry.
+    pub async fn apps(&self) -> Result<Applications, EurekaError> {
+        self.get(Endpoint::Apps, &["apps", ""]).await
+    }
+
+    /// `GET apps/delta`: the changes of the last few minutes, and the hash code of the
+    /// server's whole registry.
+    pub async fn delta(&self) -> Result<Applications, EurekaError> {
+        self.get(Endpoint::Delta, &["apps", "delta"]).await
+    }
+
+    async fn get(
+        &self,
+        endpoint: Endpoint,
+        segments: &[&str],
+    ) -> Result<Applications, EurekaError> {
+        let index = self.current.load(Ordering::Relaxed);
+        let url = join(&self.urls[index % self.urls.len()], segments);
+        let result = self.fetch(url).await;
+        self.metrics.record(endpoint, result.is_ok());
+        if result.is_err() && self.urls.len() > 1 {
+            // Next time, the next peer; compare-and-swap so that two failures of one
+            // peer move on once.
+            let _ = self.current.compare_exchange(
+                index,
+                (index + 1) % self.urls.len(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+        result
+    }
+
+    async fn fetch(&self, url: Url) -> Result<Applications, EurekaError> {
+        let shown = url.to_string();
+        let mut request = self
+            .client
+            .get(url)
+            .timeout(self.timeout)
+            .header(ACCEPT, HeaderValue::from_static("application/json"));
+        if let Some(c) = &self.credentials {
+            request = request.basic_auth(&c.username, c.password.as_deref());
+        }
+        let request_error = |source| EurekaError::Request {
+            url: shown.clone(),
+            source,
+        };
+        let response = request.send().await.map_err(request_error)?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(request_error)?;
+        if !status.is_success() {
+            return Err(EurekaError::Status {
+                url: shown,
+                status: status.as_u16(),
+                body: error_body(&body),
+            });
+        }
+        api::decode_applications(&body).map_err(|source| EurekaError::Decode { url: shown, source })
+    }
+}
+
+/// `base` with `segments` appended (percent-encoded).
+fn join(base: &Url, segments: &[&str]) -> Url {
+    let mut url = base.clone();
+    if let Ok(mut path) = url.path_segments_mut() {
+        path.pop_if_empty().extend(segments);
+    }
+    url
+}
+
+/// Splits a comma-separated `defaultZone`-style list into URLs ending in `/`, each with
+/// the credentials it carried (removed from the URL).
+fn parse_service_urls(list: &str) -> Result<Vec<(Url, Option<Credentials>)>, EurekaError> {
+    let mut out = Vec::new();
+    for raw in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let invalid = |reason: &str| EurekaError::InvalidUrl {
+            url: redact_urls(raw),
+            reason: reason.to_string(),
+        };
+        let mut url = Url::parse(raw).map_err(|e| invalid(&e.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(invalid("the scheme must be http or https"));
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(invalid("no host"));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(invalid("no query or fragment allowed"));
+        }
+        let credentials = (!url.username().is_empty()).then(|| Credentials {
+            username: percent_decode(url.username()),
+            password: url.password().map(percent_decode),
+        });
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        if !url.path().ends_with('/') {
+            let path = format!("{}/", url.path());
+            url.set_path(&path);
+        }
+        out.push((url, credentials));
+    }
+    if out.is_empty() {
+        return Err(EurekaError::InvalidUrl {
+            url: list.to_string(),
+            reason: "no URL given".into(),
+        });
+    }
+    Ok(out)
+}
+
+/// The URL list with any password replaced, for logs and debug output.
+pub fn redact_urls(list: &str) -> String {
+    list.split(',')
+        .map(|raw| match Url::parse(raw.trim()) {
+            Ok(mut url) if url.password().is_some() => {
+                let _ = url.set_password(Some("redacted"));
+                url.to_string()
+            }
+            Ok(url) => url.to_string(),
+            Err(_) if raw.contains('@') => "<unparsable URL with credentials>".to_string(),
+            Err(_) => raw.trim().to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Userinfo in a URL is percent-encoded (`svc%40corp`); the header wants it plain.
+fn percent_decode(text: &str) -> String {
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, EurekaError> {
+    std::fs::read(path).map_err(|source| EurekaError::ReadFile {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn read_secret(path: &Path) -> Result<String, EurekaError> {
+    let bytes = read_file("password", path)?;
+    let text = String::from_utf8(bytes).map_err(|_| {
+        EurekaError::Config(format!("the password file {} is not UTF-8", path.display()))
+    })?;
+    Ok(text.trim().to_string())
+}
+
+fn error_body(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    match text.char_indices().nth(MAX_ERROR_BODY) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http(urls: &str) -> EurekaHttp {
+        EurekaHttp::new(&EurekaConfig::new(urls), Arc::default()).expect("builds")
+    }
+
+    #[test]
+    fn service_urls_are_normalised_and_joined() {
+        let h = http(" http://127.0.0.1:8761/eureka , https://peer:8443/eureka/");
+        assert_eq!(h.urls.len(), 2);
+        assert_eq!(h.current_url().as_str(), "http://127.0.0.1:8761/eureka/");
+        assert_eq!(
+            join(h.current_url(), &["apps", ""]).as_str(),
+            "http://127.0.0.1:8761/eureka/apps/"
+        );
+        assert_eq!(
+            join(&h.urls[1], &["apps", "delta"]).as_str(),
+            "https://peer:8443/eureka/apps/delta"
+        );
+        assert_eq!(
+            join(&http("http://e:8761").urls[0], &["apps", "delta"]).as_str(),
+            "http://e:8761/apps/delta"
+        );
+    }
+
+    #[test]
+    fn bad_urls_are_refused_with_the_password_hidden() {
+        for bad in [
+            "",
+            " , ",
+            "eureka:8761",
+            "ftp://e/eureka",
+            "http://e/eureka?x=1",
+        ] {
+            assert!(
+                matches!(
+                    EurekaHttp::new(&EurekaConfig::new(bad), Arc::default()),
+                    Err(EurekaError::InvalidUrl { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        let err = EurekaHttp::new(
+            &EurekaConfig::new("gopher://u:hunter2@e/eureka"),
+            Arc::default(),
+        )
+        .unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn credentials_come_from_the_url_or_the_flags() {
+        let h = http("http://svc%40corp:p%3Ass@e:8761/eureka");
+        let c = h.credentials.clone().expect("from the URL");
+        assert_eq!(c.username, "svc@corp");
+        assert_eq!(c.password.as_deref(), Some("p:ss"));
+        assert!(!h.current_url().as_str().contains("p%3Ass"));
+        assert!(!format!("{h:?}").contains("p%3Ass"));
+
+        let cfg = EurekaConfig {
+            username: Some("flag-user".into()),
+            password: Some("flag-pass".into()),
+            ..EurekaConfig::new("http://u:p@e/eureka")
+        };
+        let h = EurekaHttp::new(&cfg, Arc::default()).expect("builds");
+        let c = h.credentials.expect("from the flags");
+        assert_eq!(
+            (c.username.as_str(), c.password.as_deref()),
+            ("flag-user", Some("flag-pass"))
+        );
+
+        let cfg = EurekaConfig {
+            password: Some("orphan".into()),
+            ..EurekaConfig::default()
+        };
+        assert!(matches!(
+            EurekaHttp::new(&cfg, Arc::default()),
+            Err(EurekaError::Config(_))
+        ));
+    }
+
+    #[test]
+    fn redaction_keeps_the_rest_of_the_url() {
+        assert_eq!(
+            redact_urls("http://u:secret@e:8761/eureka,http://f/eureka"),
+            "http://u:redacted@e:8761/eureka,http://f/eureka"
+        );
+    }
+}

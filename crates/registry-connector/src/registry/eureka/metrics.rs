@@ -1,0 +1,176 @@
+//! Counters of the Eureka source, under the same names as every source's
+//! (`registry_requests_total{source="eureka",endpoint,result}`,
+//! `registry_rejected_entries_total{source="eureka",reason}`) plus what only Eureka has:
+//! full fetches by reason, and the size of the mirrored registry. Labels are bounded;
+//! never an application name.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+const SOURCE: &str = "eureka";
+
+/// Which Eureka endpoint a request went to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `GET /apps`: the whole registry.
+    Apps,
+    /// `GET /apps/delta`: recent changes.
+    Delta,
+}
+
+impl Endpoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Apps => "apps",
+            Self::Delta => "apps_delta",
+        }
+    }
+}
+
+/// Why the whole registry was read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FullFetchReason {
+    /// The first read after start.
+    Start,
+    /// A delta left the local copy with another hash code than the server's.
+    HashMismatch,
+}
+
+impl FullFetchReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Start => "start",
+            Self::HashMismatch => "hash_mismatch",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub source: &'static str,
+    pub endpoint: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceReasonLabels {
+    pub source: &'static str,
+    pub reason: &'static str,
+}
+
+/// The Eureka source's metrics; shared (`Arc`) between the source and its readers.
+#[derive(Debug, Default)]
+pub struct EurekaMetrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub rejected: Family<SourceReasonLabels, Counter>,
+    /// Full reads of the registry, by reason (`start`, `hash_mismatch`).
+    pub full_fetches: Family<SourceReasonLabels, Counter>,
+    /// Instances in the local copy of the registry (all applications, all statuses).
+    pub mirrored_instances: Gauge,
+}
+
+impl EurekaMetrics {
+    /// Registers the metrics under `registry` (which carries the process prefix).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "registry_requests",
+            "Registry requests by source, endpoint and result",
+            self.requests.clone(),
+        );
+        registry.register(
+            "registry_rejected_entries",
+            "Registry instances left out, by source and reason (invalid address or port)",
+            self.rejected.clone(),
+        );
+        registry.register(
+            "eureka_full_fetches",
+            "Full reads of the Eureka registry, by reason (start, hash_mismatch)",
+            self.full_fetches.clone(),
+        );
+        registry.register(
+            "eureka_mirrored_instances",
+            "Instances in the local copy of the Eureka registry, all statuses",
+            self.mirrored_instances.clone(),
+        );
+    }
+
+    pub(crate) fn record(&self, endpoint: Endpoint, ok: bool) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                source: SOURCE,
+                endpoint: endpoint.as_str(),
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
+    }
+
+    pub(crate) fn reject(&self, reason: &'static str) {
+        self.rejected
+            .get_or_create(&SourceReasonLabels {
+                source: SOURCE,
+                reason,
+            })
+            .inc();
+    }
+
+    pub(crate) fn full_fetch(&self, reason: FullFetchReason) {
+        self.full_fetches
+            .get_or_create(&SourceReasonLabels {
+                source: SOURCE,
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    /// Successful requests to `endpoint`.
+    pub fn ok_requests(&self, endpoint: Endpoint) -> u64 {
+        self.requests
+            .get_or_create(&RequestLabels {
+                source: SOURCE,
+                endpoint: endpoint.as_str(),
+                result: "ok",
+            })
+            .get()
+    }
+
+    /// Full fetches for `reason`.
+    pub fn full_fetches(&self, reason: FullFetchReason) -> u64 {
+        self.full_fetches
+            .get_or_create(&SourceReasonLabels {
+                source: SOURCE,
+                reason: reason.as_str(),
+            })
+            .get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_encode_under_the_shared_names() {
+        let m = EurekaMetrics::default();
+        m.record(Endpoint::Delta, true);
+        m.record(Endpoint::Apps, false);
+        m.full_fetch(FullFetchReason::HashMismatch);
+        m.reject("invalid_port");
+        assert_eq!(m.ok_requests(Endpoint::Delta), 1);
+        assert_eq!(m.full_fetches(FullFetchReason::HashMismatch), 1);
+        let mut registry = Registry::with_prefix("registry_connector");
+        m.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        for line in [
+            "registry_connector_registry_requests_total{source=\"eureka\",endpoint=\"apps_delta\",result=\"ok\"} 1",
+            "registry_connector_registry_requests_total{source=\"eureka\",endpoint=\"apps\",result=\"error\"} 1",
+            "registry_connector_eureka_full_fetches_total{source=\"eureka\",reason=\"hash_mismatch\"} 1",
+            "registry_connector_registry_rejected_entries_total{source=\"eureka\",reason=\"invalid_port\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! The local copy of the Eureka registry, kept as a Eureka client keeps it: filled by a
+//! full fetch, then moved forward by deltas, and checked against the server's reconcile
+//! hash code after each delta.
+//!
+//! The mirror holds every instance the server reports, whatever the connector later
+//! selects: the hash code covers the whole registry, so a filtered copy could never be
+//! checked. Pure data, no I/O.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::api::{ActionType, Applications, Instance, Status};
+
+/// Instances of one application, by instance id.
+pub type AppInstances = BTreeMap<String, Instance>;
+
+/// What the server holds, by application name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Mirror {
+    apps: BTreeMap<String, AppInstances>,
+    /// Instances without an id (neither `instanceId` nor `hostName`): they cannot be
+    /// tracked by deltas, so they are counted and left out.
+    unkeyed: usize,
+}
+
+impl Mirror {
+    /// The registry as a full fetch reports it.
+    pub fn from_full(answer: &Applications) -> Self {
+        let mut mirror = Self::default();
+        for app in &answer.applications {
+            for instance in &app.instances {
+                mirror.put(&app.name, instance);
+            }
+        }
+        mirror
+    }
+
+    /// Applies a delta as Eureka clients do: `ADDED` and `MODIFIED` replace the instance,
+    /// `DELETED` removes it, and an application left without instances is gone. Returns
+    /// the applications whose instances changed.
+    pub fn apply_delta(&mut self, delta: &Applications) -> BTreeSet<String> {
+        let mut changed = BTreeSet::new();
+        for app in &delta.applications {
+            for instance in &app.instances {
+                let did_change = match instance.action_type {
+                    Some(ActionType::Deleted) => self.delete(&app.name, instance),
+                    Some(ActionType::Added | ActionType::Modified) | None => {
+                        self.put(&app.name, instance)
+                    }
+                };
+                if did_change {
+                    changed.insert(app.name.clone());
+                }
+            }
+        }
+        changed
+    }
+
+    /// Eureka's reconcile hash code of this copy: `<STATUS>_<count>_` for each status
+    /// present, in status-name order (`DOWN_1_UP_3_`); empty for an empty registry.
+    pub fn reconcile_hash(&self) -> String {
+        let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
+        for instance in self.apps.values().flat_map(|a| a.values()) {
+            *counts.entry(instance.status.as_str()).or_default() += 1;
+        }
+        counts
+            .into_iter()
+            .map(|(status, count)| format!("{status}_{count}_"))
+            .collect()
+    }
+
+    /// The instances of `app`, if it has any.
+    pub fn app(&self, app: &str) -> Option<&AppInstances> {
+        self.apps.get(app)
+    }
+
+    /// Every application with its instances.
+    pub fn apps(&self) -> impl Iterator<Item = (&str, &AppInstances)> {
+        self.apps
+            .iter()
+            .map(|(name, instances)| (name.as_str(), instances))
+    }
+
+    /// Instances in the copy.
+    pub fn instance_count(&self) -> usize {
+        self.apps.values().map(BTreeMap::len).sum()
+    }
+
+    /// Instances of `status` in the copy.
+    pub fn count_of(&self, status: Status) -> usize {
+        self.apps
+            .values()
+            .flat_map(|a| a.values())
+            .filter(|i| i.status == status)
+            .count()
+    }
+
+    /// Instances left out because they had no id.
+    pub fn unkeyed(&self) -> usize {
+        self.unkeyed
+    }
+
+    fn put(&mut self, app: &str, instance: &Instance) -> bool {
+        let Some(id) = instance.id() else {
+            self.unkeyed += 1;
+            return false;
+        };
+        let mut stored = instance.clone();
+        // The action type tells how the instance got here, not what it is: two copies
+        // of one instance must compare equal whichever answer they came from.
+        stored.action_type = None;
+        let instances = self.apps.entry(app.to_string()).or_default();
+        match instances.get(id) {
+            Some(existing) if *existing == stored => false,
+            _ => {
+                instances.insert(id.to_string(), stored);
+                true
+            }
+        }
+    }
+
+    fn delete(&mut self, app: &str, instance: &Instance) -> bool {
+        let Some(id) = instance.id() else {
+            return false;
+        };
+        let Some(instances) = self.apps.get_mut(app) else {
+            return false;
+        };
+        let removed = instances.remove(id).is_some();
+        if instances.is_empty() {
+            self.apps.remove(app);
+        }
+        removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::eureka::api::Application;
+
+    fn instance(id: &str, status: Status, action: Option<ActionType>) -> Instance {
+        Instance {
+            instance_id: Some(id.to_string()),
+            ip_addr: Some("192.0.2.1".into()),
+            status,
+            action_type: action,
+            ..Instance::default()
+        }
+    }
+
+    fn answer(apps: &[(&str, Vec<Instance>)], hash: &str) -> Applications {
+        Applications {
+            apps_hashcode: Some(hash.to_string()),
+            applications: apps
+                .iter()
+                .map(|(name, instances)| Application {
+                    name: name.to_string(),
+                    instances: instances.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn hash_code_matches_eurekas_format() {
+        let full = answer(
+            &[
+                (
+                    "A",
+                    vec![
+                        instance("a1", Status::Up, None),
+                        instance("a2", Status::OutOfService, None),
+                    ],
+                ),
+                (
+                    "B",
+                    vec![
+                        instance("b1", Status::Up, None),
+                        instance("b2", Status::Down, None),
+                    ],
+                ),
+            ],
+            "",
+        );
+        let mirror = Mirror::from_full(&full);
+        assert_eq!(mirror.reconcile_hash(), "DOWN_1_OUT_OF_SERVICE_1_UP_2_");
+        assert_eq!(Mirror::default().reconcile_hash(), "");
+        assert_eq!(mirror.instance_count(), 4);
+        assert_eq!(mirror.count_of(Status::Up), 2);
+    }
+
+    #[test]
+    fn deltas_add_modify_and_delete() {
+        let mut mirror = Mirror::from_full(&answer(
+            &[("A", vec![instance("a1", Status::Up, None)])],
+            "UP_1_",
+        ));
+        let changed = mirror.apply_delta(&answer(
+            &[
+                (
+                    "A",
+                    vec![
+                        instance("a1", Status::OutOfService, Some(ActionType::Modified)),
+                        instance("a2", Status::Up, Some(ActionType::Added)),
+                    ],
+                ),
+                (
+                    "B",
+                    vec![instance("b1", Status::Up, Some(ActionType::Added))],
+                ),
+            ],
+            "OUT_OF_SERVICE_1_UP_2_",
+        ));
+        assert_eq!(changed, BTreeSet::from(["A".into(), "B".into()]));
+        assert_eq!(mirror.reconcile_hash(), "OUT_OF_SERVICE_1_UP_2_");
+
+        let changed = mirror.apply_delta(&answer(
+            &[(
+                "B",
+                vec![instance("b1", Status::Up, Some(ActionType::Deleted))],
+            )],
+            "OUT_OF_SERVICE_1_UP_1_",
+        ));
+        assert_eq!(changed, BTreeSet::from(["B".into()]));
+        assert!(
+            mirror.app("B").is_none(),
+            "an app without instances is gone"
+        );
+        assert_eq!(mirror.app("A").map(BTreeMap::len), Some(2));
+    }
+
+    #[test]
+    fn replaying_a_delta_changes_nothing() {
+        // A delta lists the changes of the last few minutes, so changes already seen in
+        // the full fetch come again; applying them again must be a no-op.
+        let full = answer(&[("A", vec![instance("a1", Status::Up, None)])], "UP_1_");
+        let delta = answer(
+            &[
+                (
+                    "A",
+                    vec![instance("a1", Status::Up, Some(ActionType::Added))],
+                ),
+                (
+                    "C",
+                    vec![instance("c1", Status::Up, Some(ActionType::Deleted))],
+                ),
+            ],
+            "UP_1_",
+        );
+        let mut mirror = Mirror::from_full(&full);
+        assert!(mirror.apply_delta(&delta).is_empty());
+        assert_eq!(mirror, Mirror::from_full(&full));
+    }
+
+    #[test]
+    fn instances_without_an_id_are_counted_not_kept() {
+        let nameless = Instance {
+            status: Status::Up,
+            ..Instance::default()
+        };
+        let mirror = Mirror::from_full(&answer(
+            &[("A", vec![nameless, instance("a1", Status::Up, None)])],
+            "UP_2_",
+        ));
+        assert_eq!(mirror.instance_count(), 1);
+        assert_eq!(mirror.unkeyed(), 1);
+        assert_ne!(
+            mirror.reconcile_hash(),
+            "UP_2_",
+            "so the hash check refetches"
+        );
+    }
+}

@@ -1,0 +1,167 @@
+//! The poll loop: one full fetch, then a delta every interval, checked against the
+//! server's hash code; a full fetch again whenever the check fails.
+//!
+//! Only verified state reaches the catalog: a delta's changes are published after the
+//! local copy hashes like the server's registry, otherwise the full fetch that follows
+//! publishes the truth with [`Catalog::replace_all`]. Errors never touch the catalog:
+//! while Eureka is down or refusing, the last known state stays published.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::catalog::Catalog;
+use crate::model::MicroSvcMeta;
+use crate::registry::{error_chain, Pacer, PacerConfig};
+
+use super::error::EurekaError;
+use super::http::EurekaHttp;
+use super::metrics::{EurekaMetrics, FullFetchReason};
+use super::mirror::{AppInstances, Mirror};
+use super::select::Selection;
+
+/// Everything the loop needs.
+pub(crate) struct Poller {
+    pub http: EurekaHttp,
+    pub selection: Selection,
+    pub catalog: Arc<Catalog>,
+    pub metrics: Arc<EurekaMetrics>,
+    pub interval: Duration,
+    pub pacing: PacerConfig,
+}
+
+/// What a successful poll asks for next.
+enum Next {
+    Delta,
+    FullFetch(FullFetchReason),
+}
+
+impl Poller {
+    /// Polls until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut pacer = Pacer::new(self.pacing);
+        let mut mirror = Mirror::default();
+        let mut next = Next::FullFetch(FullFetchReason::Start);
+        let mut due = Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(due) => {}
+            }
+            // Adds the error backoff, if the last request failed.
+            if !pacer.ready(&shutdown).await {
+                return;
+            }
+            due = Instant::now() + self.interval;
+            let result = match next {
+                Next::FullFetch(reason) => self.full_fetch(reason, &mut mirror).await,
+                Next::Delta => self.delta(&mut mirror).await,
+            };
+            self.metrics
+                .mirrored_instances
+                .set(i64::try_from(mirror.instance_count()).unwrap_or(i64::MAX));
+            match result {
+                Ok(then) => {
+                    if pacer.failures() > 0 {
+                        info!(url = %self.http.current_url(), "Eureka answers again");
+                    }
+                    pacer.succeeded();
+                    if matches!(then, Next::FullFetch(_)) {
+                        // The copy is known to be wrong: fetch the truth at once.
+                        due = Instant::now();
+                    }
+                    next = then;
+                }
+                Err(e) => {
+                    let delay = pacer.failed();
+                    warn!(
+                        error = %error_chain(&e),
+                        failures = pacer.failures(),
+                        retry_in = ?delay,
+                        "reading Eureka failed; the last known state stays published"
+                    );
+                    if pacer.failures() > 1 {
+                        due = Instant::now();
+                    }
+                }
+            }
+        }
+    }
+
+    async fn full_fetch(
+        &self,
+        reason: FullFetchReason,
+        mirror: &mut Mirror,
+    ) -> Result<Next, EurekaError> {
+        let answer = self.http.apps().await?;
+        self.metrics.full_fetch(reason);
+        *mirror = Mirror::from_full(&answer);
+        let services: Vec<MicroSvcMeta> = mirror
+            .apps()
+            .filter_map(|(app, instances)| self.build(app, instances))
+            .collect();
+        info!(
+            reason = reason.as_str(),
+            applications = mirror.apps().count(),
+            instances = mirror.instance_count(),
+            published = services.len(),
+            hash = %mirror.reconcile_hash(),
+            "read the whole Eureka registry"
+        );
+        if mirror.unkeyed() > 0 {
+            warn!(
+                instances = mirror.unkeyed(),
+                "Eureka reported instances with neither instanceId nor hostName; left out"
+            );
+        }
+        self.catalog.replace_all(services);
+        Ok(Next::Delta)
+    }
+
+    async fn delta(&self, mirror: &mut Mirror) -> Result<Next, EurekaError> {
+        let delta = self.http.delta().await?;
+        let changed = mirror.apply_delta(&delta);
+        let ours = mirror.reconcile_hash();
+        let theirs = delta.apps_hashcode.unwrap_or_default();
+        if ours != theirs {
+            info!(
+                local = %ours,
+                server = %theirs,
+                "the registry copy does not match Eureka's hash code after a delta; reading it whole"
+            );
+            return Ok(Next::FullFetch(FullFetchReason::HashMismatch));
+        }
+        if !changed.is_empty() {
+            debug!(applications = changed.len(), "applying a Eureka delta");
+        }
+        for app in &changed {
+            match mirror
+                .app(app)
+                .and_then(|instances| self.build(app, instances))
+            {
+                Some(meta) => self.catalog.upsert(meta),
+                None => self.catalog.remove(&self.selection.published_name(app)),
+            }
+        }
+        Ok(Next::Delta)
+    }
+
+    /// What `app` publishes, with its skipped instances logged and counted.
+    fn build(&self, app: &str, instances: &AppInstances) -> Option<MicroSvcMeta> {
+        let built = self.selection.build(app, instances);
+        for skipped in &built.skipped {
+            self.metrics.reject(skipped.reason.as_label());
+            warn!(
+                app = %skipped.app,
+                instance = %skipped.instance_id,
+                reason = %skipped.reason,
+                "Eureka instance left out"
+            );
+        }
+        built.service
+    }
+}

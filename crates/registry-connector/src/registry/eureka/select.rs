@@ -1,0 +1,346 @@
+//! Which Eureka applications are published, under which names, with which instances,
+//! ports and readiness. Pure functions from the [`Mirror`](super::mirror::Mirror)'s
+//! instances to [`MicroSvcMeta`]; what is left out is returned for the caller to log
+//! and count.
+//!
+//! The rules:
+//! - with filter metadata (`key=value` pairs), only instances carrying every pair take
+//!   part; an application none of whose instances take part is not published;
+//! - the application name (Eureka upper-cases it) is the registry name, behind the
+//!   service prefix; the catalog turns it into a Kubernetes name (`ORDERS` → `orders`);
+//! - an instance's address is its `ipAddr`, IPv4 or IPv6; its `port`, when enabled, is
+//!   published as `http` and its `securePort`, when enabled, as `https`; an instance
+//!   without a usable address, with an enabled port out of range, or with no enabled port
+//!   is skipped;
+//! - an instance is ready when its status is `UP`; with `passing_only` the others
+//!   (`DOWN`, `STARTING`, `OUT_OF_SERVICE`, `UNKNOWN`) are left out, otherwise published
+//!   as not ready. An application stays published while it has instances taking part,
+//!   even if none is ready: a failing service empties its endpoints instead of losing
+//!   its Service;
+//! - the domain (the ExternalName target) is the instances' `vipAddress` (the first of
+//!   a comma-separated list, lowercased; the smallest over the instances, so it does not
+//!   depend on order), else the lowercased application name.
+
+use crate::model::{
+    AddrError, MicroEndpoint, MicroEndpointAddr, MicroSvcAppProtocol, MicroSvcDomainName,
+    MicroSvcMeta, MicroSvcName, MicroSvcPort,
+};
+use crate::naming::is_dns1123_subdomain;
+
+use super::api::{Instance, Status};
+use super::mirror::AppInstances;
+
+/// The selection rules of the Eureka source.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// Only instances with all these metadata entries take part.
+    pub filter_metadata: Vec<(String, String)>,
+    /// Publish only `UP` instances.
+    pub passing_only: bool,
+    /// Prepended to every published name.
+    pub service_prefix: String,
+}
+
+/// Why an instance was left out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SkipReason {
+    #[error("no ipAddr")]
+    NoAddress,
+    #[error(transparent)]
+    Address(#[from] AddrError),
+    #[error("port {0} is not in 1..=65535")]
+    Port(i64),
+    #[error("neither port nor securePort is enabled")]
+    NoPort,
+}
+
+impl SkipReason {
+    /// The `reason` label of the rejected-entries metric.
+    pub fn as_label(&self) -> &'static str {
+        match self {
+            Self::NoAddress => "no_address",
+            Self::Address(e) => e.reason.as_label(),
+            Self::Port(_) => "invalid_port",
+            Self::NoPort => "no_enabled_port",
+        }
+    }
+}
+
+/// An instance left out, with what finds it in Eureka.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedInstance {
+    pub app: String,
+    pub instance_id: String,
+    pub reason: SkipReason,
+}
+
+/// What one application publishes.
+#[derive(Debug, Clone, Default)]
+pub struct Built {
+    /// `None` when no instance takes part.
+    pub service: Option<MicroSvcMeta>,
+    pub skipped: Vec<SkippedInstance>,
+}
+
+impl Selection {
+    /// The registry name `app` is published under.
+    pub fn published_name(&self, app: &str) -> MicroSvcName {
+        MicroSvcName(format!("{}{}", self.service_prefix, app))
+    }
+
+    /// Whether `instance` carries every filter metadata entry.
+    pub fn takes_part(&self, instance: &Instance) -> bool {
+        self.filter_metadata
+            .iter()
+            .all(|(key, value)| instance.metadata.get(key) == Some(value))
+    }
+
+    /// Builds what the application `app` publishes from its instances.
+    pub fn build(&self, app: &str, instances: &AppInstances) -> Built {
+        let mut built = Built::default();
+        let mut endpoints = Vec::new();
+        let mut domain: Option<String> = None;
+        let mut any = false;
+        for (id, instance) in instances.iter().filter(|(_, i)| self.takes_part(i)) {
+            any = true;
+            if let Some(vip) = vip_domain(instance) {
+                if domain.as_ref().is_none_or(|d| vip < *d) {
+                    domain = Some(vip);
+                }
+            }
+            match endpoint(instance) {
+                Ok(endpoint) if self.passing_only && !endpoint.ready => {}
+                Ok(endpoint) => endpoints.push(endpoint),
+                Err(reason) => built.skipped.push(SkippedInstance {
+                    app: app.to_string(),
+                    instance_id: id.clone(),
+                    reason,
+                }),
+            }
+        }
+        if any {
+            let domain = domain.unwrap_or_else(|| app.trim().to_ascii_lowercase());
+            built.service = Some(MicroSvcMeta::new(
+                self.published_name(app),
+                MicroSvcDomainName(domain),
+                endpoints,
+            ));
+        }
+        built
+    }
+}
+
+fn endpoint(instance: &Instance) -> Result<MicroEndpoint, SkipReason> {
+    let ip = instance
+        .ip_addr
+        .as_deref()
+        .map(str::trim)
+        .filter(|ip| !ip.is_empty())
+        .ok_or(SkipReason::NoAddress)?;
+    let addr: MicroEndpointAddr = ip.parse()?;
+    let mut ports = std::collections::BTreeMap::new();
+    // The secure port goes in first so that, should both name the same number, the
+    // plain one (`http`) wins, as the port enabled by default.
+    for (number, protocol) in [
+        (instance.https_port(), MicroSvcAppProtocol::new("https")),
+        (instance.http_port(), MicroSvcAppProtocol::Http),
+    ] {
+        let Some(number) = number else { continue };
+        let port = u16::try_from(number)
+            .ok()
+            .and_then(|p| MicroSvcPort::new(p).ok())
+            .ok_or(SkipReason::Port(number))?;
+        ports.insert(port, protocol);
+    }
+    if ports.is_empty() {
+        return Err(SkipReason::NoPort);
+    }
+    Ok(MicroEndpoint {
+        addr,
+        ports,
+        ready: instance.status == Status::Up,
+        zone: None,
+    })
+}
+
+/// The first VIP address of the instance, when it is a DNS name.
+fn vip_domain(instance: &Instance) -> Option<String> {
+    let vip = instance.vip_address.as_deref()?;
+    let first = vip.split(',').next()?.trim().trim_end_matches('.');
+    let lower = first.to_ascii_lowercase();
+    is_dns1123_subdomain(&lower).then_some(lower)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::eureka::api::PortInfo;
+
+    fn port(number: i64, enabled: bool) -> Option<PortInfo> {
+        Some(PortInfo {
+            number: Some(number),
+            enabled: Some(enabled),
+        })
+    }
+
+    fn instance(ip: &str, status: Status) -> Instance {
+        Instance {
+            instance_id: Some(format!("{ip}-id")),
+            ip_addr: Some(ip.to_string()),
+            status,
+            port: port(8080, true),
+            secure_port: port(8443, false),
+            vip_address: Some("orders-vip".into()),
+            ..Instance::default()
+        }
+    }
+
+    fn app(instances: Vec<Instance>) -> AppInstances {
+        instances
+            .into_iter()
+            .enumerate()
+            .map(|(i, instance)| (format!("i{i}"), instance))
+            .collect()
+    }
+
+    fn selection(passing_only: bool) -> Selection {
+        Selection {
+            passing_only,
+            ..Selection::default()
+        }
+    }
+
+    fn addresses(meta: &MicroSvcMeta) -> Vec<(String, bool)> {
+        meta.endpoints
+            .iter()
+            .map(|e| (e.addr.to_string(), e.ready))
+            .collect()
+    }
+
+    #[test]
+    fn up_instances_are_ready_and_others_left_out_or_not_ready() {
+        let instances = app(vec![
+            instance("192.0.2.1", Status::Up),
+            instance("192.0.2.2", Status::Down),
+            instance("192.0.2.3", Status::OutOfService),
+            instance("192.0.2.4", Status::Starting),
+            instance("2001:db8::5", Status::Up),
+        ]);
+        let built = selection(true).build("ORDERS", &instances);
+        let meta = built.service.expect("published");
+        assert_eq!(meta.registry_name.as_str(), "ORDERS");
+        assert_eq!(meta.domain.as_str(), "orders-vip");
+        assert_eq!(
+            addresses(&meta),
+            [("192.0.2.1".into(), true), ("2001:db8::5".into(), true)]
+        );
+
+        let meta = selection(false)
+            .build("ORDERS", &instances)
+            .service
+            .expect("published");
+        assert_eq!(meta.endpoints.len(), 5);
+        assert_eq!(meta.endpoints.iter().filter(|e| e.ready).count(), 2);
+    }
+
+    #[test]
+    fn an_app_with_no_ready_instance_stays_published_and_empty() {
+        let built =
+            selection(true).build("ORDERS", &app(vec![instance("192.0.2.1", Status::Down)]));
+        let meta = built.service.expect("still published");
+        assert!(meta.endpoints.is_empty());
+    }
+
+    #[test]
+    fn ports_follow_their_enabled_flags() {
+        let mut both = instance("192.0.2.1", Status::Up);
+        both.secure_port = port(8443, true);
+        let mut secure_only = instance("192.0.2.2", Status::Up);
+        secure_only.port = port(80, false);
+        secure_only.secure_port = port(443, true);
+        let meta = selection(true)
+            .build("PAY", &app(vec![both, secure_only]))
+            .service
+            .expect("published");
+        let ports: Vec<(u16, String)> = meta
+            .ports()
+            .into_iter()
+            .map(|(p, proto)| (p.get(), proto.to_string()))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                (443, "https".into()),
+                (8080, "http".into()),
+                (8443, "https".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_instances_are_skipped_with_their_reason() {
+        let mut no_ip = instance("192.0.2.1", Status::Up);
+        no_ip.ip_addr = Some(" ".into());
+        let loopback = instance("127.0.0.1", Status::Up);
+        let mut bad_port = instance("192.0.2.3", Status::Up);
+        bad_port.port = port(70000, true);
+        let mut no_port = instance("192.0.2.4", Status::Up);
+        no_port.port = port(8080, false);
+        let good = instance("192.0.2.5", Status::Up);
+        let built =
+            selection(true).build("A", &app(vec![no_ip, loopback, bad_port, no_port, good]));
+        let reasons: Vec<&str> = built.skipped.iter().map(|s| s.reason.as_label()).collect();
+        assert_eq!(
+            reasons,
+            [
+                "no_address",
+                "loopback_address",
+                "invalid_port",
+                "no_enabled_port"
+            ]
+        );
+        assert_eq!(
+            addresses(&built.service.expect("published")),
+            [("192.0.2.5".into(), true)]
+        );
+    }
+
+    #[test]
+    fn filter_metadata_selects_instances_and_apps() {
+        let mut tagged = instance("192.0.2.1", Status::Up);
+        tagged.metadata.insert("team".into(), "blue".into());
+        let untagged = instance("192.0.2.2", Status::Up);
+        let s = Selection {
+            filter_metadata: vec![("team".into(), "blue".into())],
+            passing_only: true,
+            service_prefix: "eu-".into(),
+        };
+        let meta = s
+            .build("A", &app(vec![tagged, untagged.clone()]))
+            .service
+            .expect("published");
+        assert_eq!(meta.registry_name.as_str(), "eu-A");
+        assert_eq!(addresses(&meta), [("192.0.2.1".into(), true)]);
+        assert!(s.build("B", &app(vec![untagged])).service.is_none());
+    }
+
+    #[test]
+    fn the_domain_is_the_first_valid_vip_else_the_app_name() {
+        let mut a = instance("192.0.2.1", Status::Up);
+        a.vip_address = Some("Zeta.Example, alpha".into());
+        let mut b = instance("192.0.2.2", Status::Up);
+        b.vip_address = Some("beta.example".into());
+        let mut c = instance("192.0.2.3", Status::Up);
+        c.vip_address = Some("not a name".into());
+        let meta = selection(true)
+            .build("ORDERS", &app(vec![a, b, c.clone()]))
+            .service
+            .expect("published");
+        assert_eq!(meta.domain.as_str(), "beta.example");
+        let meta = selection(true)
+            .build("ORDERS", &app(vec![c]))
+            .service
+            .expect("published");
+        assert_eq!(meta.domain.as_str(), "orders");
+    }
+}
