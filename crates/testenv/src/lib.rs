@@ -1,6 +1,6 @@
-//! Test support: a real local control plane (etcd, kube-apiserver, kube-controller-manager)
-//! and a real Consul agent, started by `scripts/testenv` and shared by all tests of one
-//! test binary.
+//! Test support: a real local control plane (etcd, kube-apiserver, kube-controller-manager),
+//! a real Consul agent and a real Eureka server, started by `scripts/testenv` and shared by
+//! all tests of one test binary.
 //!
 //! `TestEnv::shared()` attaches to an environment that is already up when `TESTENV_DIR`
 //! names one (CI starts one for the whole suite), otherwise it starts its own with
@@ -27,6 +27,7 @@ pub struct TestEnv {
     kubeconfig: PathBuf,
     user_kubeconfig: PathBuf,
     consul_addr: Option<String>,
+    eureka_url: Option<String>,
 }
 
 static SHARED: OnceLock<std::result::Result<TestEnv, String>> = OnceLock::new();
@@ -52,7 +53,15 @@ impl TestEnv {
         let pid = std::process::id().to_string();
         let out = Command::new("bash")
             .arg(script_path())
-            .args(["up", "--with", "consul", "--watch-pid", &pid])
+            .args([
+                "up",
+                "--with",
+                "consul",
+                "--with",
+                "eureka",
+                "--watch-pid",
+                &pid,
+            ])
             .stderr(std::process::Stdio::inherit())
             .output()
             .context("running scripts/testenv up")?;
@@ -84,6 +93,7 @@ impl TestEnv {
                 .context("env file lacks TESTENV_USER_KUBECONFIG")?
                 .into(),
             consul_addr: get("CONSUL_HTTP_ADDR"),
+            eureka_url: get("EUREKA_URL"),
         })
     }
 
@@ -115,6 +125,15 @@ impl TestEnv {
             .context("this test environment was started without consul")
     }
 
+    /// Base URL of the Eureka server's REST API, `http://127.0.0.1:PORT/eureka` (no
+    /// trailing slash). Its registry is in memory: after `stop_component("eureka")` and
+    /// `start_component("eureka")` it is empty.
+    pub fn eureka_url(&self) -> Result<&str> {
+        self.eureka_url
+            .as_deref()
+            .context("this test environment was started without eureka")
+    }
+
     /// Creates a namespace with a unique name derived from `prefix`; it is deleted when
     /// the returned guard drops.
     pub async fn namespace(&self, prefix: &str) -> Result<TestNamespace> {
@@ -137,7 +156,7 @@ impl TestEnv {
         })
     }
 
-    /// Stops one component (`kube-apiserver`, `consul`, ...) through `scripts/testenv stop`.
+    /// Stops one component (`kube-apiserver`, `consul`, `eureka`, ...) through `scripts/testenv stop`.
     pub fn stop_component(&self, name: &str) -> Result<()> {
         self.run_script(&["stop", &self.dir.to_string_lossy(), name])
     }
@@ -342,6 +361,145 @@ pub mod consul {
     }
 }
 
+/// A small Eureka REST client for tests: registers, updates and cancels instances on the
+/// real server and reads its registry.
+pub mod eureka {
+    use anyhow::{bail, Context, Result};
+    use reqwest::StatusCode;
+    use serde_json::{json, Map, Value};
+
+    #[derive(Debug, Clone)]
+    pub struct EurekaClient {
+        base: String,
+        http: reqwest::Client,
+    }
+
+    impl EurekaClient {
+        /// `url` is the server's API base, e.g. `http://127.0.0.1:PORT/eureka`.
+        pub fn new(url: &str) -> Result<Self> {
+            Ok(Self {
+                base: url.trim_end_matches('/').to_string(),
+                http: reqwest::Client::builder().build().context("http client")?,
+            })
+        }
+
+        /// `POST /apps/{APP}` with `{"instance": instance}`; Eureka answers 204.
+        pub async fn register(&self, app: &str, instance: &Value) -> Result<()> {
+            let what = format!("POST /apps/{}", app.to_uppercase());
+            let resp = self
+                .http
+                .post(format!("{}/apps/{}", self.base, app.to_uppercase()))
+                .json(&json!({ "instance": instance }))
+                .send()
+                .await
+                .with_context(|| what.clone())?;
+            expect(resp, StatusCode::NO_CONTENT, &what).await
+        }
+
+        /// `PUT /apps/{APP}/{id}/status?value=STATUS` (an override such as
+        /// `OUT_OF_SERVICE`); Eureka answers 200.
+        pub async fn set_status(&self, app: &str, instance_id: &str, status: &str) -> Result<()> {
+            let what = format!(
+                "PUT /apps/{}/{instance_id}/status?value={status}",
+                app.to_uppercase()
+            );
+            let resp = self
+                .http
+                .put(format!(
+                    "{}/apps/{}/{instance_id}/status?value={status}",
+                    self.base,
+                    app.to_uppercase()
+                ))
+                .send()
+                .await
+                .with_context(|| what.clone())?;
+            expect(resp, StatusCode::OK, &what).await
+        }
+
+        /// `DELETE /apps/{APP}/{id}`; Eureka answers 200.
+        pub async fn cancel(&self, app: &str, instance_id: &str) -> Result<()> {
+            let what = format!("DELETE /apps/{}/{instance_id}", app.to_uppercase());
+            let resp = self
+                .http
+                .delete(format!(
+                    "{}/apps/{}/{instance_id}",
+                    self.base,
+                    app.to_uppercase()
+                ))
+                .send()
+                .await
+                .with_context(|| what.clone())?;
+            expect(resp, StatusCode::OK, &what).await
+        }
+
+        /// `GET /apps` as JSON: `{"applications": {"apps__hashcode": ..., "application": [...]}}`.
+        pub async fn apps(&self) -> Result<Value> {
+            let resp = self
+                .http
+                .get(format!("{}/apps", self.base))
+                .header(reqwest::header::ACCEPT, "application/json")
+                .send()
+                .await
+                .context("GET /apps")?;
+            let status = resp.status();
+            if !status.is_success() {
+                let text = resp.text().await.unwrap_or_default();
+                bail!("GET /apps: {status}: {text}");
+            }
+            resp.json().await.context("decoding eureka /apps response")
+        }
+    }
+
+    async fn expect(resp: reqwest::Response, want: StatusCode, what: &str) -> Result<()> {
+        let status = resp.status();
+        if status != want {
+            let text = resp.text().await.unwrap_or_default();
+            bail!("{what}: expected {want}, got {status}: {text}");
+        }
+        Ok(())
+    }
+
+    /// The `instance` object Eureka expects in a registration. `port`/`secure_port` of
+    /// `None` are sent disabled (80/443 with `@enabled` false). `leaseInfo.durationInSecs`
+    /// is an hour: tests send no heartbeats, and with the default 90 s lease the server
+    /// would evict the instance.
+    pub fn instance_json(
+        app: &str,
+        instance_id: &str,
+        ip: &str,
+        port: Option<u16>,
+        secure_port: Option<u16>,
+        status: &str,
+        metadata: &[(&str, &str)],
+    ) -> Value {
+        let port_json = |p: Option<u16>, default: u16| match p {
+            Some(p) => json!({"$": p, "@enabled": "true"}),
+            None => json!({"$": default, "@enabled": "false"}),
+        };
+        let metadata: Map<String, Value> = metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+            .collect();
+        json!({
+            "instanceId": instance_id,
+            "hostName": format!("{instance_id}.example.invalid"),
+            "app": app.to_uppercase(),
+            "ipAddr": ip,
+            "status": status,
+            "port": port_json(port, 80),
+            "securePort": port_json(secure_port, 443),
+            "vipAddress": app.to_lowercase(),
+            "secureVipAddress": app.to_lowercase(),
+            "dataCenterInfo": {
+                "@class": "com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo",
+                "name": "MyOwn"
+            },
+            "leaseInfo": {"durationInSecs": 3600},
+            "metadata": metadata,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,5 +526,31 @@ mod tests {
         assert!(a
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
+    }
+
+    #[test]
+    fn eureka_instance_json_has_what_the_server_needs() {
+        let v = eureka::instance_json(
+            "orders",
+            "orders-1",
+            "192.0.2.1",
+            Some(8080),
+            None,
+            "UP",
+            &[("zone", "a")],
+        );
+        assert_eq!(v["app"], "ORDERS");
+        assert_eq!(v["vipAddress"], "orders");
+        assert_eq!(v["hostName"], "orders-1.example.invalid");
+        assert_eq!(
+            v["port"],
+            serde_json::json!({"$": 8080, "@enabled": "true"})
+        );
+        assert_eq!(
+            v["securePort"],
+            serde_json::json!({"$": 443, "@enabled": "false"})
+        );
+        assert_eq!(v["leaseInfo"]["durationInSecs"], 3600);
+        assert_eq!(v["metadata"]["zone"], "a");
     }
 }

@@ -1,5 +1,5 @@
 //! The test environment is made of real parts: these tests check the behaviour that only
-//! a real apiserver, controller-manager and Consul agent have.
+//! a real apiserver, controller-manager, Consul agent and Eureka server have.
 
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::Api;
 use serde_json::json;
 use testenv::consul::ConsulClient;
+use testenv::eureka::{instance_json, EurekaClient};
 use testenv::{unique_name, wait_for, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -237,5 +238,84 @@ async fn consul_blocking_query_returns_on_registration() -> Result<()> {
             &json!(null),
         )
         .await?;
+    Ok(())
+}
+
+/// The instances of `app` in a Eureka `/apps` document (a list or, for one, an object).
+fn eureka_instances(apps: &serde_json::Value, app: &str) -> Vec<serde_json::Value> {
+    let as_list = |v: &serde_json::Value| match v {
+        serde_json::Value::Array(items) => items.clone(),
+        serde_json::Value::Null => Vec::new(),
+        other => vec![other.clone()],
+    };
+    as_list(&apps["applications"]["application"])
+        .into_iter()
+        .filter(|a| a["name"] == app)
+        .flat_map(|a| as_list(&a["instance"]))
+        .collect()
+}
+
+#[tokio::test]
+async fn eureka_registration_shows_in_apps_and_cancel_removes_it() -> Result<()> {
+    let env = TestEnv::shared();
+    let eureka = EurekaClient::new(env.eureka_url()?)?;
+    let apps = eureka.apps().await?;
+    assert!(apps["applications"].is_object(), "{apps}");
+
+    let app = unique_name("eureka").to_uppercase();
+    let id = format!("{}-1", app.to_lowercase());
+    eureka
+        .register(
+            &app,
+            &instance_json(
+                &app,
+                &id,
+                "192.0.2.40",
+                Some(8080),
+                None,
+                "UP",
+                &[("zone", "a")],
+            ),
+        )
+        .await?;
+    let (instance, hashcode) = wait_for("the registration in /apps", WAIT, || {
+        let eureka = eureka.clone();
+        let app = app.clone();
+        async move {
+            let apps = eureka.apps().await.ok()?;
+            let instance = eureka_instances(&apps, &app).into_iter().next()?;
+            let hashcode = apps["applications"]["apps__hashcode"].as_str()?.to_string();
+            Some((instance, hashcode))
+        }
+    })
+    .await?;
+    assert!(hashcode.contains("UP_"), "apps__hashcode {hashcode}");
+    assert_eq!(instance["instanceId"], id.as_str(), "{instance}");
+    assert_eq!(instance["ipAddr"], "192.0.2.40", "{instance}");
+    assert_eq!(instance["status"], "UP", "{instance}");
+    assert_eq!(instance["metadata"]["zone"], "a", "{instance}");
+
+    eureka.set_status(&app, &id, "OUT_OF_SERVICE").await?;
+    wait_for("the status override in /apps", WAIT, || {
+        let eureka = eureka.clone();
+        let app = app.clone();
+        async move {
+            let apps = eureka.apps().await.ok()?;
+            let instance = eureka_instances(&apps, &app).into_iter().next()?;
+            (instance["status"] == "OUT_OF_SERVICE").then_some(())
+        }
+    })
+    .await?;
+
+    eureka.cancel(&app, &id).await?;
+    wait_for("the cancelled instance to leave /apps", WAIT, || {
+        let eureka = eureka.clone();
+        let app = app.clone();
+        async move {
+            let apps = eureka.apps().await.ok()?;
+            eureka_instances(&apps, &app).is_empty().then_some(())
+        }
+    })
+    .await?;
     Ok(())
 }
