@@ -3,6 +3,8 @@
 //! test source that writes straight into the catalog.
 #![allow(dead_code)]
 
+pub mod eureka;
+pub mod objects;
 pub mod process;
 
 use std::collections::BTreeMap;

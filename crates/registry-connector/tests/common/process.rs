@@ -34,12 +34,21 @@ struct LeaderElection {
     renew_interval: Option<String>,
 }
 
+/// Which registry command the process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Registry {
+    Consul,
+    Eureka,
+}
+
 /// Options of a connector process; `start` spawns it.
 pub struct ConnectorBuilder<'a> {
     env: &'a testenv::TestEnv,
     namespace: String,
     kubeconfig: Option<PathBuf>,
-    consul_addr: Option<String>,
+    registry: Registry,
+    /// Another registry address than the environment's.
+    registry_addr: Option<String>,
     leader_election: Option<LeaderElection>,
     args: Vec<String>,
     envs: Vec<(String, String)>,
@@ -54,7 +63,16 @@ impl ConnectorBuilder<'_> {
 
     /// Another Consul address than the environment's agent (`host:port` or a URL).
     pub fn consul_addr(mut self, addr: impl Into<String>) -> Self {
-        self.consul_addr = Some(addr.into());
+        self.registry = Registry::Consul;
+        self.registry_addr = Some(addr.into());
+        self
+    }
+
+    /// Runs `registry-connector eureka` against the environment's Eureka server (or the
+    /// given service URL) instead of the Consul command.
+    pub fn eureka(mut self, url: Option<&str>) -> Self {
+        self.registry = Registry::Eureka;
+        self.registry_addr = url.map(str::to_string);
         self
     }
 
@@ -117,15 +135,25 @@ impl ConnectorBuilder<'_> {
         let kubeconfig = self
             .kubeconfig
             .unwrap_or_else(|| env.kubeconfig().to_path_buf());
-        let consul_addr = match self.consul_addr {
-            Some(addr) => addr,
-            None => env.consul_addr()?.to_string(),
-        };
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_registry-connector"));
-        cmd.arg("consul")
-            .args(["--kubeconfig", &kubeconfig.to_string_lossy()])
+        match self.registry {
+            Registry::Consul => {
+                let addr = match self.registry_addr {
+                    Some(addr) => addr,
+                    None => env.consul_addr()?.to_string(),
+                };
+                cmd.arg("consul").args(["--consul-http-addr", &addr]);
+            }
+            Registry::Eureka => {
+                let url = match self.registry_addr {
+                    Some(url) => url,
+                    None => env.eureka_url()?.to_string(),
+                };
+                cmd.arg("eureka").args(["--eureka-url", &url]);
+            }
+        }
+        cmd.args(["--kubeconfig", &kubeconfig.to_string_lossy()])
             .args(["--namespace", &self.namespace])
-            .args(["--consul-http-addr", &consul_addr])
             .args(["--quiet-period", "100ms", "--max-period", "500ms"])
             .args(["--admin-addr", &admin]);
         match &self.leader_election {
@@ -150,6 +178,7 @@ impl ConnectorBuilder<'_> {
         cmd.args(&self.args)
             .env("RUST_LOG", "info,registry_connector=debug")
             .env_remove("CONSUL_HTTP_TOKEN")
+            .env_remove("EUREKA_PASSWORD")
             // The test runner's own pod identity (if any) must not leak into the lease.
             .env_remove("POD_NAME")
             .env_remove("POD_NAMESPACE")
@@ -183,7 +212,8 @@ impl Connector {
             env,
             namespace: namespace.to_string(),
             kubeconfig: None,
-            consul_addr: None,
+            registry: Registry::Consul,
+            registry_addr: None,
             leader_election: None,
             args: Vec::new(),
             envs: Vec::new(),
@@ -241,6 +271,22 @@ impl Connector {
             .await?
             .iter()
             .filter(|(k, _)| k.split('{').next() == Some(name))
+            .map(|(_, v)| v)
+            .sum())
+    }
+
+    /// Sum of the series of `name` whose labels include every `(label, value)` pair.
+    pub async fn metric_where(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+        Ok(self
+            .metrics()
+            .await?
+            .iter()
+            .filter(|(k, _)| k.split('{').next() == Some(name))
+            .filter(|(k, _)| {
+                labels
+                    .iter()
+                    .all(|(label, value)| k.contains(&format!("{label}=\"{value}\"")))
+            })
             .map(|(_, v)| v)
             .sum())
     }
