@@ -18,9 +18,13 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::labels::ENDPOINTS_OVER_CAPACITY_ANNOTATION;
+use crate::labels::{ENDPOINTS_OVER_CAPACITY_ANNOTATION, METADATA_KEYS_ANNOTATION};
 use crate::render::service::{CLUSTER_IP_NONE, TYPE_CLUSTER_IP, TYPE_EXTERNAL_NAME};
 use crate::render::PORT_PROTOCOL;
+
+/// Annotations on Services that we add only sometimes: the list of metadata-derived keys
+/// (when it changes or goes, those keys must be updated or removed).
+const SERVICE_CONDITIONAL_ANNOTATIONS: &[&str] = &[METADATA_KEYS_ANNOTATION];
 
 /// Annotations on Endpoints that we add only sometimes, and so must remove when we do not
 /// want them.
@@ -34,8 +38,11 @@ pub fn service_matches(desired: &Service, live: &Service) -> bool {
     let default_spec = ServiceSpec::default();
     let d = desired.spec.as_ref().unwrap_or(&default_spec);
     let l = live.spec.as_ref().unwrap_or(&default_spec);
-    metadata_matches(&desired.metadata, &live.metadata, &[])
-        && service_type(d) == service_type(l)
+    metadata_matches(
+        &desired.metadata,
+        &live.metadata,
+        SERVICE_CONDITIONAL_ANNOTATIONS,
+    ) && service_type(d) == service_type(l)
         && is_headless(d) == is_headless(l)
         && non_empty(&d.external_name) == non_empty(&l.external_name)
         && service_ports(d) == service_ports(l)
@@ -352,6 +359,29 @@ mod tests {
             service_matches(&desired, &live),
             "type defaults to ClusterIP"
         );
+    }
+
+    #[test]
+    fn metadata_keys_that_went_away_mismatch() {
+        let mut with_metadata = meta(instances());
+        with_metadata
+            .metadata
+            .labels
+            .insert("version".into(), "1".into());
+        let tracked = desired_service(&cfg(ServiceMode::Headless), "orders", &with_metadata);
+        let live = as_stored(tracked.clone());
+        assert!(service_matches(&tracked, &live));
+        let plain = service(ServiceMode::Headless);
+        assert!(
+            !service_matches(&plain, &live),
+            "the tracked label must be removed"
+        );
+        with_metadata
+            .metadata
+            .labels
+            .insert("version".into(), "2".into());
+        let changed = desired_service(&cfg(ServiceMode::Headless), "orders", &with_metadata);
+        assert!(!service_matches(&changed, &live));
     }
 
     #[test]

@@ -57,6 +57,74 @@ pub const ENDPOINTSLICE_CONTROLLER_NAME: &str = "registry-connector.flomesh.io";
 /// does not copy them into slices that would duplicate ours.
 pub const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
 
+/// Lists the labels and annotations of a Service that were copied from registry metadata
+/// (`labels=team,tier;annotations=owner`), so that a later update can remove the ones the
+/// registry no longer has without touching labels other tools added.
+pub const METADATA_KEYS_ANNOTATION: &str = "connector.flomesh.io/metadata-keys";
+
+/// Keys registry metadata may never set: the connector's own contract.
+pub const RESERVED_KEYS: &[&str] = &[
+    CLOUD_SOURCED_SERVICE_LABEL,
+    CLOUD_SERVICE_LABEL,
+    CLOUD_SERVICE_INHERITED_FROM_ANNOTATION,
+    MESH_SERVICE_SYNC_ANNOTATION,
+    MESH_ENDPOINT_ADDR_ANNOTATION,
+    MANAGED_BY_LABEL,
+    CONNECTOR_INSTANCE_LABEL,
+    SERVICE_NAME_LABEL,
+    ENDPOINTSLICE_MANAGED_BY_LABEL,
+    SKIP_MIRROR_LABEL,
+    METADATA_KEYS_ANNOTATION,
+];
+
+/// The value of [`METADATA_KEYS_ANNOTATION`] for these label and annotation keys; `None`
+/// when both are empty.
+pub fn metadata_keys_value<'a>(
+    labels: impl IntoIterator<Item = &'a String>,
+    annotations: impl IntoIterator<Item = &'a String>,
+) -> Option<String> {
+    let join = |keys: Vec<&String>| {
+        keys.into_iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let labels: Vec<&String> = labels.into_iter().collect();
+    let annotations: Vec<&String> = annotations.into_iter().collect();
+    if labels.is_empty() && annotations.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "labels={};annotations={}",
+        join(labels),
+        join(annotations)
+    ))
+}
+
+/// The label and annotation keys a [`METADATA_KEYS_ANNOTATION`] value lists. Unknown
+/// parts are ignored: a hand-edited value can at worst leave a key in place.
+pub fn parse_metadata_keys(value: &str) -> (Vec<String>, Vec<String>) {
+    let mut labels = Vec::new();
+    let mut annotations = Vec::new();
+    for part in value.split(';') {
+        let Some((kind, keys)) = part.split_once('=') else {
+            continue;
+        };
+        let target = match kind.trim() {
+            "labels" => &mut labels,
+            "annotations" => &mut annotations,
+            _ => continue,
+        };
+        target.extend(
+            keys.split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(str::to_string),
+        );
+    }
+    (labels, annotations)
+}
+
 /// Field manager name for server-side apply and for update requests.
 pub const FIELD_MANAGER: &str = "registry-connector";
 
@@ -111,6 +179,23 @@ pub fn is_label_value(value: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metadata_keys_round_trip() {
+        let labels = ["team".to_string(), "example.com/tier".to_string()];
+        let annotations = ["owner".to_string()];
+        let value = metadata_keys_value(&labels, &annotations).expect("some keys");
+        assert_eq!(value, "labels=team,example.com/tier;annotations=owner");
+        assert_eq!(
+            parse_metadata_keys(&value),
+            (labels.to_vec(), annotations.to_vec())
+        );
+        assert_eq!(metadata_keys_value(&[], &[]), None);
+        assert_eq!(
+            parse_metadata_keys("labels=;junk;annotations= a , b"),
+            (vec![], vec!["a".to_string(), "b".to_string()])
+        );
+    }
 
     fn meta_with(labels: &[(&str, &str)]) -> ObjectMeta {
         ObjectMeta {

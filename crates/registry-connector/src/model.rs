@@ -429,6 +429,21 @@ impl MicroEndpoint {
     }
 }
 
+/// Labels and annotations a registry service asks for on its Service: registry metadata
+/// that passed the operator's allow-list (`--metadata-labels`, `--metadata-annotations`),
+/// already validated by the source (see [`crate::registry::metadata`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceMetadata {
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl ServiceMetadata {
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty() && self.annotations.is_empty()
+    }
+}
+
 /// Everything the renderers need to know about one registry service (seed: `MicroSvcMeta`).
 ///
 /// Build it with [`MicroSvcMeta::new`], which normalises the endpoint list; the fields are
@@ -443,6 +458,8 @@ pub struct MicroSvcMeta {
     pub domain: MicroSvcDomainName,
     /// The instances, sorted, one per (address, port set).
     pub endpoints: Vec<MicroEndpoint>,
+    /// Registry metadata to copy onto the Service (empty unless allow-listed).
+    pub metadata: ServiceMetadata,
 }
 
 impl MicroSvcMeta {
@@ -460,7 +477,14 @@ impl MicroSvcMeta {
             registry_name,
             domain,
             endpoints: normalize_endpoints(endpoints),
+            metadata: ServiceMetadata::default(),
         }
+    }
+
+    /// The same service with `metadata` for its Service.
+    pub fn with_metadata(mut self, metadata: ServiceMetadata) -> Self {
+        self.metadata = metadata;
+        self
     }
 
     /// The ports the Service exposes: the union of the endpoints' ports. When instances

@@ -178,6 +178,12 @@ pub fn is_qualified_name(value: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
+/// Whether `value` is a valid label value: empty, or 1-63 alphanumerics with `-`, `_`,
+/// `.` inside.
+pub fn is_label_value(value: &str) -> bool {
+    value.is_empty() || (!value.contains('/') && is_qualified_name(value))
+}
+
 /// The port name `<protocol><port>` (seed convention: `http8080`, `grpc9090`), made a valid
 /// IANA service name so that it is valid in every object that carries it.
 ///

@@ -285,3 +285,63 @@ async fn at_rest_nothing_is_written_and_deltas_carry_the_changes() -> Result<()>
     s.cleanup().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn allow_listed_metadata_is_copied_and_removed_when_dropped() -> Result<()> {
+    let s = EurekaScenario::new("eureka-metadata").await?;
+    let app = unique_name("meta");
+    let owner = "Team Blue <blue@example.com>";
+    let with_version = || Instance {
+        metadata: vec![("version", "1.4"), ("owner", owner), ("secret", "s3cr3t")],
+        ..Instance::up(&app, "meta-1", "192.0.2.71", 8080)
+    };
+    s.register(with_version()).await?;
+    let _connector = s.connector(&[
+        "--metadata-labels",
+        "version",
+        "--metadata-annotations",
+        "owner",
+    ])?;
+    let services: Api<Service> = Api::namespaced(s.client.clone(), s.ns());
+    let labelled = wait_for("the version label", WAIT, || async {
+        let svc = services.get_opt(&app).await.ok()??;
+        let labels = svc.metadata.labels.clone().unwrap_or_default();
+        (labels.get("version").map(String::as_str) == Some("1.4")).then_some(svc)
+    })
+    .await?;
+    let annotations = labelled.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(annotations.get("owner").map(String::as_str), Some(owner));
+    let labels = labelled.metadata.labels.clone().unwrap_or_default();
+    assert!(!labels.contains_key("secret") && !annotations.contains_key("secret"));
+
+    // Another tool labels the Service; then the instance re-registers without `version`.
+    let patch = serde_json::json!({"metadata": {"labels": {"team": "blue"}}});
+    services
+        .patch(
+            &app,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await?;
+    s.register(Instance {
+        metadata: vec![("owner", owner)],
+        ..Instance::up(&app, "meta-1", "192.0.2.71", 8080)
+    })
+    .await?;
+    let svc = wait_for("the version label to go", WAIT, || async {
+        let svc = services.get_opt(&app).await.ok()??;
+        let labels = svc.metadata.labels.clone().unwrap_or_default();
+        (!labels.contains_key("version")).then_some(svc)
+    })
+    .await?;
+    let labels = svc.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(
+        labels.get("team").map(String::as_str),
+        Some("blue"),
+        "not ours: kept"
+    );
+    let annotations = svc.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(annotations.get("owner").map(String::as_str), Some(owner));
+    s.cleanup().await;
+    Ok(())
+}

@@ -12,6 +12,7 @@
 
 pub mod consul;
 pub mod eureka;
+pub mod metadata;
 pub mod pacer;
 
 pub use pacer::{Pacer, PacerConfig};

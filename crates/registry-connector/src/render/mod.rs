@@ -411,6 +411,7 @@ mod tests {
                 ep("10.0.0.1", &[(80, "http")], true),
                 ep("10.0.0.2", &[(80, "http")], true),
             ],
+            metadata: Default::default(),
         };
         let groups = group_endpoints(&m, MicroEndpoint::port_set);
         let group = &groups[&BTreeSet::from([port(80)])];

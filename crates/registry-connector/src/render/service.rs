@@ -16,7 +16,10 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::{
     base_labels, object_meta, port_specs, PortSpec, RenderConfig, ServiceMode, PORT_PROTOCOL,
 };
-use crate::labels::{CLOUD_SERVICE_INHERITED_FROM_ANNOTATION, MESH_SERVICE_SYNC_ANNOTATION};
+use crate::labels::{
+    metadata_keys_value, CLOUD_SERVICE_INHERITED_FROM_ANNOTATION, MESH_SERVICE_SYNC_ANNOTATION,
+    METADATA_KEYS_ANNOTATION,
+};
 use crate::model::MicroSvcMeta;
 
 /// Service `type` for headless and ClusterIP modes.
@@ -87,18 +90,42 @@ pub fn desired_service_with_live(
     }
     spec.ports = (!ports.is_empty()).then_some(ports);
 
-    let annotations = BTreeMap::from([
+    let mut annotations = BTreeMap::from([
         (MESH_SERVICE_SYNC_ANNOTATION.to_owned(), "false".to_owned()),
         (
             CLOUD_SERVICE_INHERITED_FROM_ANNOTATION.to_owned(),
             meta.registry_name.as_str().to_owned(),
         ),
     ]);
+    let mut labels = base_labels(cfg);
+    // Registry metadata never overrides the contract (the allow-list refuses those keys
+    // already; this keeps the renderer safe on its own), and only the keys really set
+    // are listed as ours.
+    let copied_labels = copy_absent(&mut labels, &meta.metadata.labels);
+    let copied_annotations = copy_absent(&mut annotations, &meta.metadata.annotations);
+    if let Some(keys) = metadata_keys_value(&copied_labels, &copied_annotations) {
+        annotations.insert(METADATA_KEYS_ANNOTATION.to_owned(), keys);
+    }
     Service {
-        metadata: object_meta(cfg, kube_name, base_labels(cfg), annotations, None),
+        metadata: object_meta(cfg, kube_name, labels, annotations, None),
         spec: Some(spec),
         status: None,
     }
+}
+
+/// Inserts the entries of `from` whose keys `into` lacks; returns those keys.
+fn copy_absent(
+    into: &mut BTreeMap<String, String>,
+    from: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let mut copied = Vec::new();
+    for (key, value) in from {
+        if !into.contains_key(key) {
+            into.insert(key.clone(), value.clone());
+            copied.push(key.clone());
+        }
+    }
+    copied
 }
 
 fn make_headless(spec: &mut ServiceSpec) {
@@ -238,6 +265,40 @@ mod tests {
         assert_eq!(s.cluster_ips, None);
         assert_eq!(s.selector, None);
         assert_eq!(ports_of(&svc).len(), 1);
+    }
+
+    #[test]
+    fn registry_metadata_becomes_labels_and_annotations_with_their_list() {
+        let mut m = meta(vec![ep("10.0.0.1", &[(80, "http")], true)]);
+        m.metadata.labels.insert("version".into(), "2.1".into());
+        m.metadata.labels.insert(
+            crate::labels::MANAGED_BY_LABEL.into(),
+            "someone-else".into(),
+        );
+        m.metadata
+            .annotations
+            .insert("owner".into(), "team a".into());
+        let svc = desired_service(&cfg(ServiceMode::Headless), "orders", &m);
+        let labels = svc.metadata.labels.clone().unwrap_or_default();
+        assert_eq!(labels.get("version").map(String::as_str), Some("2.1"));
+        assert!(
+            is_owned(&svc.metadata, "c1"),
+            "the contract is never overridden"
+        );
+        let annotations = svc.metadata.annotations.clone().unwrap_or_default();
+        assert_eq!(annotations.get("owner").map(String::as_str), Some("team a"));
+        assert_eq!(
+            annotations
+                .get(crate::labels::METADATA_KEYS_ANNOTATION)
+                .map(String::as_str),
+            Some("labels=version;annotations=owner")
+        );
+        let plain = desired_service(&cfg(ServiceMode::Headless), "orders", &meta(vec![]));
+        assert!(!plain
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key(crate::labels::METADATA_KEYS_ANNOTATION));
     }
 
     #[test]

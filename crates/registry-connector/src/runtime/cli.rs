@@ -243,7 +243,7 @@ mod tests {
             assert_eq!(sync.quiet_period, Duration::from_millis(300));
             assert!(!operation.leader_elect);
         }
-        let cfg = eureka.eureka.to_config(&eureka.source);
+        let cfg = eureka.eureka.to_config(&eureka.source).expect("valid");
         assert_eq!(cfg.poll_interval, Duration::from_secs(5));
         assert!(!cfg.passing_only);
         assert_eq!(

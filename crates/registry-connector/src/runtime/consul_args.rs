@@ -114,6 +114,7 @@ impl ConsulArgs {
         cfg.service_prefix = shared.service_prefix.clone();
         cfg.wait = self.consul_wait;
         cfg.max_connections = self.consul_max_connections;
+        cfg.metadata = shared.metadata_allow_list()?;
         Ok(cfg)
     }
 }

@@ -79,7 +79,7 @@ pub struct EurekaArgs {
 
 impl EurekaArgs {
     /// The source's configuration from its flags and the shared selection flags.
-    pub fn to_config(&self, shared: &SourceArgs) -> EurekaConfig {
+    pub fn to_config(&self, shared: &SourceArgs) -> anyhow::Result<EurekaConfig> {
         let mut cfg = EurekaConfig::new(self.eureka_url.clone());
         cfg.username = self.eureka_username.clone().filter(|u| !u.is_empty());
         cfg.password = self.eureka_password.clone().filter(|p| !p.is_empty());
@@ -92,6 +92,7 @@ impl EurekaArgs {
         cfg.filter_metadata = self.filter_metadata.clone();
         cfg.passing_only = shared.passing_only;
         cfg.service_prefix = shared.service_prefix.clone();
-        cfg
+        cfg.metadata = shared.metadata_allow_list()?;
+        Ok(cfg)
     }
 }

@@ -314,7 +314,7 @@ async fn run_consul(cmd: cli::ConsulCommand) -> Result<()> {
 }
 
 async fn run_eureka(cmd: cli::EurekaCommand) -> Result<()> {
-    let config = cmd.eureka.to_config(&cmd.source);
+    let config = cmd.eureka.to_config(&cmd.source)?;
     let source = crate::registry::eureka::EurekaSource::new(config)
         .context("configuring the Eureka source")?;
     let mut registry = Registry::with_prefix("registry_connector");

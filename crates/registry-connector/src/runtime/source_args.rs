@@ -19,4 +19,42 @@ pub struct SourceArgs {
         value_name = "PREFIX"
     )]
     pub service_prefix: String,
+
+    /// Registry metadata keys copied onto each Service as labels (comma-separated; a
+    /// key is copied when all instances that have it agree on a valid label value).
+    #[arg(
+        long,
+        env = "RC_METADATA_LABELS",
+        value_delimiter = ',',
+        value_name = "KEY"
+    )]
+    pub metadata_labels: Vec<String>,
+
+    /// Registry metadata keys copied onto each Service as annotations (comma-separated).
+    #[arg(
+        long,
+        env = "RC_METADATA_ANNOTATIONS",
+        value_delimiter = ',',
+        value_name = "KEY"
+    )]
+    pub metadata_annotations: Vec<String>,
+}
+
+impl SourceArgs {
+    /// The metadata allow-list from the flags; a bad key fails the start.
+    pub fn metadata_allow_list(
+        &self,
+    ) -> anyhow::Result<crate::registry::metadata::MetadataAllowList> {
+        let keys = |list: &[String]| -> Vec<String> {
+            list.iter()
+                .map(|k| k.trim().to_string())
+                .filter(|k| !k.is_empty())
+                .collect()
+        };
+        crate::registry::metadata::MetadataAllowList::new(
+            keys(&self.metadata_labels),
+            keys(&self.metadata_annotations),
+        )
+        .map_err(|e| anyhow::anyhow!("--metadata-labels / --metadata-annotations: {e}"))
+    }
 }

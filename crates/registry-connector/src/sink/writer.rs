@@ -476,6 +476,25 @@ fn merge_metadata(live: &mut serde_json::Value, desired: &serde_json::Value) {
     use serde_json::Value;
     let Value::Object(live) = live else { return };
     live.remove("managedFields");
+    // Keys copied from registry metadata last time are ours: drop them, so that the
+    // ones the registry no longer has go, and the desired ones come back below.
+    let tracked = live
+        .get("annotations")
+        .and_then(|a| a.get(crate::labels::METADATA_KEYS_ANNOTATION))
+        .and_then(Value::as_str)
+        .map(crate::labels::parse_metadata_keys);
+    if let Some((labels, annotations)) = tracked {
+        for (field, keys) in [("labels", labels), ("annotations", annotations)] {
+            if let Some(Value::Object(map)) = live.get_mut(field) {
+                for key in keys {
+                    map.remove(&key);
+                }
+            }
+        }
+        if let Some(Value::Object(map)) = live.get_mut("annotations") {
+            map.remove(crate::labels::METADATA_KEYS_ANNOTATION);
+        }
+    }
     for field in ["labels", "annotations"] {
         let entry = live
             .entry(field)
@@ -518,6 +537,53 @@ mod tests {
 
     fn svc(v: serde_json::Value) -> Service {
         serde_json::from_value(v).expect("valid service")
+    }
+
+    #[test]
+    fn overlay_removes_metadata_keys_the_registry_dropped_and_keeps_others() {
+        let desired = svc(json!({
+            "metadata": {"name": "a", "labels": {"app.kubernetes.io/managed-by": "registry-connector", "tier": "web"},
+                         "annotations": {"connector.flomesh.io/metadata-keys": "labels=tier;annotations="}},
+            "spec": {"type": "ClusterIP", "clusterIP": "None"}
+        }));
+        let live = svc(json!({
+            "metadata": {"name": "a", "resourceVersion": "3",
+                         "labels": {"app.kubernetes.io/managed-by": "registry-connector",
+                                    "version": "1", "tier": "db", "team": "x"},
+                         "annotations": {"owner": "jane", "mesh.example/inject": "true",
+                                         "connector.flomesh.io/metadata-keys": "labels=version,tier;annotations=owner"}},
+            "spec": {"type": "ClusterIP", "clusterIP": "None"}
+        }));
+        let out = overlay(&desired, &live).expect("overlay");
+        let labels = out.metadata.labels.clone().unwrap_or_default();
+        assert_eq!(labels.get("version"), None, "dropped by the registry");
+        assert_eq!(labels.get("tier").map(String::as_str), Some("web"));
+        assert_eq!(
+            labels.get("team").map(String::as_str),
+            Some("x"),
+            "not ours"
+        );
+        let annotations = out.metadata.annotations.clone().unwrap_or_default();
+        assert_eq!(annotations.get("owner"), None);
+        assert_eq!(
+            annotations.get("mesh.example/inject").map(String::as_str),
+            Some("true")
+        );
+        assert_eq!(
+            annotations
+                .get("connector.flomesh.io/metadata-keys")
+                .map(String::as_str),
+            Some("labels=tier;annotations=")
+        );
+
+        let plain = svc(json!({
+            "metadata": {"name": "a", "labels": {"app.kubernetes.io/managed-by": "registry-connector"}},
+            "spec": {"type": "ClusterIP", "clusterIP": "None"}
+        }));
+        let out = overlay(&plain, &live).expect("overlay");
+        let annotations = out.metadata.annotations.unwrap_or_default();
+        assert!(!annotations.contains_key("connector.flomesh.io/metadata-keys"));
+        assert_eq!(out.metadata.labels.unwrap_or_default().get("tier"), None);
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub struct Instance<'a> {
     pub port: Option<u16>,
     pub secure_port: Option<u16>,
     pub status: &'a str,
+    /// Metadata besides the scenario's marker.
+    pub metadata: Vec<(&'a str, &'a str)>,
 }
 
 impl<'a> Instance<'a> {
@@ -43,6 +45,7 @@ impl<'a> Instance<'a> {
             port: Some(port),
             secure_port: None,
             status: "UP",
+            metadata: Vec::new(),
         }
     }
 }
@@ -89,6 +92,8 @@ impl EurekaScenario {
     /// Registers one instance carrying this scenario's marker (documentation addresses,
     /// never contacted; no health check exists in Eureka's model to contact them).
     pub async fn register(&self, i: Instance<'_>) -> Result<()> {
+        let mut metadata = vec![(MARKER_KEY, self.marker.as_str())];
+        metadata.extend(i.metadata.iter().copied());
         let body = instance_json(
             i.app,
             i.id,
@@ -96,7 +101,7 @@ impl EurekaScenario {
             i.port,
             i.secure_port,
             i.status,
-            &[(MARKER_KEY, &self.marker)],
+            &metadata,
         );
         self.eureka.register(i.app, &body).await?;
         self.registered

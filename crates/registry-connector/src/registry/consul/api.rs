@@ -61,6 +61,9 @@ pub struct Service {
     pub service: String,
     #[serde(default, deserialize_with = "null_as_default")]
     pub tags: Vec<String>,
+    /// The instance's service meta (`Meta`), for the metadata allow-list.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub meta: std::collections::BTreeMap<String, String>,
     /// Empty when the instance was registered without one.
     #[serde(default)]
     pub address: String,

@@ -82,6 +82,8 @@ pub struct ConsulConfig {
     pub pacing: PacerConfig,
     /// Connect timeout of one TCP (and TLS) connection.
     pub connect_timeout: Duration,
+    /// Service meta keys copied onto the Service as labels or annotations.
+    pub metadata: crate::registry::metadata::MetadataAllowList,
 }
 
 impl ConsulConfig {
@@ -109,6 +111,7 @@ impl ConsulConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             pacing: PacerConfig::default(),
             connect_timeout: Duration::from_secs(5),
+            metadata: Default::default(),
         }
     }
 }

@@ -139,6 +139,8 @@ impl ConsulMetrics {
             "link_local_address",
             "link_local_multicast_address",
             "multicast_address",
+            "conflicting_metadata",
+            "invalid_label_value",
         ] {
             total += self
                 .rejected

@@ -39,6 +39,7 @@ use crate::model::{
 
 use super::api::{CatalogServices, HealthEntry};
 use super::config::ConsulConfig;
+use crate::registry::metadata::{MetadataAllowList, MetadataIssue};
 
 /// The service Consul registers for its own servers.
 const CONSUL_SERVICE: &str = "consul";
@@ -56,6 +57,7 @@ pub struct Selection {
     suffix_tag: Option<String>,
     service_prefix: String,
     consul_domain: String,
+    metadata: MetadataAllowList,
 }
 
 /// Why an instance was left out.
@@ -107,6 +109,8 @@ pub struct Built {
     pub services: Vec<MicroSvcMeta>,
     pub skipped: Vec<SkippedInstance>,
     pub ignored_tags: Vec<IgnoredTag>,
+    /// Allow-listed metadata left out, by published registry name.
+    pub metadata_issues: Vec<(MicroSvcName, MetadataIssue)>,
 }
 
 impl Built {
@@ -135,6 +139,7 @@ impl Selection {
             suffix_tag: non_empty(&cfg.suffix_tag),
             service_prefix: cfg.service_prefix.clone(),
             consul_domain: cfg.consul_domain.trim().trim_matches('.').to_string(),
+            metadata: cfg.metadata.clone(),
         }
     }
 
@@ -179,10 +184,17 @@ impl Selection {
         let mut built = Built::default();
         let mut base = Vec::new();
         let mut derived: BTreeMap<String, Vec<MicroEndpoint>> = BTreeMap::new();
+        // Every registered instance's meta counts, healthy or not, so that labels do
+        // not flap with health.
+        let mut derived_meta: BTreeMap<String, Vec<&BTreeMap<String, String>>> = BTreeMap::new();
         for entry in entries {
             let derived_name = self.derived_name(service, &entry.service.tags);
             if let Some(name) = &derived_name {
                 derived.entry(name.clone()).or_default();
+                derived_meta
+                    .entry(name.clone())
+                    .or_default()
+                    .push(&entry.service.meta);
             }
             let endpoint = match self.endpoint(service, entry, &mut built.ignored_tags) {
                 Ok(endpoint) => endpoint,
@@ -205,22 +217,43 @@ impl Selection {
             base.push(endpoint);
         }
         let domain = self.domain(service);
-        built.services.push(MicroSvcMeta::new(
-            self.published_name(service),
-            domain.clone(),
-            base,
-        ));
+        let base_meta = entries.iter().map(|e| &e.service.meta);
+        let service_meta = self.with_metadata(
+            MicroSvcMeta::new(self.published_name(service), domain.clone(), base),
+            base_meta,
+            &mut built.metadata_issues,
+        );
+        built.services.push(service_meta);
         for (name, endpoints) in derived {
             // A derived name equal to the base name (both tags empty) adds nothing.
             if name != service {
-                built.services.push(MicroSvcMeta::new(
-                    self.published_name(&name),
-                    domain.clone(),
-                    endpoints,
-                ));
+                let metas = derived_meta.remove(&name).unwrap_or_default();
+                let meta = self.with_metadata(
+                    MicroSvcMeta::new(self.published_name(&name), domain.clone(), endpoints),
+                    metas,
+                    &mut built.metadata_issues,
+                );
+                built.services.push(meta);
             }
         }
         built
+    }
+
+    /// `meta` with the allow-listed metadata of its instances; what was left out goes to
+    /// `issues`.
+    fn with_metadata<'a>(
+        &self,
+        meta: MicroSvcMeta,
+        instances: impl IntoIterator<Item = &'a BTreeMap<String, String>>,
+        issues: &mut Vec<(MicroSvcName, MetadataIssue)>,
+    ) -> MicroSvcMeta {
+        let (metadata, found) = self.metadata.apply(instances);
+        issues.extend(
+            found
+                .into_iter()
+                .map(|issue| (meta.registry_name.clone(), issue)),
+        );
+        meta.with_metadata(metadata)
     }
 
     /// `<p>-<name>-<s>` from the instance's prefix and suffix tags, `None` when it has
@@ -335,6 +368,28 @@ mod tests {
             .iter()
             .map(|e| (e.addr.to_string(), e.ready))
             .collect()
+    }
+
+    #[test]
+    fn allow_listed_service_meta_goes_to_the_base_and_derived_services() {
+        let sel = selection(|c| {
+            c.prefix_tag = Some("pfx".into());
+            c.metadata =
+                MetadataAllowList::new(["version".to_string()], []).expect("valid allow-list");
+        });
+        let built = sel.build("orders", &orders());
+        let version = |name: &str| {
+            built
+                .services
+                .iter()
+                .find(|m| m.registry_name.as_str() == name)
+                .and_then(|m| m.metadata.labels.get("version").cloned())
+        };
+        // Only orders-1 carries `version`; the instances without the key do not veto it.
+        assert_eq!(version("orders").as_deref(), Some("1"));
+        assert_eq!(version("canary-orders").as_deref(), Some("1"));
+        assert_eq!(version("blue-orders"), None);
+        assert!(built.metadata_issues.is_empty());
     }
 
     #[test]

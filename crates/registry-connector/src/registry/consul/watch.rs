@@ -93,6 +93,10 @@ impl Shared {
                 "ignoring a gRPC.port tag whose value is not a port in 1..=65535"
             );
         }
+        for (name, issue) in &built.metadata_issues {
+            self.metrics.reject(issue.as_label());
+            warn!(service = %name, reason = %issue, "Consul service meta left out");
+        }
         built
     }
 

@@ -47,6 +47,8 @@ pub struct EurekaConfig {
     pub service_prefix: String,
     /// Error backoff (its `min_interval` is unused: the poll interval paces the loop).
     pub pacing: PacerConfig,
+    /// Metadata keys copied onto the Service as labels or annotations.
+    pub metadata: crate::registry::metadata::MetadataAllowList,
 }
 
 impl EurekaConfig {
@@ -70,6 +72,7 @@ impl EurekaConfig {
                 min_interval: Duration::ZERO,
                 ..PacerConfig::default()
             },
+            metadata: Default::default(),
         }
     }
 }
@@ -98,6 +101,7 @@ impl fmt::Debug for EurekaConfig {
             .field("passing_only", &self.passing_only)
             .field("filter_metadata", &self.filter_metadata)
             .field("service_prefix", &self.service_prefix)
+            .field("metadata", &self.metadata)
             .finish_non_exhaustive()
     }
 }

@@ -73,6 +73,7 @@ impl EurekaSource {
                 filter_metadata: cfg.filter_metadata,
                 passing_only: cfg.passing_only,
                 service_prefix: cfg.service_prefix,
+                metadata: cfg.metadata,
             },
             metrics,
             interval: cfg.poll_interval,

@@ -162,6 +162,10 @@ impl Poller {
                 "Eureka instance left out"
             );
         }
+        for issue in &built.metadata_issues {
+            self.metrics.reject(issue.as_label());
+            warn!(app = %app, reason = %issue, "Eureka metadata left out");
+        }
         built.service
     }
 }

@@ -17,6 +17,9 @@
 //!   as not ready. An application stays published while it has instances taking part,
 //!   even if none is ready: a failing service empties its endpoints instead of losing
 //!   its Service;
+//! - allow-listed metadata keys become Service labels or annotations when every
+//!   instance taking part that has the key agrees on its value (see
+//!   [`crate::registry::metadata`]); health does not matter here, so labels do not flap;
 //! - the domain (the ExternalName target) is the instances' `vipAddress` (the first of
 //!   a comma-separated list, lowercased; the smallest over the instances, so it does not
 //!   depend on order), else the lowercased application name.
@@ -26,6 +29,7 @@ use crate::model::{
     MicroSvcMeta, MicroSvcName, MicroSvcPort,
 };
 use crate::naming::is_dns1123_subdomain;
+use crate::registry::metadata::{MetadataAllowList, MetadataIssue};
 
 use super::api::{Instance, Status};
 use super::mirror::AppInstances;
@@ -39,6 +43,8 @@ pub struct Selection {
     pub passing_only: bool,
     /// Prepended to every published name.
     pub service_prefix: String,
+    /// Metadata keys copied onto the Service.
+    pub metadata: MetadataAllowList,
 }
 
 /// Why an instance was left out.
@@ -80,6 +86,8 @@ pub struct Built {
     /// `None` when no instance takes part.
     pub service: Option<MicroSvcMeta>,
     pub skipped: Vec<SkippedInstance>,
+    /// Allow-listed metadata left out.
+    pub metadata_issues: Vec<MetadataIssue>,
 }
 
 impl Selection {
@@ -120,11 +128,21 @@ impl Selection {
         }
         if any {
             let domain = domain.unwrap_or_else(|| app.trim().to_ascii_lowercase());
-            built.service = Some(MicroSvcMeta::new(
-                self.published_name(app),
-                MicroSvcDomainName(domain),
-                endpoints,
-            ));
+            let (metadata, issues) = self.metadata.apply(
+                instances
+                    .values()
+                    .filter(|i| self.takes_part(i))
+                    .map(|i| &i.metadata),
+            );
+            built.metadata_issues = issues;
+            built.service = Some(
+                MicroSvcMeta::new(
+                    self.published_name(app),
+                    MicroSvcDomainName(domain),
+                    endpoints,
+                )
+                .with_metadata(metadata),
+            );
         }
         built
     }
@@ -314,6 +332,7 @@ mod tests {
             filter_metadata: vec![("team".into(), "blue".into())],
             passing_only: true,
             service_prefix: "eu-".into(),
+            ..Selection::default()
         };
         let meta = s
             .build("A", &app(vec![tagged, untagged.clone()]))
@@ -322,6 +341,30 @@ mod tests {
         assert_eq!(meta.registry_name.as_str(), "eu-A");
         assert_eq!(addresses(&meta), [("192.0.2.1".into(), true)]);
         assert!(s.build("B", &app(vec![untagged])).service.is_none());
+    }
+
+    #[test]
+    fn allow_listed_metadata_goes_to_the_service_whatever_the_health() {
+        let mut up = instance("192.0.2.1", Status::Up);
+        up.metadata.insert("version".into(), "2.1".into());
+        up.metadata.insert("zone".into(), "eu-1".into());
+        let mut down = instance("192.0.2.2", Status::Down);
+        down.metadata.insert("version".into(), "2.1".into());
+        down.metadata.insert("zone".into(), "eu-2".into());
+        let s = Selection {
+            passing_only: true,
+            metadata: MetadataAllowList::new(["version".to_string()], ["zone".to_string()])
+                .expect("valid"),
+            ..Selection::default()
+        };
+        let built = s.build("A", &app(vec![up, down]));
+        let meta = built.service.expect("published");
+        assert_eq!(
+            meta.metadata.labels.get("version").map(String::as_str),
+            Some("2.1")
+        );
+        assert!(meta.metadata.annotations.is_empty(), "zones disagree");
+        assert_eq!(built.metadata_issues.len(), 1);
     }
 
     #[test]

@@ -1,0 +1,195 @@
+//! The operator's allow-list from registry metadata to Service labels and annotations,
+//! shared by every source.
+//!
+//! Registry metadata lives on instances (Eureka's metadata map, Consul's service meta);
+//! a Service is one object for all of them. A key is copied when every instance that has
+//! it agrees on the value; instances that disagree are reported, and the key is left out
+//! rather than chosen by chance. Label values must be valid Kubernetes label values; an
+//! invalid one is reported and left out, so one odd value never makes the apiserver
+//! refuse the whole Service. Keys are checked once, when the allow-list is built.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::labels::RESERVED_KEYS;
+use crate::model::ServiceMetadata;
+use crate::naming::{is_label_value, is_qualified_name};
+
+/// Which metadata keys become labels and which become annotations.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetadataAllowList {
+    labels: BTreeSet<String>,
+    annotations: BTreeSet<String>,
+}
+
+/// Why an allow-listed key was left out of one service.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MetadataIssue {
+    #[error("instances disagree on the value of metadata key {key:?}")]
+    Conflict { key: String },
+    #[error("metadata key {key:?} has value {value:?}, which is not a valid label value")]
+    InvalidLabelValue { key: String, value: String },
+}
+
+impl MetadataIssue {
+    /// The `reason` label of the rejected-entries metric.
+    pub fn as_label(&self) -> &'static str {
+        match self {
+            Self::Conflict { .. } => "conflicting_metadata",
+            Self::InvalidLabelValue { .. } => "invalid_label_value",
+        }
+    }
+}
+
+impl MetadataAllowList {
+    /// Checks the keys: each must be a qualified name (what Kubernetes accepts as a label
+    /// or annotation key), none may be one of the connector's own keys, and a key may not
+    /// be both a label and an annotation.
+    pub fn new(
+        labels: impl IntoIterator<Item = String>,
+        annotations: impl IntoIterator<Item = String>,
+    ) -> Result<Self, String> {
+        let check = |key: String| -> Result<String, String> {
+            let key = key.trim().to_string();
+            if !is_qualified_name(&key) {
+                return Err(format!(
+                    "{key:?} is not a valid label or annotation key (name or prefix/name)"
+                ));
+            }
+            if RESERVED_KEYS.contains(&key.as_str()) {
+                return Err(format!("{key:?} is one of the connector's own keys"));
+            }
+            Ok(key)
+        };
+        let labels: BTreeSet<String> = labels.into_iter().map(check).collect::<Result<_, _>>()?;
+        let annotations: BTreeSet<String> = annotations
+            .into_iter()
+            .map(check)
+            .collect::<Result<_, _>>()?;
+        if let Some(both) = labels.intersection(&annotations).next() {
+            return Err(format!(
+                "{both:?} is allow-listed both as a label and as an annotation"
+            ));
+        }
+        Ok(Self {
+            labels,
+            annotations,
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty() && self.annotations.is_empty()
+    }
+
+    /// The labels and annotations for a service whose instances carry `instances`.
+    pub fn apply<'a>(
+        &self,
+        instances: impl IntoIterator<Item = &'a BTreeMap<String, String>>,
+    ) -> (ServiceMetadata, Vec<MetadataIssue>) {
+        let mut out = ServiceMetadata::default();
+        let mut issues = Vec::new();
+        if self.is_empty() {
+            return (out, issues);
+        }
+        let mut values: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for metadata in instances {
+            for key in self.labels.iter().chain(&self.annotations) {
+                if let Some(value) = metadata.get(key) {
+                    values.entry(key).or_default().insert(value.trim());
+                }
+            }
+        }
+        for (key, found) in values {
+            let mut found = found.into_iter();
+            let (Some(value), None) = (found.next(), found.next()) else {
+                issues.push(MetadataIssue::Conflict {
+                    key: key.to_string(),
+                });
+                continue;
+            };
+            if self.labels.contains(key) {
+                if is_label_value(value) {
+                    out.labels.insert(key.to_string(), value.to_string());
+                } else {
+                    issues.push(MetadataIssue::InvalidLabelValue {
+                        key: key.to_string(),
+                        value: value.to_string(),
+                    });
+                }
+            } else {
+                out.annotations.insert(key.to_string(), value.to_string());
+            }
+        }
+        (out, issues)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn allow(labels: &[&str], annotations: &[&str]) -> MetadataAllowList {
+        MetadataAllowList::new(
+            labels.iter().map(|s| s.to_string()),
+            annotations.iter().map(|s| s.to_string()),
+        )
+        .expect("valid allow-list")
+    }
+
+    #[test]
+    fn agreed_values_are_copied_and_the_rest_reported() {
+        let a = allow(&["team", "version", "example.com/tier"], &["owner"]);
+        let instances = [
+            map(&[
+                ("team", "blue"),
+                ("version", "1.2"),
+                ("owner", "Jane Doe <jane@example.com>"),
+                ("other", "x"),
+            ]),
+            map(&[
+                ("team", "blue"),
+                ("version", "1.3"),
+                ("example.com/tier", "not valid!"),
+            ]),
+            map(&[]),
+        ];
+        let (out, issues) = a.apply(&instances);
+        assert_eq!(out.labels, map(&[("team", "blue")]));
+        assert_eq!(
+            out.annotations,
+            map(&[("owner", "Jane Doe <jane@example.com>")]),
+            "annotations take any text"
+        );
+        let reasons: Vec<&str> = issues.iter().map(MetadataIssue::as_label).collect();
+        assert_eq!(reasons, ["invalid_label_value", "conflicting_metadata"]);
+    }
+
+    #[test]
+    fn an_empty_allow_list_copies_nothing() {
+        let (out, issues) = MetadataAllowList::default().apply(&[map(&[("team", "blue")])]);
+        assert!(out.is_empty());
+        assert!(issues.is_empty());
+    }
+
+    #[test]
+    fn bad_keys_are_refused_when_the_list_is_built() {
+        for (labels, annotations) in [
+            (vec!["not a key"], vec![]),
+            (vec!["app.kubernetes.io/managed-by"], vec![]),
+            (vec![], vec!["connector.flomesh.io/metadata-keys"]),
+            (vec!["team"], vec!["team"]),
+        ] {
+            assert!(MetadataAllowList::new(
+                labels.into_iter().map(String::from),
+                annotations.into_iter().map(String::from)
+            )
+            .is_err());
+        }
+    }
+}
