@@ -762,6 +762,11 @@ fn chart_passes_helm_lint() -> Result<()> {
             "serviceType=cluster-ip",
             "consul.tokenSecret.name=",
         ],
+        vec![
+            "registry=eureka",
+            "eureka.username=connector",
+            "eureka.passwordSecret.name=eureka-credentials",
+        ],
     ] {
         let mut args = vec!["lint", "--strict", chart];
         for s in &sets {
@@ -786,6 +791,10 @@ fn chart_passes_helm_lint() -> Result<()> {
         (
             &["serviceType=nodeport"][..],
             "not a service type the connector knows",
+        ),
+        (
+            &["registry=zookeeper"][..],
+            "not a registry the connector reads",
         ),
     ] {
         let mut args = vec!["template", "x", chart];
@@ -889,8 +898,8 @@ async fn chart_renders_are_accepted_by_the_apiserver() -> Result<()> {
     )
     .await?;
 
-    // The defaults, and a set of values that takes the chart's other branches.
-    let variants: [(&str, Vec<(&str, &str)>); 2] = [
+    // The defaults, a set of values that takes the chart's other branches, and Eureka.
+    let variants: [(&str, Vec<(&str, &str)>); 3] = [
         (RELEASE, vec![("syncNamespace", sync.name())]),
         (
             "variant",
@@ -910,9 +919,48 @@ async fn chart_renders_are_accepted_by_the_apiserver() -> Result<()> {
                 ("spreadAcrossNodes", "false"),
             ],
         ),
+        (
+            "eureka",
+            vec![
+                ("syncNamespace", sync.name()),
+                ("registry", "eureka"),
+                (
+                    // `--set` splits on commas unless they are escaped.
+                    "eureka.url",
+                    "http://eureka-a:8761/eureka\\,http://eureka-b:8761/eureka",
+                ),
+                ("eureka.username", "connector"),
+                ("eureka.passwordSecret.name", "eureka-credentials"),
+            ],
+        ),
     ];
     for (release, sets) in variants {
         let objects = helm_template(&helm, release, own.name(), &sets)?;
+        let args = objects
+            .iter()
+            .find(|o| kind(o) == "Deployment")
+            .and_then(|d| d.pointer("/spec/template/spec/containers/0/args"))
+            .cloned()
+            .unwrap_or_default();
+        let registry = if release == "eureka" {
+            "eureka"
+        } else {
+            "consul"
+        };
+        ensure!(
+            args.get(0).and_then(Value::as_str) == Some(registry),
+            "release {release} runs {args}"
+        );
+        if release == "eureka" {
+            ensure!(
+                args.as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|a| a
+                        == "--eureka-url=http://eureka-a:8761/eureka,http://eureka-b:8761/eureka"),
+                "no --eureka-url in {args}"
+            );
+        }
         ensure!(
             objects.iter().all(|o| kind(o) != "Namespace"),
             "the chart must not create namespaces"
