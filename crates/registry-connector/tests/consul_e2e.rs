@@ -4,9 +4,8 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-
 use anyhow::Result;
+use common::objects::{self, port_specs};
 use common::process::Connector;
 use common::*;
 use k8s_openapi::api::core::v1::Service;
@@ -92,36 +91,16 @@ impl Scenario {
     }
 
     async fn slices_of(&self, svc: &str) -> Option<Vec<EndpointSlice>> {
-        let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), self.ns.name());
-        let lp = ListParams::default().labels(&format!("kubernetes.io/service-name={svc}"));
-        api.list(&lp).await.ok().map(|l| l.items)
+        objects::slices_of(&self.client, self.ns.name(), svc).await
     }
 
     /// Waits until the service's slices show exactly these (address, ready) endpoints.
     async fn wait_endpoints(&self, svc: &str, want: &[(&str, bool)]) -> Result<Vec<EndpointSlice>> {
-        let want: BTreeMap<String, bool> = want.iter().map(|(a, r)| (a.to_string(), *r)).collect();
-        wait_for(&format!("{svc} endpoints {want:?}"), WAIT, || async {
-            let slices = self.slices_of(svc).await?;
-            let got: BTreeMap<String, bool> = slices
-                .iter()
-                .flat_map(|s| s.endpoints.iter())
-                .map(|e| {
-                    (
-                        e.addresses[0].clone(),
-                        e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false),
-                    )
-                })
-                .collect();
-            (got == want).then_some(slices)
-        })
-        .await
+        objects::wait_endpoints(&self.client, self.ns.name(), svc, want).await
     }
 
     async fn wait_gone(&self, svc: &str) -> Result<()> {
-        wait_for(&format!("{svc} deleted"), WAIT, || async {
-            matches!(self.services().get_opt(svc).await, Ok(None)).then_some(())
-        })
-        .await
+        objects::wait_service_gone(&self.client, self.ns.name(), svc).await
     }
 
     async fn cleanup(&self) {
@@ -129,19 +108,6 @@ impl Scenario {
             let _ = self.deregister(id).await;
         }
     }
-}
-
-fn port_specs(svc: &Service) -> Vec<(String, i32, Option<String>)> {
-    let mut ports: Vec<(String, i32, Option<String>)> = svc
-        .spec
-        .as_ref()
-        .and_then(|s| s.ports.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|p| (p.name.unwrap_or_default(), p.port, p.app_protocol))
-        .collect();
-    ports.sort();
-    ports
 }
 
 #[tokio::test]

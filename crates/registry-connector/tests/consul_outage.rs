@@ -6,9 +6,9 @@ mod common;
 use std::time::Duration;
 
 use anyhow::Result;
+use common::objects::service_names;
 use common::process::Connector;
 use common::WAIT;
-use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::ListParams;
 use kube::Api;
@@ -62,7 +62,6 @@ async fn consul_outages_delete_nothing_and_are_caught_up() -> Result<()> {
     register(&consul, &tag, &format!("{b}-1"), &b, "192.0.2.51").await?;
     let connector = Connector::consul(env, ns.name(), &["--filter-tag", &tag])?;
     connector.wait_ready().await?;
-    let services: Api<Service> = Api::namespaced(client.clone(), ns.name());
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns.name());
     assert_eq!(
         endpoint_addresses(&slices, &a).await,
@@ -88,13 +87,7 @@ async fn consul_outages_delete_nothing_and_are_caught_up() -> Result<()> {
     })
     .await?;
     let _ = failures_before;
-    let names: Vec<String> = services
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|s| s.metadata.name)
-        .collect();
+    let names = service_names(&client, ns.name()).await?;
     assert_eq!(
         names.len(),
         2,
@@ -141,13 +134,7 @@ async fn consul_outages_delete_nothing_and_are_caught_up() -> Result<()> {
         Some(503),
         "not ready without the registry"
     );
-    let names: Vec<String> = services
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|s| s.metadata.name)
-        .collect();
+    let names = service_names(&client, ns.name()).await?;
     assert_eq!(
         names.len(),
         2,

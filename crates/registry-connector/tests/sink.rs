@@ -24,24 +24,7 @@ async fn wait_for_event(
     reason: &str,
     name: &str,
 ) -> Result<k8s_openapi::api::events::v1::Event> {
-    let events: kube::Api<k8s_openapi::api::events::v1::Event> =
-        kube::Api::namespaced(h.client.clone(), h.ns.name());
-    wait_for(&format!("a {reason} event on {name}"), WAIT, || {
-        let events = events.clone();
-        async move {
-            events
-                .list(&ListParams::default())
-                .await
-                .ok()?
-                .items
-                .into_iter()
-                .find(|e| {
-                    e.reason.as_deref() == Some(reason)
-                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
-                })
-        }
-    })
-    .await
+    common::objects::wait_event(&h.client, h.ns.name(), reason, name).await
 }
 
 fn versions(slices: &[k8s_openapi::api::discovery::v1::EndpointSlice]) -> BTreeMap<String, String> {

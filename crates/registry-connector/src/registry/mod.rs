@@ -13,9 +13,37 @@
 pub mod consul;
 pub mod eureka;
 pub mod metadata;
+pub mod metrics;
 pub mod pacer;
+pub mod tls;
 
 pub use pacer::{Pacer, PacerConfig};
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::Catalog;
+
+/// What the runtime needs of a registry source: its name, its metrics, and a run that
+/// feeds the catalog until shutdown (see the module documentation for the contract).
+pub trait RegistrySource: Send + 'static {
+    /// The `source` label and log name (`consul`, `eureka`).
+    const NAME: &'static str;
+    /// Configuration errors found at start; transient errors never end `run`.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Registers the source's metrics in the process's registry.
+    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry);
+
+    /// Feeds `catalog` until `shutdown` is cancelled.
+    fn run(
+        self,
+        catalog: Arc<Catalog>,
+        shutdown: CancellationToken,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
 
 /// An error with its sources, `: `-separated, for one log field.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

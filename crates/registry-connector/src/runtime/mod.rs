@@ -24,6 +24,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use crate::catalog::Catalog;
+use crate::registry::RegistrySource;
 use crate::sink::metrics::Verb;
 use crate::sink::plan::Plan;
 use crate::sink::Sink;
@@ -296,39 +297,34 @@ async fn run_consul(cmd: cli::ConsulCommand) -> Result<()> {
     let config = cmd.consul.to_config(&cmd.source)?;
     let source = crate::registry::consul::ConsulSource::new(config)
         .context("configuring the Consul source")?;
-    let mut registry = Registry::with_prefix("registry_connector");
-    source.register_metrics(&mut registry);
-    run_connector(
-        &cmd.sync,
-        &cmd.operation,
-        registry,
-        "consul",
-        move |catalog, shutdown| async move {
-            source
-                .run(catalog, shutdown)
-                .await
-                .context("reading Consul")
-        },
-    )
-    .await
+    run_source(source, &cmd.sync, &cmd.operation).await
 }
 
 async fn run_eureka(cmd: cli::EurekaCommand) -> Result<()> {
     let config = cmd.eureka.to_config(&cmd.source)?;
     let source = crate::registry::eureka::EurekaSource::new(config)
         .context("configuring the Eureka source")?;
+    run_source(source, &cmd.sync, &cmd.operation).await
+}
+
+/// Runs a configured source with the sink, under the process's metrics registry.
+async fn run_source<S: RegistrySource>(
+    source: S,
+    sync: &SyncArgs,
+    operation: &OperationArgs,
+) -> Result<()> {
     let mut registry = Registry::with_prefix("registry_connector");
     source.register_metrics(&mut registry);
     run_connector(
-        &cmd.sync,
-        &cmd.operation,
+        sync,
+        operation,
         registry,
-        "eureka",
+        S::NAME,
         move |catalog, shutdown| async move {
             source
                 .run(catalog, shutdown)
                 .await
-                .context("reading Eureka")
+                .with_context(|| format!("reading {}", S::NAME))
         },
     )
     .await

@@ -77,3 +77,14 @@ pub enum ConsulError {
     #[error("GET {path}: the answer carries no valid X-Consul-Index header")]
     MissingIndex { path: String },
 }
+
+impl From<crate::registry::tls::TlsFileError> for ConsulError {
+    fn from(e: crate::registry::tls::TlsFileError) -> Self {
+        use crate::registry::tls::TlsFileError;
+        match e {
+            TlsFileError::Read { what, path, source } => Self::ReadFile { what, path, source },
+            TlsFileError::Invalid { what, source } => Self::Tls { what, source },
+            TlsFileError::Config(message) => Self::Config(message),
+        }
+    }
+}

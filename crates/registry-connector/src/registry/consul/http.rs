@@ -72,40 +72,12 @@ impl ConsulHttp {
             headers.insert("X-Consul-Token", value);
             builder = builder.default_headers(headers);
         }
-        if let Some(ca) = &cfg.ca_file {
-            let pem = read_file("CA", ca)?;
-            let certs =
-                reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| ConsulError::Tls {
-                    what: "CA file",
-                    source,
-                })?;
-            if certs.is_empty() {
-                return Err(ConsulError::Config(format!(
-                    "the CA file {} holds no certificate",
-                    ca.display()
-                )));
-            }
-            builder = builder.tls_certs_only(certs);
-        }
-        match (&cfg.client_cert_file, &cfg.client_key_file) {
-            (Some(cert), Some(key)) => {
-                let mut pem = read_file("client certificate", cert)?;
-                pem.push(b'\n');
-                pem.extend(read_file("client key", key)?);
-                let identity =
-                    reqwest::Identity::from_pem(&pem).map_err(|source| ConsulError::Tls {
-                        what: "client certificate or key",
-                        source,
-                    })?;
-                builder = builder.identity(identity);
-            }
-            (None, None) => {}
-            _ => {
-                return Err(ConsulError::Config(
-                    "a client certificate needs both the certificate and the key file".into(),
-                ))
-            }
-        }
+        builder = crate::registry::tls::with_tls_files(
+            builder,
+            cfg.ca_file.as_deref(),
+            cfg.client_cert_file.as_deref(),
+            cfg.client_key_file.as_deref(),
+        )?;
         let client = builder.build().map_err(ConsulError::Client)?;
         let permits =
             (cfg.max_connections > 0).then(|| Arc::new(Semaphore::new(cfg.max_connections)));
@@ -336,11 +308,7 @@ fn resolve_token(cfg: &ConsulConfig) -> Result<Option<String>, ConsulError> {
 }
 
 fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, ConsulError> {
-    std::fs::read(path).map_err(|source| ConsulError::ReadFile {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })
+    Ok(crate::registry::tls::read_file(what, path)?)
 }
 
 fn error_body(body: &[u8]) -> String {

@@ -146,6 +146,23 @@ impl ConsulSource {
     }
 }
 
+impl crate::registry::RegistrySource for ConsulSource {
+    const NAME: &'static str = "consul";
+    type Error = ConsulError;
+
+    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        ConsulSource::register_metrics(self, registry);
+    }
+
+    fn run(
+        self,
+        catalog: Arc<Catalog>,
+        shutdown: CancellationToken,
+    ) -> impl std::future::Future<Output = Result<(), ConsulError>> + Send {
+        ConsulSource::run(self, catalog, shutdown)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,8 +2,6 @@
 //! [`super::EurekaSource::new`]; request errors are logged and retried by the poll loop,
 //! never returned from `run`. No variant carries a password: URLs in errors are redacted.
 
-use std::path::PathBuf;
-
 /// Everything that can go wrong talking to Eureka.
 #[derive(Debug, thiserror::Error)]
 pub enum EurekaError {
@@ -11,22 +9,10 @@ pub enum EurekaError {
     #[error("invalid Eureka service URL {url:?}: {reason}")]
     InvalidUrl { url: String, reason: String },
 
-    /// A file named in the configuration could not be read.
-    #[error("cannot read the Eureka {what} file {path}")]
-    ReadFile {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-
-    /// The TLS material is not usable.
-    #[error("invalid Eureka {what}")]
-    Tls {
-        what: &'static str,
-        #[source]
-        source: reqwest::Error,
-    },
+    /// A file named in the configuration (password, TLS material) is missing or
+    /// unusable.
+    #[error(transparent)]
+    Files(#[from] crate::registry::tls::TlsFileError),
 
     /// A configuration value that cannot work.
     #[error("invalid Eureka configuration: {0}")]

@@ -79,40 +79,12 @@ impl EurekaHttp {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(cfg.connect_timeout)
             .user_agent(concat!("registry-connector/", env!("CARGO_PKG_VERSION")));
-        if let Some(ca) = &cfg.ca_file {
-            let pem = read_file("CA", ca)?;
-            let certs =
-                reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| EurekaError::Tls {
-                    what: "CA file",
-                    source,
-                })?;
-            if certs.is_empty() {
-                return Err(EurekaError::Config(format!(
-                    "the CA file {} holds no certificate",
-                    ca.display()
-                )));
-            }
-            builder = builder.tls_certs_only(certs);
-        }
-        match (&cfg.client_cert_file, &cfg.client_key_file) {
-            (Some(cert), Some(key)) => {
-                let mut pem = read_file("client certificate", cert)?;
-                pem.push(b'\n');
-                pem.extend(read_file("client key", key)?);
-                let identity =
-                    reqwest::Identity::from_pem(&pem).map_err(|source| EurekaError::Tls {
-                        what: "client certificate or key",
-                        source,
-                    })?;
-                builder = builder.identity(identity);
-            }
-            (None, None) => {}
-            _ => {
-                return Err(EurekaError::Config(
-                    "a client certificate needs both the certificate and the key file".into(),
-                ))
-            }
-        }
+        builder = crate::registry::tls::with_tls_files(
+            builder,
+            cfg.ca_file.as_deref(),
+            cfg.client_cert_file.as_deref(),
+            cfg.client_key_file.as_deref(),
+        )?;
         Ok(Self {
             client: builder.build().map_err(EurekaError::Client)?,
             urls: parsed.into_iter().map(|(url, _)| url).collect(),
@@ -261,16 +233,8 @@ fn percent_decode(text: &str) -> String {
         .into_owned()
 }
 
-fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, EurekaError> {
-    std::fs::read(path).map_err(|source| EurekaError::ReadFile {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
 fn read_secret(path: &Path) -> Result<String, EurekaError> {
-    let bytes = read_file("password", path)?;
+    let bytes = crate::registry::tls::read_file("password", path)?;
     let text = String::from_utf8(bytes).map_err(|_| {
         EurekaError::Config(format!("the password file {} is not UTF-8", path.display()))
     })?;

@@ -10,6 +10,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::registry::metrics::SourceMetrics;
+
 const SOURCE: &str = "eureka";
 
 /// Which Eureka endpoint a request went to.
@@ -49,42 +51,36 @@ impl FullFetchReason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
-    pub source: &'static str,
-    pub endpoint: &'static str,
-    pub result: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SourceReasonLabels {
+pub struct FullFetchLabels {
     pub source: &'static str,
     pub reason: &'static str,
 }
 
 /// The Eureka source's metrics; shared (`Arc`) between the source and its readers.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EurekaMetrics {
-    pub requests: Family<RequestLabels, Counter>,
-    pub rejected: Family<SourceReasonLabels, Counter>,
+    /// Requests by endpoint and result, rejected instances and metadata.
+    pub common: SourceMetrics,
     /// Full reads of the registry, by reason (`start`, `hash_mismatch`).
-    pub full_fetches: Family<SourceReasonLabels, Counter>,
+    pub full_fetches: Family<FullFetchLabels, Counter>,
     /// Instances in the local copy of the registry (all applications, all statuses).
     pub mirrored_instances: Gauge,
+}
+
+impl Default for EurekaMetrics {
+    fn default() -> Self {
+        Self {
+            common: SourceMetrics::new(SOURCE),
+            full_fetches: Family::default(),
+            mirrored_instances: Gauge::default(),
+        }
+    }
 }
 
 impl EurekaMetrics {
     /// Registers the metrics under `registry` (which carries the process prefix).
     pub fn register(&self, registry: &mut Registry) {
-        registry.register(
-            "registry_requests",
-            "Registry requests by source, endpoint and result",
-            self.requests.clone(),
-        );
-        registry.register(
-            "registry_rejected_entries",
-            "Registry instances left out, by source and reason (invalid address or port)",
-            self.rejected.clone(),
-        );
+        self.common.register(registry);
         registry.register(
             "eureka_full_fetches",
             "Full reads of the Eureka registry, by reason (start, hash_mismatch)",
@@ -98,52 +94,32 @@ impl EurekaMetrics {
     }
 
     pub(crate) fn record(&self, endpoint: Endpoint, ok: bool) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                source: SOURCE,
-                endpoint: endpoint.as_str(),
-                result: if ok { "ok" } else { "error" },
-            })
-            .inc();
+        self.common.record(endpoint.as_str(), ok);
     }
 
     pub(crate) fn reject(&self, reason: &'static str) {
-        self.rejected
-            .get_or_create(&SourceReasonLabels {
-                source: SOURCE,
-                reason,
-            })
-            .inc();
+        self.common.reject(reason);
     }
 
     pub(crate) fn full_fetch(&self, reason: FullFetchReason) {
-        self.full_fetches
-            .get_or_create(&SourceReasonLabels {
-                source: SOURCE,
-                reason: reason.as_str(),
-            })
-            .inc();
+        self.full_fetches.get_or_create(&Self::labels(reason)).inc();
     }
 
     /// Successful requests to `endpoint`.
     pub fn ok_requests(&self, endpoint: Endpoint) -> u64 {
-        self.requests
-            .get_or_create(&RequestLabels {
-                source: SOURCE,
-                endpoint: endpoint.as_str(),
-                result: "ok",
-            })
-            .get()
+        self.common.requests(endpoint.as_str(), true)
     }
 
     /// Full fetches for `reason`.
     pub fn full_fetches(&self, reason: FullFetchReason) -> u64 {
-        self.full_fetches
-            .get_or_create(&SourceReasonLabels {
-                source: SOURCE,
-                reason: reason.as_str(),
-            })
-            .get()
+        self.full_fetches.get_or_create(&Self::labels(reason)).get()
+    }
+
+    fn labels(reason: FullFetchReason) -> FullFetchLabels {
+        FullFetchLabels {
+            source: SOURCE,
+            reason: reason.as_str(),
+        }
     }
 }
 

@@ -124,6 +124,23 @@ impl EurekaSource {
     }
 }
 
+impl crate::registry::RegistrySource for EurekaSource {
+    const NAME: &'static str = "eureka";
+    type Error = EurekaError;
+
+    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        EurekaSource::register_metrics(self, registry);
+    }
+
+    fn run(
+        self,
+        catalog: Arc<Catalog>,
+        shutdown: CancellationToken,
+    ) -> impl std::future::Future<Output = Result<(), EurekaError>> + Send {
+        EurekaSource::run(self, catalog, shutdown)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
