@@ -45,6 +45,17 @@ pub trait RegistrySource: Send + 'static {
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 }
 
+/// An error answer's body, trimmed and cut to 512 characters, for an error message.
+pub fn error_body(body: &[u8]) -> String {
+    const MAX_ERROR_BODY: usize = 512;
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    match text.char_indices().nth(MAX_ERROR_BODY) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
 /// An error with its sources, `: `-separated, for one log field.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();

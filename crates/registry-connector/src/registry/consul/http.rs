@@ -28,9 +28,6 @@ const PLAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// (host down, network partition) long before a 5-minute blocking query times out.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 
-/// Longest error body kept in an error message.
-const MAX_ERROR_BODY: usize = 512;
-
 /// An answer of a blocking endpoint with its `X-Consul-Index`.
 #[derive(Debug)]
 pub struct Indexed<T> {
@@ -223,7 +220,7 @@ impl ConsulHttp {
             return Err(ConsulError::Status {
                 path: path.to_string(),
                 status: status.as_u16(),
-                body: error_body(&body),
+                body: crate::registry::error_body(&body),
             });
         }
         let index = header_index.ok_or_else(|| ConsulError::MissingIndex {
@@ -309,15 +306,6 @@ fn resolve_token(cfg: &ConsulConfig) -> Result<Option<String>, ConsulError> {
 
 fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, ConsulError> {
     Ok(crate::registry::tls::read_file(what, path)?)
-}
-
-fn error_body(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let text = text.trim();
-    match text.char_indices().nth(MAX_ERROR_BODY) {
-        Some((cut, _)) => format!("{}...", &text[..cut]),
-        None => text.to_string(),
-    }
 }
 
 #[cfg(test)]
@@ -451,9 +439,12 @@ mod tests {
 
     #[test]
     fn error_bodies_are_truncated() {
-        assert_eq!(error_body(b" ACL not found \n"), "ACL not found");
+        assert_eq!(
+            crate::registry::error_body(b" ACL not found \n"),
+            "ACL not found"
+        );
         let long = "x".repeat(2000);
-        assert_eq!(error_body(long.as_bytes()).len(), MAX_ERROR_BODY + 3);
+        assert_eq!(crate::registry::error_body(long.as_bytes()).len(), 512 + 3);
     }
 
     fn testenv_free_name(prefix: &str) -> String {

@@ -16,9 +16,6 @@ use super::config::EurekaConfig;
 use super::error::EurekaError;
 use super::metrics::{Endpoint, EurekaMetrics};
 
-/// Longest error body kept in an error message.
-const MAX_ERROR_BODY: usize = 512;
-
 #[derive(Clone)]
 struct Credentials {
     username: String,
@@ -154,7 +151,7 @@ impl EurekaHttp {
             return Err(EurekaError::Status {
                 url: shown,
                 status: status.as_u16(),
-                body: error_body(&body),
+                body: crate::registry::error_body(&body),
             });
         }
         api::decode_applications(&body).map_err(|source| EurekaError::Decode { url: shown, source })
@@ -239,15 +236,6 @@ fn read_secret(path: &Path) -> Result<String, EurekaError> {
         EurekaError::Config(format!("the password file {} is not UTF-8", path.display()))
     })?;
     Ok(text.trim().to_string())
-}
-
-fn error_body(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let text = text.trim();
-    match text.char_indices().nth(MAX_ERROR_BODY) {
-        Some((cut, _)) => format!("{}...", &text[..cut]),
-        None => text.to_string(),
-    }
 }
 
 #[cfg(test)]
