@@ -57,9 +57,18 @@ impl Poller {
                 return;
             }
             due = Instant::now() + self.interval;
-            let result = match next {
-                Next::FullFetch(reason) => self.full_fetch(reason, &mut mirror).await,
-                Next::Delta => self.delta(&mut mirror).await,
+            let step = async {
+                match next {
+                    Next::FullFetch(reason) => self.full_fetch(reason, &mut mirror).await,
+                    Next::Delta => self.delta(&mut mirror).await,
+                }
+            };
+            // A request in flight does not hold up shutdown (it may take the whole
+            // request timeout against a hanging server).
+            let result = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                result = step => result,
             };
             self.metrics
                 .mirrored_instances
@@ -84,9 +93,8 @@ impl Poller {
                         retry_in = ?delay,
                         "reading Eureka failed; the last known state stays published"
                     );
-                    if pacer.failures() > 1 {
-                        due = Instant::now();
-                    }
+                    // The backoff alone spaces the retries.
+                    due = Instant::now();
                 }
             }
         }
