@@ -32,15 +32,15 @@ fn down_leaves_no_process_running() -> Result<()> {
     let dir = tempfile_dir()?;
     let status = Command::new("bash")
         .arg(script_path())
-        .args(["up", "--with", "consul", "--dir"])
+        .args(["up", "--with", "consul,eureka", "--dir"])
         .arg(&dir)
         .stdout(std::process::Stdio::null())
         .status()?;
     assert!(status.success(), "testenv up failed");
     let pids = pids_in(&dir)?;
     assert!(
-        pids.len() >= 4,
-        "etcd, apiserver, controller-manager, consul: {pids:?}"
+        pids.len() >= 5,
+        "etcd, apiserver, controller-manager, consul, eureka: {pids:?}"
     );
     assert!(pids.iter().all(|p| pid_alive(*p)), "all started: {pids:?}");
 
