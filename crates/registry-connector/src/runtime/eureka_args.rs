@@ -14,9 +14,11 @@ use crate::registry::eureka::config::{parse_metadata_filter, EurekaConfig};
 pub struct EurekaArgs {
     /// Eureka service URL as a client's defaultZone writes it
     /// (http://host:8761/eureka); comma-separated for several peers, tried in order.
+    // The environment's value is hidden from --help: a URL may carry credentials.
     #[arg(
         long,
         env = "EUREKA_URL",
+        hide_env_values = true,
         default_value = "http://127.0.0.1:8761/eureka",
         value_name = "URL"
     )]
