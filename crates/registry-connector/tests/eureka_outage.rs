@@ -81,12 +81,33 @@ async fn a_restarted_empty_eureka_deletes_nothing() -> Result<()> {
         wait_endpoints(client, ns, app, &[(ip, true)]).await?;
     }
 
-    // 3. The instances register again (as Eureka clients do when their heartbeat is
-    //    refused): the hold clears and nothing was ever deleted.
-    for (app, ip) in apps.iter().zip(ips) {
+    // 3. The instances register again, one after another (as Eureka clients do over
+    //    their heartbeat period when their renewals are refused): the hold lasts until
+    //    all are back. Releasing it as soon as fewer than half are missing would delete
+    //    the application that happens to come back last.
+    for (app, ip) in apps.iter().zip(ips).take(2) {
         s.register(Instance::up(app, &format!("{app}-1"), ip, 8080))
             .await?;
     }
+    wait_for("two of three back, one still held", WAIT, || async {
+        let held = connector.metric_where(HELD, &[]).await.ok()?;
+        (held == 1.0).then_some(())
+    })
+    .await
+    .map_err(|e| e.context(connector.log_tail()))?;
+    tokio::time::sleep(2 * common::eureka::POLL_INTERVAL).await;
+    assert_eq!(
+        service_names(client, ns).await?,
+        expected,
+        "one missing of three is under the threshold, but the hold is not over"
+    );
+    s.register(Instance::up(
+        &apps[2],
+        &format!("{}-1", apps[2]),
+        ips[2],
+        8080,
+    ))
+    .await?;
     wait_for("the hold to clear", WAIT, || async {
         let held = connector.metric_where(HELD, &[]).await.ok()?;
         (held == 0.0).then_some(())

@@ -17,8 +17,8 @@ use super::{
     base_labels, object_meta, port_specs, PortSpec, RenderConfig, ServiceMode, PORT_PROTOCOL,
 };
 use crate::labels::{
-    metadata_keys_value, CLOUD_SERVICE_INHERITED_FROM_ANNOTATION, MESH_SERVICE_SYNC_ANNOTATION,
-    METADATA_KEYS_ANNOTATION,
+    metadata_keys_value, parse_metadata_keys, CLOUD_SERVICE_INHERITED_FROM_ANNOTATION,
+    MESH_SERVICE_SYNC_ANNOTATION, METADATA_KEYS_ANNOTATION,
 };
 use crate::model::MicroSvcMeta;
 
@@ -101,8 +101,9 @@ pub fn desired_service_with_live(
     // Registry metadata never overrides the contract (the allow-list refuses those keys
     // already; this keeps the renderer safe on its own), and only the keys really set
     // are listed as ours.
-    let copied_labels = copy_absent(&mut labels, &meta.metadata.labels);
-    let copied_annotations = copy_absent(&mut annotations, &meta.metadata.annotations);
+    let (metadata_labels, metadata_annotations) = metadata_not_foreign(meta, live);
+    let copied_labels = copy_absent(&mut labels, &metadata_labels);
+    let copied_annotations = copy_absent(&mut annotations, &metadata_annotations);
     if let Some(keys) = metadata_keys_value(&copied_labels, &copied_annotations) {
         annotations.insert(METADATA_KEYS_ANNOTATION.to_owned(), keys);
     }
@@ -111,6 +112,51 @@ pub fn desired_service_with_live(
         spec: Some(spec),
         status: None,
     }
+}
+
+/// The registry metadata to copy, without the keys another tool already set on the live
+/// Service (present there but not listed as ours): the connector never takes over, and
+/// so never later removes, somebody else's label or annotation.
+fn metadata_not_foreign(
+    meta: &MicroSvcMeta,
+    live: Option<&Service>,
+) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    let Some(live) = live else {
+        return (
+            meta.metadata.labels.clone(),
+            meta.metadata.annotations.clone(),
+        );
+    };
+    let (ours_labels, ours_annotations) = live
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(METADATA_KEYS_ANNOTATION))
+        .map(|v| parse_metadata_keys(v))
+        .unwrap_or_default();
+    let keep = |wanted: &BTreeMap<String, String>,
+                live_map: Option<&BTreeMap<String, String>>,
+                ours: &[String]| {
+        wanted
+            .iter()
+            .filter(|(key, _)| {
+                ours.contains(key) || !live_map.is_some_and(|m| m.contains_key(*key))
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    (
+        keep(
+            &meta.metadata.labels,
+            live.metadata.labels.as_ref(),
+            &ours_labels,
+        ),
+        keep(
+            &meta.metadata.annotations,
+            live.metadata.annotations.as_ref(),
+            &ours_annotations,
+        ),
+    )
 }
 
 /// Inserts the entries of `from` whose keys `into` lacks; returns those keys.
@@ -299,6 +345,38 @@ mod tests {
             .annotations
             .unwrap_or_default()
             .contains_key(crate::labels::METADATA_KEYS_ANNOTATION));
+    }
+
+    #[test]
+    fn metadata_never_takes_over_a_key_another_tool_set() {
+        let mut m = meta(vec![ep("10.0.0.1", &[(80, "http")], true)]);
+        m.metadata.labels.insert("team".into(), "registry".into());
+        m.metadata.labels.insert("version".into(), "2".into());
+        let first = desired_service(&cfg(ServiceMode::Headless), "orders", &m);
+        // Live: `version` is ours (tracked), `team` was set by someone else.
+        let mut live = first.clone();
+        let labels = live.metadata.labels.get_or_insert_with(BTreeMap::new);
+        labels.insert("team".into(), "theirs".into());
+        live.metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(
+                crate::labels::METADATA_KEYS_ANNOTATION.into(),
+                "labels=version;annotations=".into(),
+            );
+        let next =
+            desired_service_with_live(&cfg(ServiceMode::Headless), "orders", &m, Some(&live));
+        let labels = next.metadata.labels.unwrap_or_default();
+        assert_eq!(labels.get("version").map(String::as_str), Some("2"));
+        assert_eq!(labels.get("team"), None, "theirs, not rendered");
+        assert_eq!(
+            next.metadata
+                .annotations
+                .unwrap_or_default()
+                .get(crate::labels::METADATA_KEYS_ANNOTATION)
+                .map(String::as_str),
+            Some("labels=version;annotations=")
+        );
     }
 
     #[test]

@@ -253,15 +253,24 @@ mod tests {
                 ("env".into(), "prod".into())
             ]
         );
-        assert!(Cli::try_parse_from([
-            "registry-connector",
-            "eureka",
-            "-n",
-            "x",
-            "--filter-metadata",
-            "nokey"
-        ])
-        .is_err());
+        let parse = |filter: &str| {
+            let cli = Cli::try_parse_from([
+                "registry-connector",
+                "eureka",
+                "-n",
+                "x",
+                "--filter-metadata",
+                filter,
+            ])
+            .expect("parses");
+            let Command::Eureka(cmd) = cli.command else {
+                panic!("eureka command expected");
+            };
+            cmd.eureka.to_config(&cmd.source)
+        };
+        assert!(parse("nokey").is_err(), "not KEY=VALUE");
+        let trailing = parse("team=blue,").expect("a trailing comma is harmless");
+        assert_eq!(trailing.filter_metadata.len(), 1);
     }
 
     #[test]

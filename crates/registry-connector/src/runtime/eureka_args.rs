@@ -69,14 +69,24 @@ pub struct EurekaArgs {
     #[arg(long, env = "RC_EUREKA_POLL_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub eureka_poll_interval: Duration,
 
+    /// Read the whole registry this often even when deltas reconcile (a safety net for
+    /// changes the hash code cannot see); 0s turns it off.
+    #[arg(long, env = "RC_EUREKA_FULL_FETCH_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub eureka_full_fetch_interval: Duration,
+
     /// Timeout of one request to Eureka.
     #[arg(long, env = "RC_EUREKA_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub eureka_request_timeout: Duration,
 
     /// Sync only instances whose metadata holds KEY=VALUE (repeatable: all must match;
     /// comma-separated in the environment).
-    #[arg(long, env = "RC_FILTER_METADATA", value_delimiter = ',', value_parser = parse_metadata_filter, value_name = "KEY=VALUE")]
-    pub filter_metadata: Vec<(String, String)>,
+    #[arg(
+        long,
+        env = "RC_FILTER_METADATA",
+        value_delimiter = ',',
+        value_name = "KEY=VALUE"
+    )]
+    pub filter_metadata: Vec<String>,
 }
 
 impl EurekaArgs {
@@ -91,7 +101,14 @@ impl EurekaArgs {
         cfg.client_key_file = self.eureka_client_key.clone();
         cfg.poll_interval = self.eureka_poll_interval;
         cfg.request_timeout = self.eureka_request_timeout;
-        cfg.filter_metadata = self.filter_metadata.clone();
+        cfg.full_fetch_interval = self.eureka_full_fetch_interval;
+        cfg.filter_metadata = self
+            .filter_metadata
+            .iter()
+            .filter(|entry| !entry.trim().is_empty())
+            .map(|entry| parse_metadata_filter(entry))
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("--filter-metadata: {e}"))?;
         cfg.passing_only = shared.passing_only;
         cfg.service_prefix = shared.service_prefix.clone();
         cfg.metadata = shared.metadata_allow_list()?;

@@ -4,8 +4,11 @@
 //! datacenter, a restarted server that lost its state) must not wipe the namespace.
 //! When applying the registry's view would delete more than a share of the managed
 //! services, or all of them, the deletions are held and reported instead. They go ahead
-//! once the same condition has persisted for the hold time, or when the operator allows
-//! them; they are forgotten as soon as the registry's view recovers.
+//! once the hold has lasted the hold time, or when the operator allows them; they are
+//! forgotten when the registry's view has recovered completely. A partial recovery does
+//! not end the hold: a restarted registry fills up again over its clients' heartbeat
+//! period, and releasing the hold as soon as the missing share drops below the threshold
+//! would delete the services whose instances happen to register last.
 
 use std::time::Duration;
 
@@ -74,7 +77,8 @@ impl DeletionGuard {
 
     /// Decides about deleting `orphans` of the `managed` services this connector owns.
     pub fn evaluate(&mut self, managed: usize, orphans: usize, now: Instant) -> GuardDecision {
-        if !self.is_mass_deletion(managed, orphans) {
+        let recovered = orphans == 0 || managed == 0;
+        if recovered || (self.held_since.is_none() && !self.is_mass_deletion(managed, orphans)) {
             self.held_since = None;
             self.allowed = false;
             return GuardDecision::Proceed;
@@ -167,6 +171,24 @@ mod tests {
             g.evaluate(10, 10, t1),
             GuardDecision::Hold { since, .. } if since == t1
         ));
+    }
+
+    #[test]
+    fn a_partial_recovery_keeps_the_hold_until_the_hold_time() {
+        let mut g = guard(0.5, Some(60));
+        let t0 = Instant::now();
+        assert!(matches!(g.evaluate(10, 10, t0), GuardDecision::Hold { .. }));
+        // Eight services came back: two missing is under the ratio, but the registry may
+        // still be filling up after a restart.
+        assert!(matches!(
+            g.evaluate(10, 2, t0 + Duration::from_secs(20)),
+            GuardDecision::Hold { since, .. } if since == t0
+        ));
+        assert_eq!(
+            g.evaluate(10, 2, t0 + Duration::from_secs(60)),
+            GuardDecision::Proceed,
+            "still missing after the hold time: really gone"
+        );
     }
 
     #[test]

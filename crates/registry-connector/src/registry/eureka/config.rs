@@ -35,6 +35,9 @@ pub struct EurekaConfig {
     /// does not reconcile). Eureka clients use 30 s; seconds keep changes prompt at the
     /// cost of one small request per interval.
     pub poll_interval: Duration,
+    /// How often the whole registry is read even when deltas reconcile: a safety net
+    /// for changes a status-count hash code cannot see. Zero turns it off.
+    pub full_fetch_interval: Duration,
     /// Timeout of one request.
     pub request_timeout: Duration,
     /// Connect timeout of one TCP (and TLS) connection.
@@ -63,6 +66,7 @@ impl EurekaConfig {
             client_cert_file: None,
             client_key_file: None,
             poll_interval: Duration::from_secs(5),
+            full_fetch_interval: Duration::from_secs(600),
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             passing_only: true,
@@ -97,6 +101,7 @@ impl fmt::Debug for EurekaConfig {
             .field("client_cert_file", &self.client_cert_file)
             .field("client_key_file", &self.client_key_file)
             .field("poll_interval", &self.poll_interval)
+            .field("full_fetch_interval", &self.full_fetch_interval)
             .field("request_timeout", &self.request_timeout)
             .field("passing_only", &self.passing_only)
             .field("filter_metadata", &self.filter_metadata)

@@ -31,7 +31,9 @@ pub struct EurekaHttp {
     /// The URL in use; moves to the next peer after a failed request, as Eureka clients
     /// fail over.
     current: Arc<AtomicUsize>,
-    credentials: Option<Credentials>,
+    /// Basic-auth credentials for each URL (same index): a password given in one URL is
+    /// never sent to another peer.
+    credentials: Arc<[Option<Credentials>]>,
     timeout: std::time::Duration,
     metrics: Arc<EurekaMetrics>,
 }
@@ -44,8 +46,12 @@ impl std::fmt::Debug for EurekaHttp {
                 &self.urls.iter().map(Url::as_str).collect::<Vec<_>>(),
             )
             .field(
-                "username",
-                &self.credentials.as_ref().map(|c| c.username.as_str()),
+                "usernames",
+                &self
+                    .credentials
+                    .iter()
+                    .map(|c| c.as_ref().map(|c| c.username.as_str()))
+                    .collect::<Vec<_>>(),
             )
             .finish_non_exhaustive()
     }
@@ -55,24 +61,37 @@ impl EurekaHttp {
     /// Parses the URLs, reads the password and TLS files, builds the client.
     pub fn new(cfg: &EurekaConfig, metrics: Arc<EurekaMetrics>) -> Result<Self, EurekaError> {
         let parsed = parse_service_urls(&cfg.service_urls)?;
-        let url_credentials = parsed.iter().find_map(|(_, c)| c.clone());
         let password = match (&cfg.password, &cfg.password_file) {
             (Some(p), _) if !p.is_empty() => Some(p.clone()),
             (_, Some(file)) => Some(read_secret(file)?),
             _ => None,
         };
-        let credentials = match cfg.username.as_deref().map(str::trim) {
-            Some(user) if !user.is_empty() => Some(Credentials {
-                username: user.to_string(),
-                password,
-            }),
-            _ if password.is_some() => {
-                return Err(EurekaError::Config(
-                    "a password was given without a user name".into(),
-                ))
-            }
-            _ => url_credentials,
-        };
+        let flag_user = cfg
+            .username
+            .as_deref()
+            .map(str::trim)
+            .filter(|u| !u.is_empty());
+        // The flags apply to every URL; otherwise each URL keeps its own user, with the
+        // flag password (if any) standing in for a password the URL lacks.
+        let credentials = parsed
+            .iter()
+            .map(|(_, in_url)| match (flag_user, in_url) {
+                (Some(user), _) => Ok(Some(Credentials {
+                    username: user.to_string(),
+                    password: password.clone(),
+                })),
+                (None, Some(c)) => Ok(Some(Credentials {
+                    username: c.username.clone(),
+                    password: password.clone().or_else(|| c.password.clone()),
+                })),
+                (None, None) if password.is_some() => Err(EurekaError::Config(
+                    "a password was given without a user name (neither --eureka-username nor \
+                     one in the URL)"
+                        .into(),
+                )),
+                (None, None) => Ok(None),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mut builder = reqwest::Client::builder()
             .connect_timeout(cfg.connect_timeout)
             .user_agent(concat!("registry-connector/", env!("CARGO_PKG_VERSION")));
@@ -86,7 +105,7 @@ impl EurekaHttp {
             client: builder.build().map_err(EurekaError::Client)?,
             urls: parsed.into_iter().map(|(url, _)| url).collect(),
             current: Arc::default(),
-            credentials,
+            credentials: credentials.into(),
             timeout: cfg.request_timeout,
             metrics,
         })
@@ -113,9 +132,9 @@ impl EurekaHttp {
         endpoint: Endpoint,
         segments: &[&str],
     ) -> Result<Applications, EurekaError> {
-        let index = self.current.load(Ordering::Relaxed);
-        let url = join(&self.urls[index % self.urls.len()], segments);
-        let result = self.fetch(url).await;
+        let index = self.current.load(Ordering::Relaxed) % self.urls.len();
+        let url = join(&self.urls[index], segments);
+        let result = self.fetch(url, self.credentials[index].as_ref()).await;
         self.metrics.record(endpoint, result.is_ok());
         if result.is_err() && self.urls.len() > 1 {
             // Next time, the next peer; compare-and-swap so that two failures of one
@@ -130,14 +149,18 @@ impl EurekaHttp {
         result
     }
 
-    async fn fetch(&self, url: Url) -> Result<Applications, EurekaError> {
+    async fn fetch(
+        &self,
+        url: Url,
+        credentials: Option<&Credentials>,
+    ) -> Result<Applications, EurekaError> {
         let shown = url.to_string();
         let mut request = self
             .client
             .get(url)
             .timeout(self.timeout)
             .header(ACCEPT, HeaderValue::from_static("application/json"));
-        if let Some(c) = &self.credentials {
+        if let Some(c) = credentials {
             request = request.basic_auth(&c.username, c.password.as_deref());
         }
         let request_error = |source| EurekaError::Request {
@@ -213,6 +236,11 @@ pub fn redact_urls(list: &str) -> String {
         .map(|raw| match Url::parse(raw.trim()) {
             Ok(mut url) if url.password().is_some() => {
                 let _ = url.set_password(Some("redacted"));
+                url.to_string()
+            }
+            // A user name alone may be a token.
+            Ok(mut url) if !url.username().is_empty() => {
+                let _ = url.set_username("redacted");
                 url.to_string()
             }
             Ok(url) => url.to_string(),
@@ -292,23 +320,38 @@ mod tests {
 
     #[test]
     fn credentials_come_from_the_url_or_the_flags() {
-        let h = http("http://svc%40corp:p%3Ass@e:8761/eureka");
-        let c = h.credentials.clone().expect("from the URL");
+        let h = http("http://svc%40corp:p%3Ass@e:8761/eureka,http://other:8761/eureka");
+        let c = h.credentials[0].clone().expect("from the URL");
         assert_eq!(c.username, "svc@corp");
         assert_eq!(c.password.as_deref(), Some("p:ss"));
+        assert!(h.credentials[1].is_none(), "never sent to another peer");
         assert!(!h.current_url().as_str().contains("p%3Ass"));
         assert!(!format!("{h:?}").contains("p%3Ass"));
 
         let cfg = EurekaConfig {
             username: Some("flag-user".into()),
             password: Some("flag-pass".into()),
-            ..EurekaConfig::new("http://u:p@e/eureka")
+            ..EurekaConfig::new("http://u:p@e/eureka,http://f/eureka")
         };
         let h = EurekaHttp::new(&cfg, Arc::default()).expect("builds");
-        let c = h.credentials.expect("from the flags");
+        for c in h.credentials.iter() {
+            let c = c.clone().expect("from the flags, for every URL");
+            assert_eq!(
+                (c.username.as_str(), c.password.as_deref()),
+                ("flag-user", Some("flag-pass"))
+            );
+        }
+
+        // A user in the URL, the password from the environment (as the chart sets it).
+        let cfg = EurekaConfig {
+            password: Some("from-secret".into()),
+            ..EurekaConfig::new("http://svc@e/eureka")
+        };
+        let h = EurekaHttp::new(&cfg, Arc::default()).expect("builds");
+        let c = h.credentials[0].clone().expect("combined");
         assert_eq!(
             (c.username.as_str(), c.password.as_deref()),
-            ("flag-user", Some("flag-pass"))
+            ("svc", Some("from-secret"))
         );
 
         let cfg = EurekaConfig {
@@ -323,6 +366,10 @@ mod tests {
 
     #[test]
     fn redaction_keeps_the_rest_of_the_url() {
+        assert_eq!(
+            redact_urls("http://TOKEN@e:8761/eureka"),
+            "http://redacted@e:8761/eureka"
+        );
         assert_eq!(
             redact_urls("http://u:secret@e:8761/eureka,http://f/eureka"),
             "http://u:redacted@e:8761/eureka,http://f/eureka"

@@ -39,6 +39,14 @@ pub enum FullFetchReason {
     Start,
     /// A delta left the local copy with another hash code than the server's.
     HashMismatch,
+    /// The last verified read is older than the server's delta window.
+    Gap,
+    /// The periodic safety-net read.
+    Periodic,
+    /// The server refused a delta request; trying the whole registry instead.
+    DeltaRefused,
+    /// The server does not serve deltas: every read is a full one.
+    DeltasRefused,
 }
 
 impl FullFetchReason {
@@ -46,6 +54,9 @@ impl FullFetchReason {
         match self {
             Self::Start => "start",
             Self::HashMismatch => "hash_mismatch",
+            Self::Gap => "gap",
+            Self::Periodic => "periodic",
+            Self::DeltaRefused | Self::DeltasRefused => "deltas_refused",
         }
     }
 }
@@ -83,7 +94,7 @@ impl EurekaMetrics {
         self.common.register(registry);
         registry.register(
             "eureka_full_fetches",
-            "Full reads of the Eureka registry, by reason (start, hash_mismatch)",
+            "Full reads of the Eureka registry, by reason (start, hash_mismatch, gap, periodic, deltas_refused)",
             self.full_fetches.clone(),
         );
         registry.register(

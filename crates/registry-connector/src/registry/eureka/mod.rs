@@ -18,6 +18,7 @@ pub mod http;
 pub mod metrics;
 pub mod mirror;
 mod poll;
+pub mod schedule;
 pub mod select;
 
 use std::sync::Arc;
@@ -40,6 +41,7 @@ pub struct EurekaSource {
     selection: Selection,
     metrics: Arc<EurekaMetrics>,
     interval: Duration,
+    full_fetch_interval: Option<Duration>,
     pacing: crate::registry::PacerConfig,
 }
 
@@ -55,11 +57,18 @@ impl EurekaSource {
         cfg: EurekaConfig,
         metrics: Arc<EurekaMetrics>,
     ) -> Result<Self, EurekaError> {
-        if cfg.poll_interval < Duration::from_millis(100) {
+        if cfg.poll_interval < Duration::from_millis(100)
+            || cfg.poll_interval > Duration::from_secs(3600)
+        {
             return Err(EurekaError::Config(format!(
-                "the poll interval must be at least 100ms, got {}",
+                "the poll interval must be between 100ms and 1h, got {}",
                 humantime::format_duration(cfg.poll_interval)
             )));
+        }
+        if cfg.full_fetch_interval > Duration::from_secs(7 * 24 * 3600) {
+            return Err(EurekaError::Config(
+                "the full-fetch interval must be at most a week (0 turns it off)".into(),
+            ));
         }
         if cfg.request_timeout.is_zero() {
             return Err(EurekaError::Config(
@@ -77,6 +86,7 @@ impl EurekaSource {
             },
             metrics,
             interval: cfg.poll_interval,
+            full_fetch_interval: Some(cfg.full_fetch_interval).filter(|d| !d.is_zero()),
             pacing: cfg.pacing,
         })
     }
@@ -114,6 +124,7 @@ impl EurekaSource {
             catalog,
             metrics: self.metrics,
             interval: self.interval,
+            full_fetch_interval: self.full_fetch_interval,
             pacing: self.pacing,
         };
         poller

@@ -21,6 +21,7 @@ use super::error::EurekaError;
 use super::http::EurekaHttp;
 use super::metrics::{EurekaMetrics, FullFetchReason};
 use super::mirror::{AppInstances, Mirror};
+use super::schedule::{Read, Schedule};
 use super::select::Selection;
 
 /// Everything the loop needs.
@@ -30,13 +31,14 @@ pub(crate) struct Poller {
     pub catalog: Arc<Catalog>,
     pub metrics: Arc<EurekaMetrics>,
     pub interval: Duration,
+    pub full_fetch_interval: Option<Duration>,
     pub pacing: PacerConfig,
 }
 
-/// What a successful poll asks for next.
-enum Next {
-    Delta,
-    FullFetch(FullFetchReason),
+/// What a successful delta showed.
+enum DeltaOutcome {
+    Verified,
+    Mismatch,
 }
 
 impl Poller {
@@ -44,7 +46,7 @@ impl Poller {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut pacer = Pacer::new(self.pacing);
         let mut mirror = Mirror::default();
-        let mut next = Next::FullFetch(FullFetchReason::Start);
+        let mut schedule = Schedule::new(self.full_fetch_interval);
         let mut due = Instant::now();
         loop {
             tokio::select! {
@@ -56,11 +58,13 @@ impl Poller {
             if !pacer.ready(&shutdown).await {
                 return;
             }
-            due = Instant::now() + self.interval;
+            let started = Instant::now();
+            due = started + self.interval;
+            let read = schedule.next_read(started);
             let step = async {
-                match next {
-                    Next::FullFetch(reason) => self.full_fetch(reason, &mut mirror).await,
-                    Next::Delta => self.delta(&mut mirror).await,
+                match read {
+                    Read::Full(reason) => self.full_fetch(reason, &mut mirror).await.map(|()| None),
+                    Read::Delta => self.delta(&mut mirror).await.map(Some),
                 }
             };
             // A request in flight does not hold up shutdown (it may take the whole
@@ -74,18 +78,36 @@ impl Poller {
                 .mirrored_instances
                 .set(i64::try_from(mirror.instance_count()).unwrap_or(i64::MAX));
             match result {
-                Ok(then) => {
+                Ok(outcome) => {
                     if pacer.failures() > 0 {
                         info!(url = %self.http.current_url(), "Eureka answers again");
                     }
                     pacer.succeeded();
-                    if matches!(then, Next::FullFetch(_)) {
-                        // The copy is known to be wrong: fetch the truth at once.
-                        due = Instant::now();
+                    match (read, outcome) {
+                        (Read::Full(reason), _) => {
+                            let was_refusing = schedule.deltas_refused();
+                            schedule.full_read(reason, started);
+                            if schedule.deltas_refused() && !was_refusing {
+                                warn!(
+                                    "Eureka refuses /apps/delta but serves /apps: reading the \
+                                     whole registry every interval from now on"
+                                );
+                            }
+                        }
+                        (Read::Delta, Some(DeltaOutcome::Verified)) => {
+                            schedule.delta_verified(started);
+                        }
+                        (Read::Delta, _) => {
+                            schedule.delta_mismatched();
+                            // The copy is known to be wrong: fetch the truth at once.
+                            due = Instant::now();
+                        }
                     }
-                    next = then;
                 }
                 Err(e) => {
+                    if read == Read::Delta && is_refusal(&e) {
+                        schedule.delta_refused();
+                    }
                     let delay = pacer.failed();
                     warn!(
                         error = %error_chain(&e),
@@ -104,7 +126,7 @@ impl Poller {
         &self,
         reason: FullFetchReason,
         mirror: &mut Mirror,
-    ) -> Result<Next, EurekaError> {
+    ) -> Result<(), EurekaError> {
         let answer = self.http.apps().await?;
         self.metrics.full_fetch(reason);
         *mirror = Mirror::from_full(&answer);
@@ -112,14 +134,22 @@ impl Poller {
             .apps()
             .filter_map(|(app, instances)| self.build(app, instances))
             .collect();
-        info!(
-            reason = reason.as_str(),
-            applications = mirror.apps().count(),
-            instances = mirror.instance_count(),
-            published = services.len(),
-            hash = %mirror.reconcile_hash(),
-            "read the whole Eureka registry"
+        let (applications, instances) = (mirror.apps().count(), mirror.instance_count());
+        let routine = matches!(
+            reason,
+            FullFetchReason::Periodic | FullFetchReason::DeltasRefused
         );
+        if routine {
+            debug!(
+                reason = reason.as_str(),
+                applications,
+                instances,
+                published = services.len(),
+                "read the whole Eureka registry"
+            );
+        } else {
+            info!(reason = reason.as_str(), applications, instances, published = services.len(), hash = %mirror.reconcile_hash(), "read the whole Eureka registry");
+        }
         if mirror.unkeyed() > 0 {
             warn!(
                 instances = mirror.unkeyed(),
@@ -127,10 +157,10 @@ impl Poller {
             );
         }
         self.catalog.replace_all(services);
-        Ok(Next::Delta)
+        Ok(())
     }
 
-    async fn delta(&self, mirror: &mut Mirror) -> Result<Next, EurekaError> {
+    async fn delta(&self, mirror: &mut Mirror) -> Result<DeltaOutcome, EurekaError> {
         let delta = self.http.delta().await?;
         let changed = mirror.apply_delta(&delta);
         let ours = mirror.reconcile_hash();
@@ -141,7 +171,7 @@ impl Poller {
                 server = %theirs,
                 "the registry copy does not match Eureka's hash code after a delta; reading it whole"
             );
-            return Ok(Next::FullFetch(FullFetchReason::HashMismatch));
+            return Ok(DeltaOutcome::Mismatch);
         }
         if !changed.is_empty() {
             debug!(applications = changed.len(), "applying a Eureka delta");
@@ -155,7 +185,7 @@ impl Poller {
                 None => self.catalog.remove(&self.selection.published_name(app)),
             }
         }
-        Ok(Next::Delta)
+        Ok(DeltaOutcome::Verified)
     }
 
     /// What `app` publishes, with its skipped instances logged and counted.
@@ -176,4 +206,16 @@ impl Poller {
         }
         built.service
     }
+}
+
+/// Whether the server refused the request itself (rather than failing): a delta path
+/// switched off or blocked answers one of these while `/apps` may still work.
+fn is_refusal(e: &EurekaError) -> bool {
+    matches!(
+        e,
+        EurekaError::Status {
+            status: 403 | 404 | 405 | 501,
+            ..
+        }
+    )
 }

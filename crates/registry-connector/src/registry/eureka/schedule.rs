@@ -1,0 +1,188 @@
+//! Which read the poll loop makes next: a delta, or the whole registry and why.
+//!
+//! Deltas are cheap but only cover the server's last few minutes
+//! (`eureka.server.retention-time-in-m-s-in-delta-queue`, 3 minutes by default), and the
+//! hash code that checks them only counts instances per status: an instance replaced by
+//! another of the same status between two successful reads goes unnoticed once its
+//! changes have left the delta window. So the whole registry is read again when the last
+//! verified read is older than [`DELTA_WINDOW`], when a delta did not reconcile, when the
+//! server refuses deltas, and every `full_fetch_interval` as a safety net. Pure state, no
+//! I/O: the loop asks [`Schedule::next_read`] and reports outcomes back.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::metrics::FullFetchReason;
+
+/// The longest gap after which a delta is still trusted: the server's default delta
+/// window (3 minutes) less its default response-cache delay (30 s) and some margin.
+pub const DELTA_WINDOW: Duration = Duration::from_secs(120);
+
+/// The read to make.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Read {
+    Delta,
+    Full(FullFetchReason),
+}
+
+/// What the loop knows about its past reads.
+#[derive(Debug)]
+pub struct Schedule {
+    full_fetch_interval: Option<Duration>,
+    /// A full read asked for by the last outcome (start, hash mismatch, refused delta).
+    pending: Option<FullFetchReason>,
+    /// When the local copy was last known to match the server.
+    last_verified: Option<Instant>,
+    last_full: Option<Instant>,
+    /// The server refused deltas and then served the whole registry: it has deltas
+    /// switched off (or a proxy blocks them), so only full reads are made.
+    deltas_refused: bool,
+}
+
+impl Schedule {
+    /// `full_fetch_interval` of `None` (or zero) turns the periodic full read off.
+    pub fn new(full_fetch_interval: Option<Duration>) -> Self {
+        Self {
+            full_fetch_interval: full_fetch_interval.filter(|d| !d.is_zero()),
+            pending: Some(FullFetchReason::Start),
+            last_verified: None,
+            last_full: None,
+            deltas_refused: false,
+        }
+    }
+
+    /// The read to make at `now`.
+    pub fn next_read(&self, now: Instant) -> Read {
+        if let Some(reason) = self.pending {
+            return Read::Full(reason);
+        }
+        if self.deltas_refused {
+            return Read::Full(FullFetchReason::DeltasRefused);
+        }
+        let older_than = |at: Option<Instant>, limit: Duration| {
+            at.is_none_or(|at| now.saturating_duration_since(at) > limit)
+        };
+        if older_than(self.last_verified, DELTA_WINDOW) {
+            return Read::Full(FullFetchReason::Gap);
+        }
+        if let Some(interval) = self.full_fetch_interval {
+            if older_than(self.last_full, interval) {
+                return Read::Full(FullFetchReason::Periodic);
+            }
+        }
+        Read::Delta
+    }
+
+    /// The whole registry was read at `at`.
+    pub fn full_read(&mut self, reason: FullFetchReason, at: Instant) {
+        if reason == FullFetchReason::DeltaRefused {
+            self.deltas_refused = true;
+        }
+        self.pending = None;
+        self.last_verified = Some(at);
+        self.last_full = Some(at);
+    }
+
+    /// A delta was applied and its hash code matched.
+    pub fn delta_verified(&mut self, at: Instant) {
+        self.last_verified = Some(at);
+    }
+
+    /// A delta left the copy with another hash code than the server's.
+    pub fn delta_mismatched(&mut self) {
+        self.pending = Some(FullFetchReason::HashMismatch);
+    }
+
+    /// The server refused the delta request itself (403, 404, ...): try the whole
+    /// registry; if that works, deltas are off for good.
+    pub fn delta_refused(&mut self) {
+        self.pending = Some(FullFetchReason::DeltaRefused);
+    }
+
+    /// Whether only full reads are made.
+    pub fn deltas_refused(&self) -> bool {
+        self.deltas_refused
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    #[test]
+    fn starts_whole_then_reads_deltas() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(Some(secs(600)));
+        assert_eq!(s.next_read(t0), Read::Full(FullFetchReason::Start));
+        s.full_read(FullFetchReason::Start, t0);
+        assert_eq!(s.next_read(t0 + secs(5)), Read::Delta);
+        s.delta_verified(t0 + secs(5));
+        assert_eq!(s.next_read(t0 + secs(10)), Read::Delta);
+    }
+
+    #[test]
+    fn a_mismatch_asks_for_the_whole_registry_once() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(None);
+        s.full_read(FullFetchReason::Start, t0);
+        s.delta_mismatched();
+        assert_eq!(s.next_read(t0), Read::Full(FullFetchReason::HashMismatch));
+        s.full_read(FullFetchReason::HashMismatch, t0 + secs(1));
+        assert_eq!(s.next_read(t0 + secs(2)), Read::Delta);
+    }
+
+    #[test]
+    fn a_gap_longer_than_the_delta_window_reads_everything() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(None);
+        s.full_read(FullFetchReason::Start, t0);
+        // Failed reads do not count: only verified ones move the clock.
+        assert_eq!(s.next_read(t0 + DELTA_WINDOW), Read::Delta);
+        assert_eq!(
+            s.next_read(t0 + DELTA_WINDOW + secs(1)),
+            Read::Full(FullFetchReason::Gap)
+        );
+    }
+
+    #[test]
+    fn the_periodic_full_read_is_a_safety_net() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(Some(secs(600)));
+        s.full_read(FullFetchReason::Start, t0);
+        let mut t = t0;
+        while t < t0 + secs(600) {
+            t += secs(5);
+            s.delta_verified(t);
+        }
+        assert_eq!(
+            s.next_read(t + secs(5)),
+            Read::Full(FullFetchReason::Periodic)
+        );
+        assert_eq!(
+            Schedule::new(Some(Duration::ZERO)).full_fetch_interval,
+            None,
+            "zero turns it off"
+        );
+    }
+
+    #[test]
+    fn refused_deltas_switch_to_full_reads_only_after_a_full_read_works() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(None);
+        s.full_read(FullFetchReason::Start, t0);
+        s.delta_refused();
+        assert_eq!(s.next_read(t0), Read::Full(FullFetchReason::DeltaRefused));
+        assert!(!s.deltas_refused());
+        s.full_read(FullFetchReason::DeltaRefused, t0 + secs(1));
+        assert!(s.deltas_refused());
+        assert_eq!(
+            s.next_read(t0 + secs(6)),
+            Read::Full(FullFetchReason::DeltasRefused)
+        );
+    }
+}
