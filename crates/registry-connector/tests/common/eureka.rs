@@ -20,6 +20,8 @@ pub struct EurekaScenario {
     pub eureka: EurekaClient,
     pub client: kube::Client,
     pub marker: String,
+    /// The connectors' `--eureka-poll-interval`.
+    pub poll_interval: std::time::Duration,
     registered: std::sync::Mutex<Vec<(String, String)>>,
 }
 
@@ -59,6 +61,7 @@ impl EurekaScenario {
             eureka: EurekaClient::new(env.eureka_url()?)?,
             client: env.client().await?,
             marker: unique_name("m"),
+            poll_interval: POLL_INTERVAL,
             registered: Default::default(),
         })
     }
@@ -68,7 +71,7 @@ impl EurekaScenario {
     }
 
     /// `registry-connector eureka` filtered on this scenario's marker, polling every
-    /// [`POLL_INTERVAL`], with `extra` flags.
+    /// `poll_interval` ([`POLL_INTERVAL`] unless changed), with `extra` flags.
     pub fn connector(&self, extra: &[&str]) -> Result<Connector> {
         self.connector_in(self.ns(), extra)
     }
@@ -76,7 +79,7 @@ impl EurekaScenario {
     /// As [`Self::connector`], writing to another namespace.
     pub fn connector_in(&self, namespace: &str, extra: &[&str]) -> Result<Connector> {
         let filter = format!("{MARKER_KEY}={}", self.marker);
-        let interval = format!("{}ms", POLL_INTERVAL.as_millis());
+        let interval = format!("{}ms", self.poll_interval.as_millis());
         Connector::builder(self.env, namespace)
             .eureka(None)
             .args([
