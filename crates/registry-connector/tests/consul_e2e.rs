@@ -342,3 +342,38 @@ async fn a_restart_without_changes_writes_nothing() -> Result<()> {
     s.cleanup().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn allow_listed_service_meta_becomes_labels_and_annotations() -> Result<()> {
+    let mut s = Scenario::new("e2e-meta").await?;
+    let name = unique_name("meta");
+    let id = format!("{name}-1");
+    // Registered directly: the scenario's helper sends no Meta.
+    s.consul
+        .put(
+            "/v1/agent/service/register",
+            &json!({"ID": id, "Name": name, "Address": "192.0.2.80", "Port": 80,
+                    "Tags": [s.tag], "Meta": {"version": "3.1", "owner": "team blue", "other": "x"},
+                    "Check": {"TTL": "30m", "Status": "passing"}}),
+        )
+        .await?;
+    s.registered.push(id.clone());
+    let _connector = s.connector(&[
+        "--metadata-labels",
+        "version",
+        "--metadata-annotations",
+        "owner",
+    ])?;
+    s.wait_endpoints(&name, &[("192.0.2.80", true)]).await?;
+    let svc = s.services().get(&name).await?;
+    let labels = svc.metadata.labels.unwrap_or_default();
+    let annotations = svc.metadata.annotations.unwrap_or_default();
+    assert_eq!(labels.get("version").map(String::as_str), Some("3.1"));
+    assert_eq!(
+        annotations.get("owner").map(String::as_str),
+        Some("team blue")
+    );
+    assert!(!labels.contains_key("other") && !annotations.contains_key("other"));
+    s.cleanup().await;
+    Ok(())
+}
