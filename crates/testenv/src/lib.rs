@@ -28,6 +28,7 @@ pub struct TestEnv {
     user_kubeconfig: PathBuf,
     consul_addr: Option<String>,
     eureka_url: Option<String>,
+    eureka_jar: Option<PathBuf>,
 }
 
 static SHARED: OnceLock<std::result::Result<TestEnv, String>> = OnceLock::new();
@@ -94,6 +95,7 @@ impl TestEnv {
                 .into(),
             consul_addr: get("CONSUL_HTTP_ADDR"),
             eureka_url: get("EUREKA_URL"),
+            eureka_jar: get("TESTENV_EUREKA_JAR").map(PathBuf::from),
         })
     }
 
@@ -130,6 +132,14 @@ impl TestEnv {
     /// `start_component("eureka")` it is empty.
     pub fn eureka_url(&self) -> Result<&str> {
         self.eureka_url
+            .as_deref()
+            .context("this test environment was started without eureka")
+    }
+
+    /// The Eureka server jar, for tests that start a private, differently configured
+    /// server ([`eureka::EurekaProcess`]).
+    pub fn eureka_jar(&self) -> Result<&Path> {
+        self.eureka_jar
             .as_deref()
             .context("this test environment was started without eureka")
     }
@@ -372,23 +382,41 @@ pub mod eureka {
     pub struct EurekaClient {
         base: String,
         http: reqwest::Client,
+        auth: Option<(String, String)>,
     }
 
     impl EurekaClient {
         /// `url` is the server's API base, e.g. `http://127.0.0.1:PORT/eureka`.
         pub fn new(url: &str) -> Result<Self> {
+            Self::with_basic_auth(url, None)
+        }
+
+        /// As [`EurekaClient::new`], sending `(user, password)` with every request.
+        pub fn with_basic_auth(url: &str, credentials: Option<(&str, &str)>) -> Result<Self> {
             Ok(Self {
                 base: url.trim_end_matches('/').to_string(),
                 http: reqwest::Client::builder().build().context("http client")?,
+                auth: credentials.map(|(u, p)| (u.to_string(), p.to_string())),
             })
+        }
+
+        /// A request to `{base}{path}`, with the credentials if any.
+        fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+            let request = self.http.request(method, format!("{}{path}", self.base));
+            match &self.auth {
+                Some((user, password)) => request.basic_auth(user, Some(password)),
+                None => request,
+            }
         }
 
         /// `POST /apps/{APP}` with `{"instance": instance}`; Eureka answers 204.
         pub async fn register(&self, app: &str, instance: &Value) -> Result<()> {
             let what = format!("POST /apps/{}", app.to_uppercase());
             let resp = self
-                .http
-                .post(format!("{}/apps/{}", self.base, app.to_uppercase()))
+                .request(
+                    reqwest::Method::POST,
+                    &format!("/apps/{}", app.to_uppercase()),
+                )
                 .json(&json!({ "instance": instance }))
                 .send()
                 .await
@@ -404,12 +432,13 @@ pub mod eureka {
                 app.to_uppercase()
             );
             let resp = self
-                .http
-                .put(format!(
-                    "{}/apps/{}/{instance_id}/status?value={status}",
-                    self.base,
-                    app.to_uppercase()
-                ))
+                .request(
+                    reqwest::Method::PUT,
+                    &format!(
+                        "/apps/{}/{instance_id}/status?value={status}",
+                        app.to_uppercase()
+                    ),
+                )
                 .send()
                 .await
                 .with_context(|| what.clone())?;
@@ -420,12 +449,10 @@ pub mod eureka {
         pub async fn cancel(&self, app: &str, instance_id: &str) -> Result<()> {
             let what = format!("DELETE /apps/{}/{instance_id}", app.to_uppercase());
             let resp = self
-                .http
-                .delete(format!(
-                    "{}/apps/{}/{instance_id}",
-                    self.base,
-                    app.to_uppercase()
-                ))
+                .request(
+                    reqwest::Method::DELETE,
+                    &format!("/apps/{}/{instance_id}", app.to_uppercase()),
+                )
                 .send()
                 .await
                 .with_context(|| what.clone())?;
@@ -435,8 +462,7 @@ pub mod eureka {
         /// `GET /apps` as JSON: `{"applications": {"apps__hashcode": ..., "application": [...]}}`.
         pub async fn apps(&self) -> Result<Value> {
             let resp = self
-                .http
-                .get(format!("{}/apps", self.base))
+                .request(reqwest::Method::GET, "/apps")
                 .header(reqwest::header::ACCEPT, "application/json")
                 .send()
                 .await
@@ -447,6 +473,86 @@ pub mod eureka {
                 bail!("GET /apps: {status}: {text}");
             }
             resp.json().await.context("decoding eureka /apps response")
+        }
+    }
+
+    /// A private Eureka server started from the environment's jar with extra Spring
+    /// properties (e.g. `--testenv.auth.enabled=true`), on a free loopback port; killed
+    /// when dropped. For tests that need a server configured unlike the shared one.
+    pub struct EurekaProcess {
+        child: std::process::Child,
+        pub port: u16,
+        pub log: std::path::PathBuf,
+    }
+
+    impl EurekaProcess {
+        /// Starts the server and waits (up to 90 s) until it answers HTTP; with basic
+        /// auth on, an answer of 401 counts as up.
+        pub async fn start(
+            jar: &std::path::Path,
+            log_dir: &std::path::Path,
+            properties: &[&str],
+        ) -> Result<Self> {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .context("a free loopback port")?
+                .port();
+            let log = log_dir.join(format!("eureka-private-{port}.log"));
+            let out = std::fs::File::create(&log).context("eureka log file")?;
+            let child = std::process::Command::new("java")
+                .args([
+                    "-Xms64m",
+                    "-Xmx256m",
+                    "-XX:TieredStopAtLevel=1",
+                    "-XX:+UseSerialGC",
+                ])
+                .arg("-jar")
+                .arg(jar)
+                .arg(format!("--server.port={port}"))
+                .args(properties)
+                .stdin(std::process::Stdio::null())
+                .stdout(out.try_clone()?)
+                .stderr(out)
+                .spawn()
+                .context("starting java")?;
+            let mut process = Self { child, port, log };
+            let http = reqwest::Client::new();
+            let url = format!("{}/apps", process.url());
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+            loop {
+                if let Ok(resp) = http
+                    .get(&url)
+                    .header(reqwest::header::ACCEPT, "application/json")
+                    .send()
+                    .await
+                {
+                    if resp.status().is_success() || resp.status() == StatusCode::UNAUTHORIZED {
+                        return Ok(process);
+                    }
+                }
+                if let Some(status) = process.child.try_wait()? {
+                    bail!(
+                        "eureka exited with {status}; log: {}",
+                        process.log.display()
+                    );
+                }
+                if std::time::Instant::now() > deadline {
+                    bail!("eureka not up after 90 s; log: {}", process.log.display());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+        }
+
+        /// `http://127.0.0.1:PORT/eureka`.
+        pub fn url(&self) -> String {
+            format!("http://127.0.0.1:{}/eureka", self.port)
+        }
+    }
+
+    impl Drop for EurekaProcess {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 
