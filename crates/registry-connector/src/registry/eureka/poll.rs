@@ -105,8 +105,10 @@ impl Poller {
                     }
                 }
                 Err(e) => {
-                    if read == Read::Delta && is_refusal(&e) {
-                        schedule.delta_refused();
+                    match read {
+                        Read::Delta if is_refusal(&e) => schedule.delta_refused(),
+                        Read::Delta => {}
+                        Read::Full(reason) => schedule.full_read_failed(reason),
                     }
                     let delay = pacer.failed();
                     warn!(

@@ -100,6 +100,15 @@ impl Schedule {
         self.pending = Some(FullFetchReason::DeltaRefused);
     }
 
+    /// A full read for `reason` failed. After a refused delta this means the server
+    /// refuses everything (down, or a fresh server answering 403 during its start-up
+    /// wait), which says nothing about deltas: the next read is decided afresh.
+    pub fn full_read_failed(&mut self, reason: FullFetchReason) {
+        if reason == FullFetchReason::DeltaRefused {
+            self.pending = None;
+        }
+    }
+
     /// Whether only full reads are made.
     pub fn deltas_refused(&self) -> bool {
         self.deltas_refused
@@ -168,6 +177,18 @@ mod tests {
             None,
             "zero turns it off"
         );
+    }
+
+    #[test]
+    fn a_server_refusing_everything_is_not_taken_for_one_without_deltas() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(None);
+        s.full_read(FullFetchReason::Start, t0);
+        s.delta_refused();
+        s.full_read_failed(FullFetchReason::DeltaRefused);
+        assert_eq!(s.next_read(t0 + secs(5)), Read::Delta, "try deltas again");
+        s.full_read(FullFetchReason::Gap, t0 + secs(200));
+        assert!(!s.deltas_refused());
     }
 
     #[test]
