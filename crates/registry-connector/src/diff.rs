@@ -18,17 +18,9 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::labels::{ENDPOINTS_OVER_CAPACITY_ANNOTATION, METADATA_KEYS_ANNOTATION};
+use crate::labels::CONDITIONAL_ANNOTATIONS;
 use crate::render::service::{CLUSTER_IP_NONE, TYPE_CLUSTER_IP, TYPE_EXTERNAL_NAME};
 use crate::render::PORT_PROTOCOL;
-
-/// Annotations on Services that we add only sometimes: the list of metadata-derived keys
-/// (when it changes or goes, those keys must be updated or removed).
-const SERVICE_CONDITIONAL_ANNOTATIONS: &[&str] = &[METADATA_KEYS_ANNOTATION];
-
-/// Annotations on Endpoints that we add only sometimes, and so must remove when we do not
-/// want them.
-const ENDPOINTS_CONDITIONAL_ANNOTATIONS: &[&str] = &[ENDPOINTS_OVER_CAPACITY_ANNOTATION];
 
 /// Whether the live Service has everything the desired one sets: our labels and
 /// annotations with equal values, the same type, the same headlessness, the same
@@ -38,11 +30,8 @@ pub fn service_matches(desired: &Service, live: &Service) -> bool {
     let default_spec = ServiceSpec::default();
     let d = desired.spec.as_ref().unwrap_or(&default_spec);
     let l = live.spec.as_ref().unwrap_or(&default_spec);
-    metadata_matches(
-        &desired.metadata,
-        &live.metadata,
-        SERVICE_CONDITIONAL_ANNOTATIONS,
-    ) && service_type(d) == service_type(l)
+    metadata_matches(&desired.metadata, &live.metadata, CONDITIONAL_ANNOTATIONS)
+        && service_type(d) == service_type(l)
         && is_headless(d) == is_headless(l)
         && non_empty(&d.external_name) == non_empty(&l.external_name)
         && service_ports(d) == service_ports(l)
@@ -85,11 +74,8 @@ pub fn endpoint_slice_needs_recreate(desired: &EndpointSlice, live: &EndpointSli
 /// (port set, address, ready) they describe, so a different split into subsets or order of
 /// addresses is not a difference.
 pub fn endpoints_matches(desired: &Endpoints, live: &Endpoints) -> bool {
-    metadata_matches(
-        &desired.metadata,
-        &live.metadata,
-        ENDPOINTS_CONDITIONAL_ANNOTATIONS,
-    ) && owner_uids(&desired.metadata) == owner_uids(&live.metadata)
+    metadata_matches(&desired.metadata, &live.metadata, CONDITIONAL_ANNOTATIONS)
+        && owner_uids(&desired.metadata) == owner_uids(&live.metadata)
         && endpoints_addresses(desired) == endpoints_addresses(live)
 }
 
@@ -254,7 +240,10 @@ fn endpoints_addresses(endpoints: &Endpoints) -> BTreeSet<AddressKey<'_>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::labels::{CLOUD_SERVICE_INHERITED_FROM_ANNOTATION, CONNECTOR_INSTANCE_LABEL};
+    use crate::labels::{
+        CLOUD_SERVICE_INHERITED_FROM_ANNOTATION, CONNECTOR_INSTANCE_LABEL,
+        ENDPOINTS_OVER_CAPACITY_ANNOTATION,
+    };
     use crate::model::MicroEndpoint;
     use crate::render::test_support::{cfg, ep, meta, service_with_uid};
     use crate::render::{desired_endpoints, desired_service, owner_reference, ServiceMode};

@@ -62,6 +62,11 @@ pub const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
 /// registry no longer has without touching labels other tools added.
 pub const METADATA_KEYS_ANNOTATION: &str = "connector.flomesh.io/metadata-keys";
 
+/// Annotations the connector sets only sometimes: when the desired object lacks one, the
+/// live object must not carry it either (diff compares that, the writer removes it).
+pub const CONDITIONAL_ANNOTATIONS: &[&str] =
+    &[ENDPOINTS_OVER_CAPACITY_ANNOTATION, METADATA_KEYS_ANNOTATION];
+
 /// Keys registry metadata may never set: the connector's own contract.
 pub const RESERVED_KEYS: &[&str] = &[
     CLOUD_SOURCED_SERVICE_LABEL,

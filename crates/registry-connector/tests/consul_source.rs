@@ -16,6 +16,7 @@ use anyhow::{Context, Result};
 use registry_connector::catalog::{Aggregator, Catalog, CatalogEvent};
 use registry_connector::model::{MicroSvcAppProtocol, MicroSvcMeta};
 use registry_connector::registry::consul::{ConsulConfig, ConsulMetrics, ConsulSource};
+use registry_connector::registry::RegistrySource;
 use serde_json::{json, Value};
 use testenv::consul::ConsulClient;
 use testenv::{unique_name, wait_for, TestEnv};

@@ -100,6 +100,9 @@ async fn syncs_applications_with_their_ports_and_addresses() -> Result<()> {
     Ok(())
 }
 
+/// Both instances of the status scenario, ready.
+const BOTH_READY: &[(&str, bool)] = &[("192.0.2.41", true), ("192.0.2.42", true)];
+
 #[tokio::test]
 async fn out_of_service_instances_leave_the_ready_set_and_come_back() -> Result<()> {
     let mut s = EurekaScenario::new("eureka-status").await?;
@@ -117,20 +120,9 @@ async fn out_of_service_instances_leave_the_ready_set_and_come_back() -> Result<
     let all_ns = s.env.namespace("eureka-status-all").await?;
     let all = s.connector_in(all_ns.name(), &["--passing-only=false"])?;
     let (client, ns) = (&s.client, s.ns());
-    wait_endpoints(
-        client,
-        ns,
-        &app,
-        &[("192.0.2.41", true), ("192.0.2.42", true)],
-    )
-    .await?;
-    wait_endpoints(
-        client,
-        all_ns.name(),
-        &app,
-        &[("192.0.2.41", true), ("192.0.2.42", true)],
-    )
-    .await?;
+    for namespace in [ns, all_ns.name()] {
+        wait_endpoints(client, namespace, &app, BOTH_READY).await?;
+    }
 
     s.set_status(&app, "api-2", "OUT_OF_SERVICE").await?;
     let started = Instant::now();
@@ -149,20 +141,9 @@ async fn out_of_service_instances_leave_the_ready_set_and_come_back() -> Result<
     assert!(took < 2 * interval, "took {took:?}");
 
     s.set_status(&app, "api-2", "UP").await?;
-    wait_endpoints(
-        client,
-        ns,
-        &app,
-        &[("192.0.2.41", true), ("192.0.2.42", true)],
-    )
-    .await?;
-    wait_endpoints(
-        client,
-        all_ns.name(),
-        &app,
-        &[("192.0.2.41", true), ("192.0.2.42", true)],
-    )
-    .await?;
+    for namespace in [ns, all_ns.name()] {
+        wait_endpoints(client, namespace, &app, BOTH_READY).await?;
+    }
     drop((passing_only, all));
     s.cleanup().await;
     Ok(())

@@ -322,14 +322,7 @@ async fn an_empty_snapshot_is_held_and_released_by_the_operator() -> Result<()> 
         vec!["big", "mixed", "multi"]
     );
     assert_eq!(h.sink.metrics.held_deletions.get(), 3);
-    let names: Vec<String> = h
-        .services()
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|s| s.metadata.name)
-        .collect();
+    let names = common::objects::service_names(&h.client, h.ns.name()).await?;
     for name in ["big", "mixed", "multi"] {
         assert!(names.contains(&name.to_string()), "{name} kept while held");
     }

@@ -15,9 +15,11 @@ pub mod eureka;
 pub mod metadata;
 pub mod metrics;
 pub mod pacer;
+pub mod skip;
 pub mod tls;
 
 pub use pacer::{Pacer, PacerConfig};
+pub use skip::SkipReason;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -491,9 +491,6 @@ fn merge_metadata(live: &mut serde_json::Value, desired: &serde_json::Value) {
                 }
             }
         }
-        if let Some(Value::Object(map)) = live.get_mut("annotations") {
-            map.remove(crate::labels::METADATA_KEYS_ANNOTATION);
-        }
     }
     for field in ["labels", "annotations"] {
         let entry = live
@@ -504,12 +501,11 @@ fn merge_metadata(live: &mut serde_json::Value, desired: &serde_json::Value) {
         }
         if let Value::Object(map) = entry {
             if field == "annotations" {
-                let keep_over_capacity = desired
-                    .pointer("/annotations")
-                    .and_then(|a| a.get(crate::labels::ENDPOINTS_OVER_CAPACITY_ANNOTATION))
-                    .is_some();
-                if !keep_over_capacity {
-                    map.remove(crate::labels::ENDPOINTS_OVER_CAPACITY_ANNOTATION);
+                let wanted = desired.get("annotations");
+                for key in crate::labels::CONDITIONAL_ANNOTATIONS {
+                    if wanted.and_then(|a| a.get(*key)).is_none() {
+                        map.remove(*key);
+                    }
                 }
             }
             if let Some(Value::Object(want)) = desired.get(field) {

@@ -93,10 +93,15 @@ impl ConsulSource {
     pub fn metrics(&self) -> Arc<ConsulMetrics> {
         Arc::clone(&self.metrics)
     }
+}
+
+impl crate::registry::RegistrySource for ConsulSource {
+    const NAME: &'static str = "consul";
+    type Error = ConsulError;
 
     /// Registers the source's metrics under a `consul` sub-registry of `registry`
     /// (`<prefix>_registry_requests_total`, ...).
-    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         self.metrics.register(registry);
     }
 
@@ -107,7 +112,7 @@ impl ConsulSource {
     /// service's changes go to `upsert` / `remove`. Consul being down, slow or refusing is
     /// retried with backoff and logged, never returned: the only way out is `shutdown`,
     /// which removes nothing from the catalog.
-    pub async fn run(
+    async fn run(
         self,
         catalog: Arc<Catalog>,
         shutdown: CancellationToken,
@@ -143,23 +148,6 @@ impl ConsulSource {
         watch::run(shared, shutdown)
             .instrument(tracing::info_span!("consul_source", registry = "consul"))
             .await
-    }
-}
-
-impl crate::registry::RegistrySource for ConsulSource {
-    const NAME: &'static str = "consul";
-    type Error = ConsulError;
-
-    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
-        ConsulSource::register_metrics(self, registry);
-    }
-
-    fn run(
-        self,
-        catalog: Arc<Catalog>,
-        shutdown: CancellationToken,
-    ) -> impl std::future::Future<Output = Result<(), ConsulError>> + Send {
-        ConsulSource::run(self, catalog, shutdown)
     }
 }
 

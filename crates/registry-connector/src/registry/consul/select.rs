@@ -33,8 +33,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::model::{
-    AddrError, MicroEndpoint, MicroEndpointAddr, MicroSvcAppProtocol, MicroSvcDomainName,
-    MicroSvcMeta, MicroSvcName, MicroSvcPort,
+    MicroEndpoint, MicroEndpointAddr, MicroSvcAppProtocol, MicroSvcDomainName, MicroSvcMeta,
+    MicroSvcName, MicroSvcPort,
 };
 
 use super::api::{CatalogServices, HealthEntry};
@@ -60,30 +60,7 @@ pub struct Selection {
     metadata: MetadataAllowList,
 }
 
-/// Why an instance was left out.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SkipReason {
-    /// Neither the service nor its node has an address.
-    #[error("no address (neither the service nor its node has one)")]
-    NoAddress,
-    /// The address is one Kubernetes refuses in an EndpointSlice.
-    #[error(transparent)]
-    Address(#[from] AddrError),
-    /// The service port is 0 or out of range.
-    #[error("port {0} is not in 1..=65535")]
-    Port(i64),
-}
-
-impl SkipReason {
-    /// The `reason` label of the rejected-entries metric.
-    pub fn as_label(&self) -> &'static str {
-        match self {
-            Self::NoAddress => "no_address",
-            Self::Address(e) => e.reason.as_label(),
-            Self::Port(_) => "invalid_port",
-        }
-    }
-}
+pub use crate::registry::SkipReason;
 
 /// An instance that was left out, with enough context to find it in Consul.
 #[derive(Debug, Clone, PartialEq, Eq)]

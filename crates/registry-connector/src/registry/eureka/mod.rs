@@ -41,7 +41,7 @@ pub struct EurekaSource {
     selection: Selection,
     metrics: Arc<EurekaMetrics>,
     interval: Duration,
-    full_fetch_interval: Option<Duration>,
+    full_fetch_interval: Duration,
     pacing: crate::registry::PacerConfig,
 }
 
@@ -86,7 +86,7 @@ impl EurekaSource {
             },
             metrics,
             interval: cfg.poll_interval,
-            full_fetch_interval: Some(cfg.full_fetch_interval).filter(|d| !d.is_zero()),
+            full_fetch_interval: cfg.full_fetch_interval,
             pacing: cfg.pacing,
         })
     }
@@ -95,9 +95,14 @@ impl EurekaSource {
     pub fn metrics(&self) -> Arc<EurekaMetrics> {
         Arc::clone(&self.metrics)
     }
+}
+
+impl crate::registry::RegistrySource for EurekaSource {
+    const NAME: &'static str = "eureka";
+    type Error = EurekaError;
 
     /// Registers the source's metrics in `registry`.
-    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         self.metrics.register(registry);
     }
 
@@ -106,7 +111,7 @@ impl EurekaSource {
     /// The first full fetch goes to [`Catalog::replace_all`] (deletions downstream start
     /// only then); deltas go to `upsert` / `remove`. Failures are retried with backoff
     /// and logged, never returned; shutdown removes nothing from the catalog.
-    pub async fn run(
+    async fn run(
         self,
         catalog: Arc<Catalog>,
         shutdown: CancellationToken,
@@ -132,23 +137,6 @@ impl EurekaSource {
             .instrument(tracing::info_span!("eureka_source", registry = "eureka"))
             .await;
         Ok(())
-    }
-}
-
-impl crate::registry::RegistrySource for EurekaSource {
-    const NAME: &'static str = "eureka";
-    type Error = EurekaError;
-
-    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
-        EurekaSource::register_metrics(self, registry);
-    }
-
-    fn run(
-        self,
-        catalog: Arc<Catalog>,
-        shutdown: CancellationToken,
-    ) -> impl std::future::Future<Output = Result<(), EurekaError>> + Send {
-        EurekaSource::run(self, catalog, shutdown)
     }
 }
 

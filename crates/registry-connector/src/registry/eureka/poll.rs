@@ -31,7 +31,8 @@ pub(crate) struct Poller {
     pub catalog: Arc<Catalog>,
     pub metrics: Arc<EurekaMetrics>,
     pub interval: Duration,
-    pub full_fetch_interval: Option<Duration>,
+    /// Zero turns the periodic full read off.
+    pub full_fetch_interval: Duration,
     pub pacing: PacerConfig,
 }
 

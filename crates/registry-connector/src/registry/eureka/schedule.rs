@@ -41,10 +41,10 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    /// `full_fetch_interval` of `None` (or zero) turns the periodic full read off.
-    pub fn new(full_fetch_interval: Option<Duration>) -> Self {
+    /// A zero `full_fetch_interval` turns the periodic full read off.
+    pub fn new(full_fetch_interval: Duration) -> Self {
         Self {
-            full_fetch_interval: full_fetch_interval.filter(|d| !d.is_zero()),
+            full_fetch_interval: Some(full_fetch_interval).filter(|d| !d.is_zero()),
             pending: Some(FullFetchReason::Start),
             last_verified: None,
             last_full: None,
@@ -126,7 +126,7 @@ mod tests {
     #[test]
     fn starts_whole_then_reads_deltas() {
         let t0 = Instant::now();
-        let mut s = Schedule::new(Some(secs(600)));
+        let mut s = Schedule::new(secs(600));
         assert_eq!(s.next_read(t0), Read::Full(FullFetchReason::Start));
         s.full_read(FullFetchReason::Start, t0);
         assert_eq!(s.next_read(t0 + secs(5)), Read::Delta);
@@ -137,7 +137,7 @@ mod tests {
     #[test]
     fn a_mismatch_asks_for_the_whole_registry_once() {
         let t0 = Instant::now();
-        let mut s = Schedule::new(None);
+        let mut s = Schedule::new(Duration::ZERO);
         s.full_read(FullFetchReason::Start, t0);
         s.delta_mismatched();
         assert_eq!(s.next_read(t0), Read::Full(FullFetchReason::HashMismatch));
@@ -148,7 +148,7 @@ mod tests {
     #[test]
     fn a_gap_longer_than_the_delta_window_reads_everything() {
         let t0 = Instant::now();
-        let mut s = Schedule::new(None);
+        let mut s = Schedule::new(Duration::ZERO);
         s.full_read(FullFetchReason::Start, t0);
         // Failed reads do not count: only verified ones move the clock.
         assert_eq!(s.next_read(t0 + DELTA_WINDOW), Read::Delta);
@@ -161,7 +161,7 @@ mod tests {
     #[test]
     fn the_periodic_full_read_is_a_safety_net() {
         let t0 = Instant::now();
-        let mut s = Schedule::new(Some(secs(600)));
+        let mut s = Schedule::new(secs(600));
         s.full_read(FullFetchReason::Start, t0);
         let mut t = t0;
         while t < t0 + secs(600) {
@@ -173,7 +173,7 @@ mod tests {
             Read::Full(FullFetchReason::Periodic)
         );
         assert_eq!(
-            Schedule::new(Some(Duration::ZERO)).full_fetch_interval,
+            Schedule::new(Duration::ZERO).full_fetch_interval,
             None,
             "zero turns it off"
         );
@@ -182,7 +182,7 @@ mod tests {
     #[test]
     fn a_server_refusing_everything_is_not_taken_for_one_without_deltas() {
         let t0 = Instant::now();
-        let mut s = Schedule::new(None);
+        let mut s = Schedule::new(Duration::ZERO);
         s.full_read(FullFetchReason::Start, t0);
         s.delta_refused();
         s.full_read_failed(FullFetchReason::DeltaRefused);
@@ -194,7 +194,7 @@ mod tests {
     #[test]
     fn refused_deltas_switch_to_full_reads_only_after_a_full_read_works() {
         let t0 = Instant::now();
-        let mut s = Schedule::new(None);
+        let mut s = Schedule::new(Duration::ZERO);
         s.full_read(FullFetchReason::Start, t0);
         s.delta_refused();
         assert_eq!(s.next_read(t0), Read::Full(FullFetchReason::DeltaRefused));

@@ -25,8 +25,8 @@
 //!   depend on order), else the lowercased application name.
 
 use crate::model::{
-    AddrError, MicroEndpoint, MicroEndpointAddr, MicroSvcAppProtocol, MicroSvcDomainName,
-    MicroSvcMeta, MicroSvcName, MicroSvcPort,
+    MicroEndpoint, MicroEndpointAddr, MicroSvcAppProtocol, MicroSvcDomainName, MicroSvcMeta,
+    MicroSvcName, MicroSvcPort,
 };
 use crate::naming::is_dns1123_subdomain;
 use crate::registry::metadata::{MetadataAllowList, MetadataIssue};
@@ -47,30 +47,7 @@ pub struct Selection {
     pub metadata: MetadataAllowList,
 }
 
-/// Why an instance was left out.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SkipReason {
-    #[error("no ipAddr")]
-    NoAddress,
-    #[error(transparent)]
-    Address(#[from] AddrError),
-    #[error("port {0} is not in 1..=65535")]
-    Port(i64),
-    #[error("neither port nor securePort is enabled")]
-    NoPort,
-}
-
-impl SkipReason {
-    /// The `reason` label of the rejected-entries metric.
-    pub fn as_label(&self) -> &'static str {
-        match self {
-            Self::NoAddress => "no_address",
-            Self::Address(e) => e.reason.as_label(),
-            Self::Port(_) => "invalid_port",
-            Self::NoPort => "no_enabled_port",
-        }
-    }
-}
+pub use crate::registry::SkipReason;
 
 /// An instance left out, with what finds it in Eureka.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,44 +83,42 @@ impl Selection {
     /// Builds what the application `app` publishes from its instances.
     pub fn build(&self, app: &str, instances: &AppInstances) -> Built {
         let mut built = Built::default();
+        let members: Vec<(&String, &Instance)> = instances
+            .iter()
+            .filter(|(_, i)| self.takes_part(i))
+            .collect();
+        if members.is_empty() {
+            return built;
+        }
         let mut endpoints = Vec::new();
-        let mut domain: Option<String> = None;
-        let mut any = false;
-        for (id, instance) in instances.iter().filter(|(_, i)| self.takes_part(i)) {
-            any = true;
-            if let Some(vip) = vip_domain(instance) {
-                if domain.as_ref().is_none_or(|d| vip < *d) {
-                    domain = Some(vip);
-                }
-            }
+        for (id, instance) in &members {
             match endpoint(instance) {
                 Ok(endpoint) if self.passing_only && !endpoint.ready => {}
                 Ok(endpoint) => endpoints.push(endpoint),
                 Err(reason) => built.skipped.push(SkippedInstance {
                     app: app.to_string(),
-                    instance_id: id.clone(),
+                    instance_id: id.to_string(),
                     reason,
                 }),
             }
         }
-        if any {
-            let domain = domain.unwrap_or_else(|| app.trim().to_ascii_lowercase());
-            let (metadata, issues) = self.metadata.apply(
-                instances
-                    .values()
-                    .filter(|i| self.takes_part(i))
-                    .map(|i| &i.metadata),
-            );
-            built.metadata_issues = issues;
-            built.service = Some(
-                MicroSvcMeta::new(
-                    self.published_name(app),
-                    MicroSvcDomainName(domain),
-                    endpoints,
-                )
-                .with_metadata(metadata),
-            );
-        }
+        let domain = members
+            .iter()
+            .filter_map(|(_, i)| vip_domain(i))
+            .min()
+            .unwrap_or_else(|| app.trim().to_ascii_lowercase());
+        let (metadata, issues) = self
+            .metadata
+            .apply(members.iter().map(|(_, i)| &i.metadata));
+        built.metadata_issues = issues;
+        built.service = Some(
+            MicroSvcMeta::new(
+                self.published_name(app),
+                MicroSvcDomainName(domain),
+                endpoints,
+            )
+            .with_metadata(metadata),
+        );
         built
     }
 }
