@@ -21,7 +21,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::sink::SinkHandle;
+use crate::sink::{SinkHandle, SinkStatus};
 
 /// A heartbeat older than this means the loop is wedged.
 const WEDGED_AFTER: Duration = Duration::from_secs(60);
@@ -70,20 +70,31 @@ async fn healthz(State(state): State<AdminState>) -> Response {
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
-    let s = state.sink.status();
+    match not_ready_because(&state.sink.status()) {
+        None => (StatusCode::OK, "ready\n").into_response(),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
+    }
+}
+
+/// Why this replica is not ready, or `None` when it is. Names every missing
+/// precondition, not only the first: an operator looking at a stuck rollout needs to
+/// see that the registry is unreachable even while the caches are still filling.
+fn not_ready_because(s: &SinkStatus) -> Option<String> {
     let warm_standby = !s.leader && s.caches_ready && s.source_synced;
     if s.initial_sync_done || warm_standby {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        let why = if !s.caches_ready {
-            "waiting for the Kubernetes caches"
-        } else if !s.source_synced {
-            "waiting for the registry's first complete snapshot"
-        } else {
-            "initial sync in progress"
-        };
-        (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response()
+        return None;
     }
+    let mut waiting = Vec::new();
+    if !s.caches_ready {
+        waiting.push("waiting for the Kubernetes caches");
+    }
+    if !s.source_synced {
+        waiting.push("waiting for the registry's first complete snapshot");
+    }
+    if waiting.is_empty() {
+        waiting.push("initial sync in progress");
+    }
+    Some(waiting.join("; "))
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
@@ -99,5 +110,38 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         )
             .into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(caches_ready: bool, source_synced: bool, leader: bool, done: bool) -> SinkStatus {
+        SinkStatus {
+            caches_ready,
+            source_synced,
+            leader,
+            initial_sync_done: done,
+            ..SinkStatus::default()
+        }
+    }
+
+    #[test]
+    fn names_every_missing_precondition() {
+        let why = not_ready_because(&status(false, false, true, false)).unwrap();
+        assert!(why.contains("Kubernetes caches"), "{why}");
+        assert!(why.contains("registry"), "{why}");
+        let why = not_ready_because(&status(true, false, true, false)).unwrap();
+        assert!(!why.contains("caches") && why.contains("registry"), "{why}");
+        let why = not_ready_because(&status(true, true, true, false)).unwrap();
+        assert_eq!(why, "initial sync in progress");
+    }
+
+    #[test]
+    fn ready_after_the_first_sync_or_as_a_warm_standby() {
+        assert_eq!(not_ready_because(&status(true, true, true, true)), None);
+        assert_eq!(not_ready_because(&status(true, true, false, false)), None);
+        assert!(not_ready_because(&status(true, false, false, false)).is_some());
     }
 }

@@ -91,17 +91,22 @@ impl Poller {
                             if schedule.deltas_refused() && !was_refusing {
                                 warn!(
                                     "Eureka refuses /apps/delta but serves /apps: reading the \
-                                     whole registry every interval from now on"
+                                     whole registry every interval, trying deltas again every \
+                                     10 minutes"
                                 );
                             }
                         }
-                        (Read::Delta, Some(DeltaOutcome::Verified)) => {
-                            schedule.delta_verified(started);
-                        }
-                        (Read::Delta, _) => {
-                            schedule.delta_mismatched();
-                            // The copy is known to be wrong: fetch the truth at once.
-                            due = Instant::now();
+                        (Read::Delta, outcome) => {
+                            if schedule.deltas_refused() {
+                                info!("Eureka serves /apps/delta again: back to deltas");
+                            }
+                            if let Some(DeltaOutcome::Verified) = outcome {
+                                schedule.delta_verified(started);
+                            } else {
+                                schedule.delta_mismatched();
+                                // The copy is known to be wrong: fetch the truth at once.
+                                due = Instant::now();
+                            }
                         }
                     }
                 }

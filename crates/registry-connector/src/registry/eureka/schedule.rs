@@ -19,6 +19,11 @@ use super::metrics::FullFetchReason;
 /// window (3 minutes) less its default response-cache delay (30 s) and some margin.
 pub const DELTA_WINDOW: Duration = Duration::from_secs(120);
 
+/// How long a server that refused deltas is read whole before a delta is tried again:
+/// deltas may be switched back on (or the proxy that blocked them fixed) without the
+/// connector being restarted.
+pub const DELTA_PROBE_AFTER: Duration = Duration::from_secs(600);
+
 /// The read to make.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Read {
@@ -35,9 +40,10 @@ pub struct Schedule {
     /// When the local copy was last known to match the server.
     last_verified: Option<Instant>,
     last_full: Option<Instant>,
-    /// The server refused deltas and then served the whole registry: it has deltas
-    /// switched off (or a proxy blocks them), so only full reads are made.
-    deltas_refused: bool,
+    /// Since when the server, having refused a delta, served the whole registry: it
+    /// has deltas switched off (or a proxy blocks them), so only full reads are made
+    /// until [`DELTA_PROBE_AFTER`] has passed and a delta is tried again.
+    deltas_refused_since: Option<Instant>,
 }
 
 impl Schedule {
@@ -48,7 +54,7 @@ impl Schedule {
             pending: Some(FullFetchReason::Start),
             last_verified: None,
             last_full: None,
-            deltas_refused: false,
+            deltas_refused_since: None,
         }
     }
 
@@ -57,8 +63,12 @@ impl Schedule {
         if let Some(reason) = self.pending {
             return Read::Full(reason);
         }
-        if self.deltas_refused {
-            return Read::Full(FullFetchReason::DeltasRefused);
+        if let Some(since) = self.deltas_refused_since {
+            if now.saturating_duration_since(since) < DELTA_PROBE_AFTER {
+                return Read::Full(FullFetchReason::DeltasRefused);
+            }
+            // Probe: a delta answered again ends the full-read mode; a refusal renews it.
+            return Read::Delta;
         }
         let older_than = |at: Option<Instant>, limit: Duration| {
             at.is_none_or(|at| now.saturating_duration_since(at) > limit)
@@ -77,7 +87,7 @@ impl Schedule {
     /// The whole registry was read at `at`.
     pub fn full_read(&mut self, reason: FullFetchReason, at: Instant) {
         if reason == FullFetchReason::DeltaRefused {
-            self.deltas_refused = true;
+            self.deltas_refused_since = Some(at);
         }
         self.pending = None;
         self.last_verified = Some(at);
@@ -87,15 +97,17 @@ impl Schedule {
     /// A delta was applied and its hash code matched.
     pub fn delta_verified(&mut self, at: Instant) {
         self.last_verified = Some(at);
+        self.deltas_refused_since = None;
     }
 
     /// A delta left the copy with another hash code than the server's.
     pub fn delta_mismatched(&mut self) {
         self.pending = Some(FullFetchReason::HashMismatch);
+        self.deltas_refused_since = None;
     }
 
     /// The server refused the delta request itself (403, 404, ...): try the whole
-    /// registry; if that works, deltas are off for good.
+    /// registry; if that works, deltas are taken to be off (see [`DELTA_PROBE_AFTER`]).
     pub fn delta_refused(&mut self) {
         self.pending = Some(FullFetchReason::DeltaRefused);
     }
@@ -109,9 +121,10 @@ impl Schedule {
         }
     }
 
-    /// Whether only full reads are made.
+    /// Whether the server is taken to have deltas off (only full reads, and a probe
+    /// now and then).
     pub fn deltas_refused(&self) -> bool {
-        self.deltas_refused
+        self.deltas_refused_since.is_some()
     }
 }
 
@@ -205,5 +218,41 @@ mod tests {
             s.next_read(t0 + secs(6)),
             Read::Full(FullFetchReason::DeltasRefused)
         );
+    }
+
+    #[test]
+    fn deltas_are_tried_again_after_a_while_of_full_reads() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(Duration::ZERO);
+        s.full_read(FullFetchReason::Start, t0);
+        s.delta_refused();
+        s.full_read(FullFetchReason::DeltaRefused, t0);
+        let mut t = t0;
+        while t + secs(5) < t0 + DELTA_PROBE_AFTER {
+            t += secs(5);
+            assert_eq!(s.next_read(t), Read::Full(FullFetchReason::DeltasRefused));
+            s.full_read(FullFetchReason::DeltasRefused, t);
+        }
+        let probe = t0 + DELTA_PROBE_AFTER;
+        assert_eq!(s.next_read(probe), Read::Delta, "a probe");
+
+        // Refused again: one full read for the refusal, then another full-read period.
+        s.delta_refused();
+        assert_eq!(
+            s.next_read(probe),
+            Read::Full(FullFetchReason::DeltaRefused)
+        );
+        s.full_read(FullFetchReason::DeltaRefused, probe);
+        assert_eq!(
+            s.next_read(probe + secs(5)),
+            Read::Full(FullFetchReason::DeltasRefused)
+        );
+
+        // Answered: back to deltas for good.
+        let probe = probe + DELTA_PROBE_AFTER;
+        assert_eq!(s.next_read(probe), Read::Delta);
+        s.delta_verified(probe);
+        assert!(!s.deltas_refused());
+        assert_eq!(s.next_read(probe + secs(5)), Read::Delta);
     }
 }

@@ -1,0 +1,86 @@
+//! Failover between Eureka peers, as a client's comma-separated `defaultZone` lists
+//! them: two private servers from the environment's jar hold the same registrations
+//! (as replicating peers would), the connector reads the first, and when that one dies
+//! it moves to the second without deleting anything and keeps following changes there.
+
+mod common;
+
+use anyhow::Result;
+use common::objects::{service_names, wait_endpoints};
+use common::process::Connector;
+use common::WAIT;
+use testenv::eureka::{instance_json, EurekaClient, EurekaProcess};
+use testenv::{unique_name, wait_for, TestEnv};
+
+#[tokio::test]
+async fn a_dead_peer_is_skipped_and_nothing_is_deleted() -> Result<()> {
+    let env = TestEnv::shared();
+    let logs = env.dir().join("logs");
+    let (first, second) = tokio::try_join!(
+        EurekaProcess::start(env.eureka_jar()?, &logs, &[]),
+        EurekaProcess::start(env.eureka_jar()?, &logs, &[]),
+    )?;
+    let app = unique_name("failover");
+    let one = instance_json(&app, "f-1", "192.0.2.121", Some(8080), None, "UP", &[]);
+    // Both peers hold the registration, as a replicating pair would.
+    let peers = [
+        EurekaClient::new(&first.url())?,
+        EurekaClient::new(&second.url())?,
+    ];
+    for peer in &peers {
+        peer.register(&app, &one).await?;
+    }
+
+    let client = env.client().await?;
+    let ns = env.namespace("eureka-failover").await?;
+    let urls = format!("{},{}", first.url(), second.url());
+    let connector = Connector::builder(env, ns.name())
+        .eureka(Some(&urls))
+        .args(["--eureka-poll-interval", "1s"])
+        .start()?;
+    wait_endpoints(&client, ns.name(), &app, &[("192.0.2.121", true)]).await?;
+    connector.wait_ready().await?;
+    let writes_before = connector
+        .metric_where("registry_connector_kubernetes_writes_total", &[])
+        .await?;
+
+    // The first peer dies; a second instance registers on the survivor.
+    drop(first);
+    let two = instance_json(&app, "f-2", "192.0.2.122", Some(8080), None, "UP", &[]);
+    peers[1].register(&app, &two).await?;
+    wait_endpoints(
+        &client,
+        ns.name(),
+        &app,
+        &[("192.0.2.121", true), ("192.0.2.122", true)],
+    )
+    .await
+    .map_err(|e| e.context(format!("log: {}", connector.log_tail())))?;
+    let failed = connector
+        .metric_where(
+            "registry_connector_registry_requests_total",
+            &[("source", "eureka"), ("result", "error")],
+        )
+        .await?;
+    assert!(failed >= 1.0, "the dead peer was tried: {failed} errors");
+    assert_eq!(service_names(&client, ns.name()).await?, vec![app.clone()]);
+    // Only the new endpoint was written: one EndpointSlice and one Endpoints update.
+    let writes = || async {
+        connector
+            .metric_where("registry_connector_kubernetes_writes_total", &[])
+            .await
+            .map(|w| w - writes_before)
+    };
+    wait_for("the Endpoints write", WAIT, || async {
+        (writes().await.ok()? >= 2.0).then_some(())
+    })
+    .await?;
+    assert_eq!(writes().await?, 2.0, "writes after the failover");
+
+    // Readiness holds through the failover: the survivor's answers are complete.
+    wait_for("the connector to stay ready", WAIT, || async {
+        (connector.readyz().await == Some(200)).then_some(())
+    })
+    .await?;
+    Ok(())
+}
