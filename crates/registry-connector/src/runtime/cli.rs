@@ -274,6 +274,49 @@ mod tests {
     }
 
     #[test]
+    fn debug_of_the_parsed_flags_shows_no_secret() {
+        let consul = Cli::try_parse_from([
+            "registry-connector",
+            "consul",
+            "--namespace",
+            "apps",
+            "--consul-token",
+            "tok-3f9a",
+        ])
+        .expect("consul flags");
+        let eureka = Cli::try_parse_from([
+            "registry-connector",
+            "eureka",
+            "--namespace",
+            "apps",
+            "--eureka-url",
+            "http://reader:pw-in-url@127.0.0.1:8761/eureka",
+            "--eureka-username",
+            "reader",
+            "--eureka-password",
+            "pw-flag",
+        ])
+        .expect("eureka flags");
+        let shown = format!("{consul:?} {eureka:?}");
+        for secret in ["tok-3f9a", "pw-in-url", "pw-flag"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(
+            shown.contains("127.0.0.1:8761"),
+            "the URL stays readable: {shown}"
+        );
+        let Command::Eureka(cmd) = eureka.command else {
+            panic!("not the eureka command")
+        };
+        let cfg = cmd.eureka.to_config(&cmd.source).expect("config");
+        assert_eq!(
+            cfg.password.as_deref(),
+            Some("pw-flag"),
+            "the value itself is kept"
+        );
+    }
+
+    #[test]
     fn the_namespace_is_required() {
         let err = Cli::try_parse_from(["registry-connector", "consul"]).expect_err("must fail");
         assert!(err.to_string().contains("--namespace"), "{err}");

@@ -3,6 +3,9 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use secrecy::{ExposeSecret, SecretString};
+
+use super::secret_args::secret;
 
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Consul")]
@@ -21,9 +24,10 @@ pub struct ConsulArgs {
         long,
         env = "CONSUL_HTTP_TOKEN",
         hide_env_values = true,
-        value_name = "TOKEN"
+        value_name = "TOKEN",
+        value_parser = secret
     )]
-    pub consul_token: Option<String>,
+    pub consul_token: Option<SecretString>,
 
     /// File holding the ACL token.
     #[arg(long, env = "CONSUL_HTTP_TOKEN_FILE", value_name = "FILE")]
@@ -99,7 +103,11 @@ impl ConsulArgs {
         shared: &super::source_args::SourceArgs,
     ) -> anyhow::Result<crate::registry::consul::ConsulConfig> {
         let mut cfg = crate::registry::consul::ConsulConfig::new(self.consul_http_addr.clone());
-        cfg.token = self.consul_token.clone().filter(|t| !t.is_empty());
+        cfg.token = self
+            .consul_token
+            .as_ref()
+            .map(|t| t.expose_secret().to_string())
+            .filter(|t| !t.is_empty());
         cfg.token_file = self.consul_token_file.clone();
         cfg.ca_file = self.consul_ca_file.clone();
         cfg.client_cert_file = self.consul_client_cert.clone();

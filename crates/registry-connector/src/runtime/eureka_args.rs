@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use secrecy::{ExposeSecret, SecretString};
 
+use super::secret_args::{secret, UrlList};
 use super::source_args::SourceArgs;
 use crate::registry::eureka::config::{parse_metadata_filter, EurekaConfig};
 
@@ -22,7 +24,7 @@ pub struct EurekaArgs {
         default_value = "http://127.0.0.1:8761/eureka",
         value_name = "URL"
     )]
-    pub eureka_url: String,
+    pub eureka_url: UrlList,
 
     /// Basic-auth user (credentials in the URL are used when this is not set).
     #[arg(long, env = "EUREKA_USERNAME", value_name = "USER")]
@@ -34,9 +36,10 @@ pub struct EurekaArgs {
         long,
         env = "EUREKA_PASSWORD",
         hide_env_values = true,
-        value_name = "PASSWORD"
+        value_name = "PASSWORD",
+        value_parser = secret
     )]
-    pub eureka_password: Option<String>,
+    pub eureka_password: Option<SecretString>,
 
     /// File holding the basic-auth password.
     #[arg(long, env = "EUREKA_PASSWORD_FILE", value_name = "FILE")]
@@ -92,9 +95,13 @@ pub struct EurekaArgs {
 impl EurekaArgs {
     /// The source's configuration from its flags and the shared selection flags.
     pub fn to_config(&self, shared: &SourceArgs) -> anyhow::Result<EurekaConfig> {
-        let mut cfg = EurekaConfig::new(self.eureka_url.clone());
+        let mut cfg = EurekaConfig::new(self.eureka_url.0.clone());
         cfg.username = self.eureka_username.clone().filter(|u| !u.is_empty());
-        cfg.password = self.eureka_password.clone().filter(|p| !p.is_empty());
+        cfg.password = self
+            .eureka_password
+            .as_ref()
+            .map(|p| p.expose_secret().to_string())
+            .filter(|p| !p.is_empty());
         cfg.password_file = self.eureka_password_file.clone();
         cfg.ca_file = self.eureka_ca_file.clone();
         cfg.client_cert_file = self.eureka_client_cert.clone();

@@ -7,6 +7,7 @@ pub mod consul_args;
 pub mod eureka_args;
 pub mod lease;
 pub mod logging;
+pub mod secret_args;
 pub mod signals;
 pub mod source_args;
 pub mod sync_args;
