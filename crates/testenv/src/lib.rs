@@ -144,6 +144,12 @@ impl TestEnv {
             .context("this test environment was started without eureka")
     }
 
+    /// The environment's certificates: its CA, the 127.0.0.1 serving certificate the
+    /// apiserver uses, and a client certificate, all PEM.
+    pub fn pki(&self) -> Pki {
+        Pki::in_dir(&self.dir.join("pki"))
+    }
+
     /// Creates a namespace with a unique name derived from `prefix`; it is deleted when
     /// the returned guard drops.
     pub async fn namespace(&self, prefix: &str) -> Result<TestNamespace> {
@@ -373,6 +379,49 @@ pub mod consul {
 
 /// A small Eureka REST client for tests: registers, updates and cancels instances on the
 /// real server and reads its registry.
+/// PEM files of a test environment's PKI (written by `scripts/testenv up`).
+#[derive(Debug, Clone)]
+pub struct Pki {
+    /// The CA that signed the others.
+    pub ca_cert: PathBuf,
+    /// A server certificate for `127.0.0.1` and `localhost`.
+    pub serving_cert: PathBuf,
+    pub serving_key: PathBuf,
+    /// A client certificate (CN `registry-connector`, client auth only).
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl Pki {
+    fn in_dir(dir: &Path) -> Self {
+        Self {
+            ca_cert: dir.join("ca.crt"),
+            serving_cert: dir.join("serving.crt"),
+            serving_key: dir.join("serving.key"),
+            client_cert: dir.join("client.crt"),
+            client_key: dir.join("client.key"),
+        }
+    }
+
+    /// An HTTP client trusting only this CA and presenting the client certificate.
+    pub fn https_client(&self) -> Result<reqwest::Client> {
+        let ca = std::fs::read(&self.ca_cert)
+            .with_context(|| format!("reading {}", self.ca_cert.display()))?;
+        let mut identity = std::fs::read(&self.client_cert)
+            .with_context(|| format!("reading {}", self.client_cert.display()))?;
+        identity.push(b'\n');
+        identity.extend(
+            std::fs::read(&self.client_key)
+                .with_context(|| format!("reading {}", self.client_key.display()))?,
+        );
+        reqwest::Client::builder()
+            .tls_certs_only(reqwest::Certificate::from_pem_bundle(&ca).context("CA")?)
+            .identity(reqwest::Identity::from_pem(&identity).context("client identity")?)
+            .build()
+            .context("https client")
+    }
+}
+
 pub mod eureka {
     use anyhow::{bail, Context, Result};
     use reqwest::StatusCode;
@@ -393,11 +442,22 @@ pub mod eureka {
 
         /// As [`EurekaClient::new`], sending `(user, password)` with every request.
         pub fn with_basic_auth(url: &str, credentials: Option<(&str, &str)>) -> Result<Self> {
-            Ok(Self {
+            let http = reqwest::Client::builder().build().context("http client")?;
+            Ok(Self::with_http(url, http, credentials))
+        }
+
+        /// Over a given HTTP client (e.g. [`crate::Pki::https_client`] for a server that
+        /// wants TLS client certificates).
+        pub fn with_http(
+            url: &str,
+            http: reqwest::Client,
+            credentials: Option<(&str, &str)>,
+        ) -> Self {
+            Self {
                 base: url.trim_end_matches('/').to_string(),
-                http: reqwest::Client::builder().build().context("http client")?,
+                http,
                 auth: credentials.map(|(u, p)| (u.to_string(), p.to_string())),
-            })
+            }
         }
 
         /// A request to `{base}{path}`, with the credentials if any.
@@ -483,15 +543,54 @@ pub mod eureka {
         child: std::process::Child,
         pub port: u16,
         pub log: std::path::PathBuf,
+        scheme: &'static str,
     }
 
     impl EurekaProcess {
-        /// Starts the server and waits (up to 90 s) until it answers HTTP; with basic
-        /// auth on, an answer of 401 counts as up.
+        /// Starts the server over plain HTTP and waits (up to 90 s) until it answers;
+        /// with basic auth on, an answer of 401 counts as up.
         pub async fn start(
             jar: &std::path::Path,
             log_dir: &std::path::Path,
             properties: &[&str],
+        ) -> Result<Self> {
+            let probe = reqwest::Client::new();
+            Self::launch(jar, log_dir, properties, "http", probe).await
+        }
+
+        /// Starts the server over HTTPS with the environment's serving certificate,
+        /// requiring a client certificate from the environment's CA (mutual TLS).
+        pub async fn start_https(
+            jar: &std::path::Path,
+            log_dir: &std::path::Path,
+            pki: &crate::Pki,
+            properties: &[&str],
+        ) -> Result<Self> {
+            let file = |p: &std::path::Path| format!("file:{}", p.display());
+            let tls = [
+                "--server.ssl.enabled=true".to_string(),
+                format!("--server.ssl.certificate={}", file(&pki.serving_cert)),
+                format!(
+                    "--server.ssl.certificate-private-key={}",
+                    file(&pki.serving_key)
+                ),
+                format!("--server.ssl.trust-certificate={}", file(&pki.ca_cert)),
+                "--server.ssl.client-auth=need".to_string(),
+            ];
+            let all: Vec<&str> = tls
+                .iter()
+                .map(String::as_str)
+                .chain(properties.iter().copied())
+                .collect();
+            Self::launch(jar, log_dir, &all, "https", pki.https_client()?).await
+        }
+
+        async fn launch(
+            jar: &std::path::Path,
+            log_dir: &std::path::Path,
+            properties: &[&str],
+            scheme: &'static str,
+            probe: reqwest::Client,
         ) -> Result<Self> {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.local_addr())
@@ -515,12 +614,16 @@ pub mod eureka {
                 .stderr(out)
                 .spawn()
                 .context("starting java")?;
-            let mut process = Self { child, port, log };
-            let http = reqwest::Client::new();
+            let mut process = Self {
+                child,
+                port,
+                log,
+                scheme,
+            };
             let url = format!("{}/apps", process.url());
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
             loop {
-                if let Ok(resp) = http
+                if let Ok(resp) = probe
                     .get(&url)
                     .header(reqwest::header::ACCEPT, "application/json")
                     .send()
@@ -543,9 +646,9 @@ pub mod eureka {
             }
         }
 
-        /// `http://127.0.0.1:PORT/eureka`.
+        /// `http://127.0.0.1:PORT/eureka` (`https://` for [`EurekaProcess::start_https`]).
         pub fn url(&self) -> String {
-            format!("http://127.0.0.1:{}/eureka", self.port)
+            format!("{}://127.0.0.1:{}/eureka", self.scheme, self.port)
         }
     }
 
