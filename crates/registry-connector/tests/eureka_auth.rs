@@ -8,9 +8,8 @@ mod common;
 use anyhow::Result;
 use common::objects::{service_names, wait_endpoints};
 use common::process::Connector;
-use common::WAIT;
 use testenv::eureka::{instance_json, EurekaClient, EurekaProcess};
-use testenv::{unique_name, wait_for, TestEnv};
+use testenv::{unique_name, TestEnv};
 
 const USER: &str = "connector";
 const PASSWORD: &str = "pw-5c1d3f";
@@ -76,17 +75,7 @@ async fn basic_auth_from_the_url_or_the_flags() -> Result<()> {
         .args(["--eureka-username", USER])
         .env("EUREKA_PASSWORD", "wrong-password")
         .start()?;
-    wait_for("refused reads", WAIT, || async {
-        let errors = connector
-            .metric_where(
-                "registry_connector_registry_requests_total",
-                &[("source", "eureka"), ("result", "error")],
-            )
-            .await
-            .ok()?;
-        (errors >= 2.0).then_some(())
-    })
-    .await?;
+    connector.wait_registry_errors(2.0).await?;
     assert_eq!(connector.readyz().await, Some(503));
     assert!(service_names(&client, refused.name()).await?.is_empty());
     let log = log_of(&connector);

@@ -12,7 +12,6 @@ use common::WAIT;
 use testenv::{unique_name, wait_for};
 
 const HELD: &str = "registry_connector_held_deletions";
-const REQUESTS: &str = "registry_connector_registry_requests_total";
 
 #[tokio::test]
 async fn a_restarted_empty_eureka_deletes_nothing() -> Result<()> {
@@ -34,15 +33,7 @@ async fn a_restarted_empty_eureka_deletes_nothing() -> Result<()> {
 
     // 1. Down: the connector keeps failing and keeps everything.
     s.env.stop_component("eureka")?;
-    wait_for("failed Eureka requests", WAIT, || async {
-        let errors = connector
-            .metric_where(REQUESTS, &[("source", "eureka"), ("result", "error")])
-            .await
-            .ok()?;
-        (errors >= 3.0).then_some(())
-    })
-    .await
-    .map_err(|e| e.context(connector.log_tail()))?;
+    connector.wait_registry_errors(3.0).await?;
     assert_eq!(
         service_names(client, ns).await?,
         expected,

@@ -8,24 +8,8 @@ mod common;
 use anyhow::Result;
 use common::objects::{service_names, wait_endpoints};
 use common::process::Connector;
-use common::WAIT;
 use testenv::eureka::{instance_json, EurekaClient, EurekaProcess};
-use testenv::{unique_name, wait_for, TestEnv};
-
-/// Waits until `connector` has failed `n` Eureka requests.
-async fn wait_failures(connector: &Connector, n: f64) -> Result<()> {
-    wait_for("failed Eureka requests", WAIT, || async {
-        let errors = connector
-            .metric_where(
-                "registry_connector_registry_requests_total",
-                &[("source", "eureka"), ("result", "error")],
-            )
-            .await
-            .ok()?;
-        (errors >= n).then_some(())
-    })
-    .await
-}
+use testenv::{unique_name, TestEnv};
 
 #[tokio::test]
 async fn mutual_tls_with_the_ca_and_a_client_certificate() -> Result<()> {
@@ -68,7 +52,7 @@ async fn mutual_tls_with_the_ca_and_a_client_certificate() -> Result<()> {
         .args(poll)
         .args(["--eureka-ca-file", &ca])
         .start()?;
-    wait_failures(&connector, 2.0).await?;
+    connector.wait_registry_errors(2.0).await?;
     assert_eq!(connector.readyz().await, Some(503));
     assert!(service_names(&client, no_cert.name()).await?.is_empty());
     let log = std::fs::read_to_string(&connector.log).unwrap_or_default();
@@ -87,7 +71,7 @@ async fn mutual_tls_with_the_ca_and_a_client_certificate() -> Result<()> {
         .args(poll)
         .args(["--eureka-client-cert", &cert, "--eureka-client-key", &key])
         .start()?;
-    wait_failures(&connector, 2.0).await?;
+    connector.wait_registry_errors(2.0).await?;
     assert_eq!(connector.readyz().await, Some(503));
     assert!(service_names(&client, untrusted.name()).await?.is_empty());
     let log = std::fs::read_to_string(&connector.log).unwrap_or_default();

@@ -305,6 +305,25 @@ impl Connector {
             .sum())
     }
 
+    /// Failed registry requests so far (every source).
+    pub async fn registry_errors(&self) -> Result<f64> {
+        self.metric_where(
+            "registry_connector_registry_requests_total",
+            &[("result", "error")],
+        )
+        .await
+    }
+
+    /// Waits until at least `n` registry requests have failed; the error carries the
+    /// log's tail.
+    pub async fn wait_registry_errors(&self, n: f64) -> Result<()> {
+        testenv::wait_for("failed registry requests", super::WAIT, || async {
+            (self.registry_errors().await.ok()? >= n).then_some(())
+        })
+        .await
+        .map_err(|e| e.context(format!("log: {}", self.log_tail())))
+    }
+
     /// SIGTERM, then wait for the exit status.
     pub async fn terminate(mut self) -> Result<std::process::ExitStatus> {
         let mut child = self.child.take().context("already stopped")?;
