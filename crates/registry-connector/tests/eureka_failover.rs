@@ -56,6 +56,21 @@ async fn a_dead_peer_is_skipped_and_nothing_is_deleted() -> Result<()> {
     .map_err(|e| e.context(format!("log: {}", connector.log_tail())))?;
     let failed = connector.registry_errors().await?;
     assert!(failed >= 1.0, "the dead peer was tried: {failed} errors");
+    let full_reads = |reason: &'static str| {
+        let connector = &connector;
+        async move {
+            connector
+                .metric_where(
+                    "registry_connector_eureka_full_fetches_total",
+                    &[("reason", reason)],
+                )
+                .await
+        }
+    };
+    // The survivor is read whole once (peers may disagree in ways the hash code does
+    // not show), and its hash code describes what it sends.
+    assert_eq!(full_reads("failover").await?, 1.0);
+    assert_eq!(full_reads("unverifiable").await?, 0.0);
     assert_eq!(service_names(&client, ns.name()).await?, vec![app.clone()]);
     // Only the new endpoint was written: one EndpointSlice and one Endpoints update.
     let writes = || async { connector.writes().await.map(|w| w - writes_before) };

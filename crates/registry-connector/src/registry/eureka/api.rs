@@ -72,31 +72,65 @@ pub enum ActionType {
     Added,
     Modified,
     Deleted,
+    /// A value this connector does not know: the entry is ignored (as Eureka clients
+    /// ignore it) instead of failing the whole answer; a real change it hides shows as
+    /// a hash mismatch and a full read.
+    Other,
 }
 
 impl<'de> Deserialize<'de> for ActionType {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        match text.trim().to_ascii_uppercase().as_str() {
-            "ADDED" => Ok(Self::Added),
-            "MODIFIED" => Ok(Self::Modified),
-            "DELETED" => Ok(Self::Deleted),
-            other => Err(serde::de::Error::custom(format!(
-                "unknown actionType {other:?}"
-            ))),
-        }
+        Ok(match Value::deserialize(d)? {
+            Value::String(s) => match s.trim().to_ascii_uppercase().as_str() {
+                "ADDED" => Self::Added,
+                "MODIFIED" => Self::Modified,
+                "DELETED" => Self::Deleted,
+                _ => Self::Other,
+            },
+            _ => Self::Other,
+        })
     }
 }
 
-/// `port` or `securePort`: `{"$": 8080, "@enabled": "true"}`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+/// `port` or `securePort`: `{"$": 8080, "@enabled": "true"}`, or a bare number as some
+/// Eureka-compatible servers write it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PortInfo {
     /// The number as given; it may be out of range (checked when instances are selected).
-    #[serde(rename = "$", default, deserialize_with = "lenient_i64")]
     pub number: Option<i64>,
     /// Absent means Eureka's default for the field (see [`Instance::http_port`]).
-    #[serde(rename = "@enabled", default, deserialize_with = "lenient_bool")]
     pub enabled: Option<bool>,
+}
+
+/// The object form of [`PortInfo`].
+#[derive(Deserialize)]
+struct PortObject {
+    #[serde(rename = "$", default, deserialize_with = "lenient_i64")]
+    number: Option<i64>,
+    #[serde(rename = "@enabled", default, deserialize_with = "lenient_bool")]
+    enabled: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for PortInfo {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = Value::deserialize(d)?;
+        if value.is_object() {
+            let object = PortObject::deserialize(value).map_err(serde::de::Error::custom)?;
+            return Ok(Self {
+                number: object.number,
+                enabled: object.enabled,
+            });
+        }
+        let number = match value {
+            Value::Number(n) => n.as_i64(),
+            Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        };
+        Ok(Self {
+            number,
+            enabled: None,
+        })
+    }
 }
 
 /// One registered instance, with the fields the connector reads.
@@ -329,10 +363,24 @@ mod tests {
     fn refuses_what_is_not_an_applications_document() {
         assert!(decode_applications(b"<applications/>").is_err());
         assert!(decode_applications(br#"{"apps":[]}"#).is_err());
-        assert!(decode_applications(
-            br#"{"applications":{"application":[{"name":"A","instance":[{"actionType":"EXPLODED"}]}]}}"#
+    }
+
+    #[test]
+    fn one_odd_instance_does_not_fail_the_document() {
+        let apps = decode_applications(
+            br#"{"applications":{"application":[{"name":"A","instance":[
+                {"instanceId":"a-1","actionType":"EXPLODED","port":8080,"securePort":"8443"},
+                {"instanceId":"a-2","actionType":7}]}]}}"#,
         )
-        .is_err());
+        .expect("decodes");
+        let instances = &apps.applications[0].instances;
+        assert_eq!(instances[0].action_type, Some(ActionType::Other));
+        assert_eq!(instances[1].action_type, Some(ActionType::Other));
+        assert_eq!(instances[0].http_port(), Some(8080), "a bare port number");
+        assert_eq!(
+            instances[0].secure_port.as_ref().and_then(|p| p.number),
+            Some(8443)
+        );
     }
 
     #[test]

@@ -47,3 +47,17 @@ pub enum EurekaError {
         source: serde_json::Error,
     },
 }
+
+impl EurekaError {
+    /// Whether the server refused the request itself (rather than failing): a delta path
+    /// switched off or blocked answers one of these while `/apps` may still work.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Self::Status {
+                status: 403 | 404 | 405 | 501,
+                ..
+            }
+        )
+    }
+}

@@ -111,9 +111,14 @@ impl EurekaHttp {
         })
     }
 
+    /// Which of the service URLs the next request goes to; changes on failover.
+    pub fn peer(&self) -> usize {
+        self.current.load(Ordering::Relaxed) % self.urls.len()
+    }
+
     /// The URL the next request goes to (no credentials in it).
     pub fn current_url(&self) -> &Url {
-        &self.urls[self.current.load(Ordering::Relaxed) % self.urls.len()]
+        &self.urls[self.peer()]
     }
 
     /// `GET apps/`: the whole registry.
@@ -132,11 +137,17 @@ impl EurekaHttp {
         endpoint: Endpoint,
         segments: &[&str],
     ) -> Result<Applications, EurekaError> {
-        let index = self.current.load(Ordering::Relaxed) % self.urls.len();
+        let index = self.peer();
         let url = join(&self.urls[index], segments);
         let result = self.fetch(url, self.credentials[index].as_ref()).await;
         self.metrics.record(endpoint, result.is_ok());
-        if result.is_err() && self.urls.len() > 1 {
+        // A refused delta is not this peer failing: the full read that follows asks the
+        // same peer whether it serves `/apps` (deltas off) or refuses everything.
+        let peer_failed = match &result {
+            Ok(_) => false,
+            Err(e) => !(endpoint == Endpoint::Delta && e.is_refusal()),
+        };
+        if peer_failed && self.urls.len() > 1 {
             // Next time, the next peer; compare-and-swap so that two failures of one
             // peer move on once.
             let _ = self.current.compare_exchange(
@@ -207,7 +218,16 @@ fn parse_service_urls(list: &str) -> Result<Vec<(Url, Option<Credentials>)>, Eur
             return Err(invalid("no host"));
         }
         if url.query().is_some() || url.fragment().is_some() {
-            return Err(invalid("no query or fragment allowed"));
+            return Err(invalid(
+                "no query or fragment allowed (a '?' or '#' in a password must be \
+                 percent-encoded)",
+            ));
+        }
+        if url.path().contains('@') {
+            // `http://user:pa/ss@host` parses as host `user` and path `/ss@host`.
+            return Err(invalid(
+                "an '@' in the path (a '/' in a password must be percent-encoded)",
+            ));
         }
         let credentials = (!url.username().is_empty()).then(|| Credentials {
             username: percent_decode(url.username()),
@@ -233,22 +253,38 @@ fn parse_service_urls(list: &str) -> Result<Vec<(Url, Option<Credentials>)>, Eur
 /// The URL list with any password replaced, for logs and debug output.
 pub fn redact_urls(list: &str) -> String {
     list.split(',')
-        .map(|raw| match Url::parse(raw.trim()) {
-            Ok(mut url) if url.password().is_some() => {
-                let _ = url.set_password(Some("redacted"));
-                url.to_string()
+        .map(|raw| {
+            let raw = raw.trim();
+            match Url::parse(raw) {
+                Ok(mut url) if url.password().is_some() => {
+                    let _ = url.set_password(Some("redacted"));
+                    url.to_string()
+                }
+                // A user name alone may be a token.
+                Ok(mut url) if !url.username().is_empty() => {
+                    let _ = url.set_username("redacted");
+                    url.to_string()
+                }
+                // An '@' the parser did not take for userinfo: a password with an
+                // unencoded '/', '?' or '#', or a URL without its scheme. Whatever
+                // precedes the last '@' may be a secret.
+                _ if raw.contains('@') => redact_before_last_at(raw),
+                Ok(url) => url.to_string(),
+                Err(_) => raw.to_string(),
             }
-            // A user name alone may be a token.
-            Ok(mut url) if !url.username().is_empty() => {
-                let _ = url.set_username("redacted");
-                url.to_string()
-            }
-            Ok(url) => url.to_string(),
-            Err(_) if raw.contains('@') => "<unparsable URL with credentials>".to_string(),
-            Err(_) => raw.trim().to_string(),
         })
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// `scheme://<redacted>@rest` (or `<redacted>@rest` without a scheme).
+fn redact_before_last_at(raw: &str) -> String {
+    let at = raw.rfind('@').unwrap_or(0);
+    let scheme = raw[..at]
+        .find("://")
+        .map(|end| &raw[..end + 3])
+        .unwrap_or("");
+    format!("{scheme}<redacted>{}", &raw[at..])
 }
 
 /// Userinfo in a URL is percent-encoded (`svc%40corp`); the header wants it plain.
@@ -362,6 +398,27 @@ mod tests {
             EurekaHttp::new(&cfg, Arc::default()),
             Err(EurekaError::Config(_))
         ));
+    }
+
+    #[test]
+    fn an_at_sign_the_parser_did_not_take_for_userinfo_is_redacted() {
+        for (raw, secret) in [
+            ("http://svc:2024/Secret@eureka:8761/eureka", "Secret"),
+            ("http://svc:pa?ss@eureka:8761/eureka", "pa?ss"),
+            ("svc:hunter2@eureka:8761/eureka", "hunter2"),
+        ] {
+            let shown = redact_urls(raw);
+            assert!(!shown.contains(secret), "{raw} shown as {shown}");
+            assert!(shown.ends_with("@eureka:8761/eureka"), "{shown}");
+            let err = EurekaHttp::new(&EurekaConfig::new(raw), Arc::default())
+                .expect_err("refused")
+                .to_string();
+            assert!(!err.contains(secret), "{err}");
+        }
+        assert_eq!(
+            redact_urls("http://svc:2024/Secret@eureka:8761/eureka"),
+            "http://<redacted>@eureka:8761/eureka"
+        );
     }
 
     #[test]

@@ -47,6 +47,13 @@ pub enum FullFetchReason {
     DeltaRefused,
     /// The server does not serve deltas: every read is a full one.
     DeltasRefused,
+    /// The last read went to another peer than the one before (failover): peers can
+    /// disagree in ways the hash code does not show.
+    Failover,
+    /// The server's own hash code does not describe the registry it sent (instances
+    /// without an id, or a server that sends none): deltas cannot be checked, so every
+    /// read is a full one.
+    Unverifiable,
 }
 
 impl FullFetchReason {
@@ -57,6 +64,8 @@ impl FullFetchReason {
             Self::Gap => "gap",
             Self::Periodic => "periodic",
             Self::DeltaRefused | Self::DeltasRefused => "deltas_refused",
+            Self::Failover => "failover",
+            Self::Unverifiable => "unverifiable",
         }
     }
 }

@@ -35,7 +35,8 @@ impl Mirror {
     }
 
     /// Applies a delta as Eureka clients do: `ADDED` and `MODIFIED` replace the instance,
-    /// `DELETED` removes it, and an application left without instances is gone. Returns
+    /// `DELETED` removes it, an entry without a known `actionType` is ignored, and an
+    /// application left without instances is gone. Returns
     /// the applications whose instances changed.
     pub fn apply_delta(&mut self, delta: &Applications) -> BTreeSet<String> {
         let mut changed = BTreeSet::new();
@@ -43,9 +44,10 @@ impl Mirror {
             for instance in &app.instances {
                 let did_change = match instance.action_type {
                     Some(ActionType::Deleted) => self.delete(&app.name, instance),
-                    Some(ActionType::Added | ActionType::Modified) | None => {
-                        self.put(&app.name, instance)
-                    }
+                    Some(ActionType::Added | ActionType::Modified) => self.put(&app.name, instance),
+                    // As Eureka clients do: an entry that says nothing about what happened
+                    // is not guessed at (the hash check catches what it hid).
+                    Some(ActionType::Other) | None => false,
                 };
                 if did_change {
                     changed.insert(app.name.clone());
@@ -253,6 +255,24 @@ mod tests {
     }
 
     #[test]
+    fn delta_entries_without_a_known_action_are_ignored() {
+        let full = answer(&[("A", vec![instance("a1", Status::Up, None)])], "UP_1_");
+        let mut mirror = Mirror::from_full(&full);
+        let changed = mirror.apply_delta(&answer(
+            &[(
+                "A",
+                vec![
+                    instance("a1", Status::Down, None),
+                    instance("a2", Status::Up, Some(ActionType::Other)),
+                ],
+            )],
+            "UP_1_",
+        ));
+        assert!(changed.is_empty());
+        assert_eq!(mirror, Mirror::from_full(&full));
+    }
+
+    #[test]
     fn instances_without_an_id_are_counted_not_kept() {
         let nameless = Instance {
             status: Status::Up,
@@ -267,7 +287,7 @@ mod tests {
         assert_ne!(
             mirror.reconcile_hash(),
             "UP_2_",
-            "so the hash check refetches"
+            "so the hash check sees the copy is not the server's registry"
         );
     }
 }

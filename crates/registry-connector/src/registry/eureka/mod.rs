@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{info, Instrument};
+use tracing::{info, warn, Instrument};
 
 use crate::catalog::Catalog;
 
@@ -123,6 +123,14 @@ impl crate::registry::RegistrySource for EurekaSource {
             filter_metadata = ?self.selection.filter_metadata,
             "starting the Eureka source"
         );
+        if self.interval > schedule::DELTA_WINDOW {
+            warn!(
+                interval = %humantime::format_duration(self.interval),
+                delta_window = %humantime::format_duration(schedule::DELTA_WINDOW),
+                "the poll interval is longer than the window a delta covers: every read \
+                 will be a whole-registry read"
+            );
+        }
         let poller = poll::Poller {
             http: self.http,
             selection: self.selection,
@@ -131,6 +139,7 @@ impl crate::registry::RegistrySource for EurekaSource {
             interval: self.interval,
             full_fetch_interval: self.full_fetch_interval,
             pacing: self.pacing,
+            reported: Default::default(),
         };
         poller
             .run(shutdown)

@@ -6,7 +6,8 @@
 //! publishes the truth with [`Catalog::replace_all`]. Errors never touch the catalog:
 //! while Eureka is down or refusing, the last known state stays published.
 
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -34,12 +35,19 @@ pub(crate) struct Poller {
     /// Zero turns the periodic full read off.
     pub full_fetch_interval: Duration,
     pub pacing: PacerConfig,
+    /// What was already reported as left out, per application.
+    pub reported: Mutex<Reported>,
 }
 
-/// What a successful delta showed.
-enum DeltaOutcome {
-    Verified,
-    Mismatch,
+/// What a successful read showed.
+enum FetchOutcome {
+    /// The whole registry; whether the answer's own hash code matches the copy made
+    /// from it.
+    Full { hash_agrees: bool },
+    /// A delta that left the copy hashing like the server's registry.
+    DeltaVerified,
+    /// A delta after which the copy's hash code differs from the server's.
+    DeltaMismatch,
 }
 
 impl Poller {
@@ -62,10 +70,14 @@ impl Poller {
             let started = Instant::now();
             due = started + self.interval;
             let read = schedule.next_read(started);
+            let peer = self.http.peer();
             let step = async {
                 match read {
-                    Read::Full(reason) => self.full_fetch(reason, &mut mirror).await.map(|()| None),
-                    Read::Delta => self.delta(&mut mirror).await.map(Some),
+                    Read::Full(reason) => self
+                        .full_fetch(reason, &mut mirror)
+                        .await
+                        .map(|hash_agrees| FetchOutcome::Full { hash_agrees }),
+                    Read::Delta => self.delta(&mut mirror).await,
                 }
             };
             // A request in flight does not hold up shutdown (it may take the whole
@@ -84,10 +96,11 @@ impl Poller {
                         info!(url = %self.http.current_url(), "Eureka answers again");
                     }
                     pacer.succeeded();
+                    let (was_refusing, was_unverifiable) =
+                        (schedule.deltas_refused(), schedule.unverifiable());
                     match (read, outcome) {
-                        (Read::Full(reason), _) => {
-                            let was_refusing = schedule.deltas_refused();
-                            schedule.full_read(reason, started);
+                        (Read::Full(reason), FetchOutcome::Full { hash_agrees }) => {
+                            schedule.full_read(reason, started, hash_agrees);
                             if schedule.deltas_refused() && !was_refusing {
                                 warn!(
                                     "Eureka refuses /apps/delta but serves /apps: reading the \
@@ -95,24 +108,34 @@ impl Poller {
                                      10 minutes"
                                 );
                             }
+                            if schedule.unverifiable() && !was_unverifiable {
+                                warn!(
+                                    local = %mirror.reconcile_hash(),
+                                    "Eureka's hash code does not describe the registry it \
+                                     sent (instances without an id, or no hash code at all): \
+                                     deltas cannot be checked, reading the whole registry \
+                                     every interval"
+                                );
+                            } else if was_unverifiable && !schedule.unverifiable() {
+                                info!("Eureka's hash code matches again: back to deltas");
+                            }
                         }
-                        (Read::Delta, outcome) => {
-                            if schedule.deltas_refused() {
+                        (_, FetchOutcome::DeltaVerified) => {
+                            if was_refusing {
                                 info!("Eureka serves /apps/delta again: back to deltas");
                             }
-                            if let Some(DeltaOutcome::Verified) = outcome {
-                                schedule.delta_verified(started);
-                            } else {
-                                schedule.delta_mismatched();
-                                // The copy is known to be wrong: fetch the truth at once.
-                                due = Instant::now();
-                            }
+                            schedule.delta_verified(started);
+                        }
+                        (_, _) => {
+                            schedule.delta_mismatched();
+                            // The copy is known to be wrong: fetch the truth at once.
+                            due = Instant::now();
                         }
                     }
                 }
                 Err(e) => {
                     match read {
-                        Read::Delta if is_refusal(&e) => schedule.delta_refused(),
+                        Read::Delta if e.is_refusal() => schedule.delta_refused(),
                         Read::Delta => {}
                         Read::Full(reason) => schedule.full_read_failed(reason),
                     }
@@ -127,6 +150,10 @@ impl Poller {
                     due = Instant::now();
                 }
             }
+            if self.http.peer() != peer {
+                info!(url = %self.http.current_url(), "moving to the next Eureka peer");
+                schedule.peer_changed();
+            }
         }
     }
 
@@ -134,10 +161,13 @@ impl Poller {
         &self,
         reason: FullFetchReason,
         mirror: &mut Mirror,
-    ) -> Result<(), EurekaError> {
+    ) -> Result<bool, EurekaError> {
         let answer = self.http.apps().await?;
         self.metrics.full_fetch(reason);
         *mirror = Mirror::from_full(&answer);
+        // As for deltas, an absent hash code is an empty one (the empty registry's).
+        let hash_agrees =
+            answer.apps_hashcode.as_deref().unwrap_or_default() == mirror.reconcile_hash();
         let services: Vec<MicroSvcMeta> = mirror
             .apps()
             .filter_map(|(app, instances)| self.build(app, instances))
@@ -145,7 +175,9 @@ impl Poller {
         let (applications, instances) = (mirror.apps().count(), mirror.instance_count());
         let routine = matches!(
             reason,
-            FullFetchReason::Periodic | FullFetchReason::DeltasRefused
+            FullFetchReason::Periodic
+                | FullFetchReason::DeltasRefused
+                | FullFetchReason::Unverifiable
         );
         if routine {
             debug!(
@@ -164,11 +196,12 @@ impl Poller {
                 "Eureka reported instances with neither instanceId nor hostName; left out"
             );
         }
+        self.lock_reported().retain(|app| mirror.app(app).is_some());
         self.catalog.replace_all(services);
-        Ok(())
+        Ok(hash_agrees)
     }
 
-    async fn delta(&self, mirror: &mut Mirror) -> Result<DeltaOutcome, EurekaError> {
+    async fn delta(&self, mirror: &mut Mirror) -> Result<FetchOutcome, EurekaError> {
         let delta = self.http.delta().await?;
         let changed = mirror.apply_delta(&delta);
         let ours = mirror.reconcile_hash();
@@ -179,7 +212,7 @@ impl Poller {
                 server = %theirs,
                 "the registry copy does not match Eureka's hash code after a delta; reading it whole"
             );
-            return Ok(DeltaOutcome::Mismatch);
+            return Ok(FetchOutcome::DeltaMismatch);
         }
         if !changed.is_empty() {
             debug!(applications = changed.len(), "applying a Eureka delta");
@@ -190,40 +223,110 @@ impl Poller {
                 .and_then(|instances| self.build(app, instances))
             {
                 Some(meta) => self.catalog.upsert(meta),
-                None => self.catalog.remove(&self.selection.published_name(app)),
+                None => {
+                    self.lock_reported().replace(app, BTreeSet::new());
+                    self.catalog.remove(&self.selection.published_name(app));
+                }
             }
         }
-        Ok(DeltaOutcome::Verified)
+        Ok(FetchOutcome::DeltaVerified)
     }
 
-    /// What `app` publishes, with its skipped instances logged and counted.
+    /// What `app` publishes, with newly skipped instances and metadata issues logged and
+    /// counted.
     fn build(&self, app: &str, instances: &AppInstances) -> Option<MicroSvcMeta> {
         let built = self.selection.build(app, instances);
+        let mut keys = BTreeSet::new();
         for skipped in &built.skipped {
-            self.metrics.reject(skipped.reason.as_label());
-            warn!(
-                app = %skipped.app,
-                instance = %skipped.instance_id,
-                reason = %skipped.reason,
-                "Eureka instance left out"
-            );
+            let key = format!("{}/{}", skipped.instance_id, skipped.reason.as_label());
+            if self.fresh(app, &key) {
+                self.metrics.reject(skipped.reason.as_label());
+                warn!(
+                    app = %skipped.app,
+                    instance = %skipped.instance_id,
+                    reason = %skipped.reason,
+                    "Eureka instance left out"
+                );
+            }
+            keys.insert(key);
         }
         for issue in &built.metadata_issues {
-            self.metrics.reject(issue.as_label());
-            warn!(app = %app, reason = %issue, "Eureka metadata left out");
+            let key = format!("metadata/{issue}");
+            if self.fresh(app, &key) {
+                self.metrics.reject(issue.as_label());
+                warn!(app = %app, reason = %issue, "Eureka metadata left out");
+            }
+            keys.insert(key);
         }
+        self.lock_reported().replace(app, keys);
         built.service
+    }
+
+    /// Whether `key` was not reported for `app` by the last build of `app`.
+    fn fresh(&self, app: &str, key: &str) -> bool {
+        !self.lock_reported().contains(app, key)
+    }
+
+    fn lock_reported(&self) -> std::sync::MutexGuard<'_, Reported> {
+        // Only this task uses it; a poisoned lock still holds a usable set.
+        self.reported
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
-/// Whether the server refused the request itself (rather than failing): a delta path
-/// switched off or blocked answers one of these while `/apps` may still work.
-fn is_refusal(e: &EurekaError) -> bool {
-    matches!(
-        e,
-        EurekaError::Status {
-            status: 403 | 404 | 405 | 501,
-            ..
+/// What was reported as left out, per application, so that an instance that stays
+/// invalid is logged and counted once rather than at every full read (every 10 minutes,
+/// or every interval while deltas are refused). Written by hand: it is a map of sets
+/// with a prune, nothing a crate would add.
+#[derive(Debug, Default)]
+pub(crate) struct Reported {
+    by_app: HashMap<String, BTreeSet<String>>,
+}
+
+impl Reported {
+    fn contains(&self, app: &str, key: &str) -> bool {
+        self.by_app.get(app).is_some_and(|keys| keys.contains(key))
+    }
+
+    /// `app`'s current report; an entry that goes and comes back is reported again.
+    fn replace(&mut self, app: &str, keys: BTreeSet<String>) {
+        if keys.is_empty() {
+            self.by_app.remove(app);
+        } else {
+            self.by_app.insert(app.to_string(), keys);
         }
-    )
+    }
+
+    /// Forgets applications no longer in the registry.
+    fn retain(&mut self, present: impl Fn(&str) -> bool) {
+        self.by_app.retain(|app, _| present(app));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(items: &[&str]) -> BTreeSet<String> {
+        items.iter().map(|k| k.to_string()).collect()
+    }
+
+    #[test]
+    fn a_rejection_is_reported_once_while_it_lasts() {
+        let mut reported = Reported::default();
+        assert!(!reported.contains("A", "a1/loopback"));
+        reported.replace("A", keys(&["a1/loopback"]));
+        assert!(reported.contains("A", "a1/loopback"), "not again");
+        assert!(!reported.contains("B", "a1/loopback"), "per application");
+
+        // Fixed, then broken again: reported again.
+        reported.replace("A", BTreeSet::new());
+        assert!(!reported.contains("A", "a1/loopback"));
+        reported.replace("A", keys(&["a1/loopback"]));
+
+        // The application leaves the registry: forgotten.
+        reported.retain(|app| app != "A");
+        assert!(!reported.contains("A", "a1/loopback"));
+    }
 }

@@ -6,8 +6,9 @@
 //! another of the same status between two successful reads goes unnoticed once its
 //! changes have left the delta window. So the whole registry is read again when the last
 //! verified read is older than [`DELTA_WINDOW`], when a delta did not reconcile, when the
-//! server refuses deltas, and every `full_fetch_interval` as a safety net. Pure state, no
-//! I/O: the loop asks [`Schedule::next_read`] and reports outcomes back.
+//! server refuses deltas, after a failover to another peer, while the server's own hash
+//! code does not describe what it sends, and every `full_fetch_interval` as a safety net.
+//! Pure state, no I/O: the loop asks [`Schedule::next_read`] and reports outcomes back.
 
 use std::time::Duration;
 
@@ -44,6 +45,9 @@ pub struct Schedule {
     /// has deltas switched off (or a proxy blocks them), so only full reads are made
     /// until [`DELTA_PROBE_AFTER`] has passed and a delta is tried again.
     deltas_refused_since: Option<Instant>,
+    /// The last full answer's own hash code did not match the copy made from it: a delta
+    /// could never be verified, so only full reads are made until one agrees.
+    unverifiable: bool,
 }
 
 impl Schedule {
@@ -55,6 +59,7 @@ impl Schedule {
             last_verified: None,
             last_full: None,
             deltas_refused_since: None,
+            unverifiable: false,
         }
     }
 
@@ -62,6 +67,9 @@ impl Schedule {
     pub fn next_read(&self, now: Instant) -> Read {
         if let Some(reason) = self.pending {
             return Read::Full(reason);
+        }
+        if self.unverifiable {
+            return Read::Full(FullFetchReason::Unverifiable);
         }
         if let Some(since) = self.deltas_refused_since {
             if now.saturating_duration_since(since) < DELTA_PROBE_AFTER {
@@ -84,11 +92,13 @@ impl Schedule {
         Read::Delta
     }
 
-    /// The whole registry was read at `at`.
-    pub fn full_read(&mut self, reason: FullFetchReason, at: Instant) {
+    /// The whole registry was read at `at`; `hash_agrees` tells whether the answer's
+    /// own hash code matches the copy made from it.
+    pub fn full_read(&mut self, reason: FullFetchReason, at: Instant, hash_agrees: bool) {
         if reason == FullFetchReason::DeltaRefused {
             self.deltas_refused_since = Some(at);
         }
+        self.unverifiable = !hash_agrees;
         self.pending = None;
         self.last_verified = Some(at);
         self.last_full = Some(at);
@@ -110,6 +120,17 @@ impl Schedule {
     /// registry; if that works, deltas are taken to be off (see [`DELTA_PROBE_AFTER`]).
     pub fn delta_refused(&mut self) {
         self.pending = Some(FullFetchReason::DeltaRefused);
+    }
+
+    /// The client moved to another peer after a failure: the next read is a full one
+    /// (unless one is already due for another reason).
+    pub fn peer_changed(&mut self) {
+        self.pending.get_or_insert(FullFetchReason::Failover);
+    }
+
+    /// Whether deltas cannot be checked against the server's hash code.
+    pub fn unverifiable(&self) -> bool {
+        self.unverifiable
     }
 
     /// A full read for `reason` failed. After a refused delta this means the server
@@ -141,7 +162,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = Schedule::new(secs(600));
         assert_eq!(s.next_read(t0), Read::Full(FullFetchReason::Start));
-        s.full_read(FullFetchReason::Start, t0);
+        s.full_read(FullFetchReason::Start, t0, true);
         assert_eq!(s.next_read(t0 + secs(5)), Read::Delta);
         s.delta_verified(t0 + secs(5));
         assert_eq!(s.next_read(t0 + secs(10)), Read::Delta);
@@ -151,10 +172,10 @@ mod tests {
     fn a_mismatch_asks_for_the_whole_registry_once() {
         let t0 = Instant::now();
         let mut s = Schedule::new(Duration::ZERO);
-        s.full_read(FullFetchReason::Start, t0);
+        s.full_read(FullFetchReason::Start, t0, true);
         s.delta_mismatched();
         assert_eq!(s.next_read(t0), Read::Full(FullFetchReason::HashMismatch));
-        s.full_read(FullFetchReason::HashMismatch, t0 + secs(1));
+        s.full_read(FullFetchReason::HashMismatch, t0 + secs(1), true);
         assert_eq!(s.next_read(t0 + secs(2)), Read::Delta);
     }
 
@@ -162,7 +183,7 @@ mod tests {
     fn a_gap_longer_than_the_delta_window_reads_everything() {
         let t0 = Instant::now();
         let mut s = Schedule::new(Duration::ZERO);
-        s.full_read(FullFetchReason::Start, t0);
+        s.full_read(FullFetchReason::Start, t0, true);
         // Failed reads do not count: only verified ones move the clock.
         assert_eq!(s.next_read(t0 + DELTA_WINDOW), Read::Delta);
         assert_eq!(
@@ -175,7 +196,7 @@ mod tests {
     fn the_periodic_full_read_is_a_safety_net() {
         let t0 = Instant::now();
         let mut s = Schedule::new(secs(600));
-        s.full_read(FullFetchReason::Start, t0);
+        s.full_read(FullFetchReason::Start, t0, true);
         let mut t = t0;
         while t < t0 + secs(600) {
             t += secs(5);
@@ -196,11 +217,11 @@ mod tests {
     fn a_server_refusing_everything_is_not_taken_for_one_without_deltas() {
         let t0 = Instant::now();
         let mut s = Schedule::new(Duration::ZERO);
-        s.full_read(FullFetchReason::Start, t0);
+        s.full_read(FullFetchReason::Start, t0, true);
         s.delta_refused();
         s.full_read_failed(FullFetchReason::DeltaRefused);
         assert_eq!(s.next_read(t0 + secs(5)), Read::Delta, "try deltas again");
-        s.full_read(FullFetchReason::Gap, t0 + secs(200));
+        s.full_read(FullFetchReason::Gap, t0 + secs(200), true);
         assert!(!s.deltas_refused());
     }
 
@@ -208,11 +229,11 @@ mod tests {
     fn refused_deltas_switch_to_full_reads_only_after_a_full_read_works() {
         let t0 = Instant::now();
         let mut s = Schedule::new(Duration::ZERO);
-        s.full_read(FullFetchReason::Start, t0);
+        s.full_read(FullFetchReason::Start, t0, true);
         s.delta_refused();
         assert_eq!(s.next_read(t0), Read::Full(FullFetchReason::DeltaRefused));
         assert!(!s.deltas_refused());
-        s.full_read(FullFetchReason::DeltaRefused, t0 + secs(1));
+        s.full_read(FullFetchReason::DeltaRefused, t0 + secs(1), true);
         assert!(s.deltas_refused());
         assert_eq!(
             s.next_read(t0 + secs(6)),
@@ -221,17 +242,47 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_whose_own_hash_disagrees_makes_every_read_a_full_one() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(Duration::ZERO);
+        s.full_read(FullFetchReason::Start, t0, false);
+        assert!(s.unverifiable());
+        assert_eq!(
+            s.next_read(t0 + secs(5)),
+            Read::Full(FullFetchReason::Unverifiable)
+        );
+        s.full_read(FullFetchReason::Unverifiable, t0 + secs(5), true);
+        assert_eq!(s.next_read(t0 + secs(10)), Read::Delta, "agrees again");
+    }
+
+    #[test]
+    fn a_failover_reads_the_new_peer_whole() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(Duration::ZERO);
+        s.full_read(FullFetchReason::Start, t0, true);
+        s.peer_changed();
+        assert_eq!(s.next_read(t0), Read::Full(FullFetchReason::Failover));
+        s.full_read(FullFetchReason::Failover, t0 + secs(1), true);
+        assert_eq!(s.next_read(t0 + secs(2)), Read::Delta);
+
+        // A full read already due keeps its reason.
+        s.delta_mismatched();
+        s.peer_changed();
+        assert_eq!(s.next_read(t0), Read::Full(FullFetchReason::HashMismatch));
+    }
+
+    #[test]
     fn deltas_are_tried_again_after_a_while_of_full_reads() {
         let t0 = Instant::now();
         let mut s = Schedule::new(Duration::ZERO);
-        s.full_read(FullFetchReason::Start, t0);
+        s.full_read(FullFetchReason::Start, t0, true);
         s.delta_refused();
-        s.full_read(FullFetchReason::DeltaRefused, t0);
+        s.full_read(FullFetchReason::DeltaRefused, t0, true);
         let mut t = t0;
         while t + secs(5) < t0 + DELTA_PROBE_AFTER {
             t += secs(5);
             assert_eq!(s.next_read(t), Read::Full(FullFetchReason::DeltasRefused));
-            s.full_read(FullFetchReason::DeltasRefused, t);
+            s.full_read(FullFetchReason::DeltasRefused, t, true);
         }
         let probe = t0 + DELTA_PROBE_AFTER;
         assert_eq!(s.next_read(probe), Read::Delta, "a probe");
@@ -242,7 +293,7 @@ mod tests {
             s.next_read(probe),
             Read::Full(FullFetchReason::DeltaRefused)
         );
-        s.full_read(FullFetchReason::DeltaRefused, probe);
+        s.full_read(FullFetchReason::DeltaRefused, probe, true);
         assert_eq!(
             s.next_read(probe + secs(5)),
             Read::Full(FullFetchReason::DeltasRefused)

@@ -28,7 +28,7 @@ use crate::model::{
     MicroEndpoint, MicroEndpointAddr, MicroSvcAppProtocol, MicroSvcDomainName, MicroSvcMeta,
     MicroSvcName, MicroSvcPort,
 };
-use crate::naming::is_dns1123_subdomain;
+use crate::naming::{is_dns1123_subdomain, is_valid_external_name, kube_service_name};
 use crate::registry::metadata::{MetadataAllowList, MetadataIssue};
 
 use super::api::{Instance, Status};
@@ -106,7 +106,7 @@ impl Selection {
             .iter()
             .filter_map(|(_, i)| vip_domain(i))
             .min()
-            .unwrap_or_else(|| app.trim().to_ascii_lowercase());
+            .unwrap_or_else(|| fallback_domain(app));
         let (metadata, issues) = self
             .metadata
             .apply(members.iter().map(|(_, i)| &i.metadata));
@@ -157,6 +157,18 @@ fn endpoint(instance: &Instance) -> Result<MicroEndpoint, SkipReason> {
 }
 
 /// The first VIP address of the instance, when it is a DNS name.
+/// The domain of an application without a usable `vipAddress`: its lowercased name, or,
+/// when that is no DNS name (`ORDER_SERVICE`), the sanitised Service name, so that an
+/// ExternalName Service is not refused by the apiserver at every reconcile.
+fn fallback_domain(app: &str) -> String {
+    let lower = app.trim().to_ascii_lowercase();
+    if is_valid_external_name(&lower) {
+        lower
+    } else {
+        kube_service_name(app)
+    }
+}
+
 fn vip_domain(instance: &Instance) -> Option<String> {
     let vip = instance.vip_address.as_deref()?;
     let first = vip.split(',').next()?.trim().trim_end_matches('.');
@@ -356,9 +368,14 @@ mod tests {
             .expect("published");
         assert_eq!(meta.domain.as_str(), "beta.example");
         let meta = selection(true)
-            .build("ORDERS", &app(vec![c]))
+            .build("ORDERS", &app(vec![c.clone()]))
             .service
             .expect("published");
         assert_eq!(meta.domain.as_str(), "orders");
+        let meta = selection(true)
+            .build("ORDER_SERVICE", &app(vec![c]))
+            .service
+            .expect("published");
+        assert_eq!(meta.domain.as_str(), "order-service", "a DNS name");
     }
 }
