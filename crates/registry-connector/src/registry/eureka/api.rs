@@ -224,22 +224,45 @@ pub fn decode_applications(body: &[u8]) -> Result<Applications, serde_json::Erro
     serde_json::from_slice::<Envelope>(body).map(|e| e.applications)
 }
 
-/// A list, a single element standing for a list of one, or null.
+/// A list, a single element standing for a list of one, or null. Streams the elements
+/// (a visitor, not an intermediate `Value` tree): the application and instance lists
+/// hold the whole registry, which can be tens of megabytes.
 fn one_or_many<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
 where
     D: Deserializer<'de>,
-    T: serde::de::DeserializeOwned,
+    T: Deserialize<'de>,
 {
-    match Value::deserialize(d)? {
-        Value::Null => Ok(Vec::new()),
-        Value::Array(items) => items
-            .into_iter()
-            .map(|v| serde_json::from_value(v).map_err(serde::de::Error::custom))
-            .collect(),
-        one => serde_json::from_value(one)
-            .map(|v| vec![v])
-            .map_err(serde::de::Error::custom),
+    struct OneOrMany<T>(std::marker::PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for OneOrMany<T> {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list, a single object or null")
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Vec<T>, E> {
+            Ok(Vec::new())
+        }
+
+        fn visit_none<E: serde::de::Error>(self) -> Result<Vec<T>, E> {
+            Ok(Vec::new())
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element()? {
+                items.push(item);
+            }
+            Ok(items)
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Vec<T>, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(|one| vec![one])
+        }
     }
+
+    d.deserialize_any(OneOrMany(std::marker::PhantomData))
 }
 
 fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
@@ -357,6 +380,16 @@ mod tests {
                 .expect("decodes");
         assert!(empty.applications.is_empty());
         assert_eq!(empty.apps_hashcode.as_deref(), Some(""));
+
+        let null = decode_applications(
+            br#"{"applications":{"application":[{"name":"A","instance":null}]}}"#,
+        )
+        .expect("decodes");
+        assert!(null.applications[0].instances.is_empty());
+        assert!(
+            decode_applications(br#"{"applications":{"application":"A"}}"#).is_err(),
+            "a string is neither a list nor an element"
+        );
     }
 
     #[test]
