@@ -796,6 +796,10 @@ fn chart_passes_helm_lint() -> Result<()> {
             &["registry=zookeeper"][..],
             "not a registry the connector reads",
         ),
+        (
+            &["registryTLS.secretName=tls", "registryTLS.certKey=tls.crt"][..],
+            "a client certificate without its key",
+        ),
     ] {
         let mut args = vec!["template", "x", chart];
         for s in sets {
@@ -809,6 +813,13 @@ fn chart_passes_helm_lint() -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn deployment_has_no_volumes(objects: &[Value]) -> bool {
+    objects
+        .iter()
+        .filter(|o| kind(o) == "Deployment")
+        .all(|d| d.pointer("/spec/template/spec/volumes").is_none())
 }
 
 /// The chart's labels that deploy/ does not carry (they name Helm and the chart).
@@ -931,6 +942,9 @@ async fn chart_renders_are_accepted_by_the_apiserver() -> Result<()> {
                 ),
                 ("eureka.username", "connector"),
                 ("eureka.passwordSecret.name", "eureka-credentials"),
+                ("registryTLS.secretName", "eureka-tls"),
+                ("registryTLS.certKey", "tls.crt"),
+                ("registryTLS.keyKey", "tls.key"),
             ],
         ),
     ];
@@ -959,6 +973,30 @@ async fn chart_renders_are_accepted_by_the_apiserver() -> Result<()> {
                     .any(|a| a
                         == "--eureka-url=http://eureka-a:8761/eureka,http://eureka-b:8761/eureka"),
                 "no --eureka-url in {args}"
+            );
+            let deployment = only_kind(&objects, "Deployment")?;
+            for flag in [
+                "--eureka-ca-file=/etc/registry-connector/tls/ca.crt",
+                "--eureka-client-cert=/etc/registry-connector/tls/tls.crt",
+                "--eureka-client-key=/etc/registry-connector/tls/tls.key",
+            ] {
+                ensure!(
+                    args.as_array().into_iter().flatten().any(|a| a == flag),
+                    "no {flag} in {args}"
+                );
+            }
+            ensure!(
+                deployment.pointer("/spec/template/spec/volumes/0/secret/secretName")
+                    == Some(&json!("eureka-tls"))
+                    && deployment
+                        .pointer("/spec/template/spec/containers/0/volumeMounts/0/mountPath")
+                        == Some(&json!("/etc/registry-connector/tls")),
+                "the TLS Secret is not mounted: {deployment}"
+            );
+        } else {
+            ensure!(
+                deployment_has_no_volumes(&objects),
+                "release {release} mounts volumes without registryTLS"
             );
         }
         ensure!(
