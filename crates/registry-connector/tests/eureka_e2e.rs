@@ -327,3 +327,49 @@ async fn allow_listed_metadata_is_copied_and_removed_when_dropped() -> Result<()
     s.cleanup().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn an_invalid_instance_is_reported_once_while_it_stays() -> Result<()> {
+    let s = EurekaScenario::new("eureka-reported").await?;
+    let app = unique_name("bad");
+    s.register(Instance::up(&app, "good-1", "203.0.113.21", 8080))
+        .await?;
+    // Loopback is no endpoint Kubernetes accepts: left out, logged, counted.
+    s.register(Instance::up(&app, "loop-1", "127.0.0.1", 8080))
+        .await?;
+    // A full read every poll: the application is rebuilt each time.
+    let connector = s.connector(&["--eureka-full-fetch-interval", "1ms"])?;
+    wait_endpoints(&s.client, s.ns(), &app, &[("203.0.113.21", true)]).await?;
+    let rejected = || async {
+        connector
+            .metric_where(
+                "registry_connector_registry_rejected_entries_total",
+                &[("source", "eureka")],
+            )
+            .await
+    };
+    let full_reads = || async {
+        connector
+            .metric_where(FULL_FETCHES, &[("reason", "periodic")])
+            .await
+    };
+    let first = full_reads().await?;
+    wait_for("three more full reads", WAIT, || async {
+        (full_reads().await.ok()? >= first + 3.0).then_some(())
+    })
+    .await?;
+    assert_eq!(
+        rejected().await?,
+        1.0,
+        "counted once over several full reads"
+    );
+    let log = std::fs::read_to_string(&connector.log)?;
+    assert_eq!(
+        log.matches("Eureka instance left out").count(),
+        1,
+        "logged once: {}",
+        connector.log_tail()
+    );
+    s.cleanup().await;
+    Ok(())
+}

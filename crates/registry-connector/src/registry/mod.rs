@@ -8,13 +8,15 @@
 //! or on a configuration error found at start.
 //!
 //! This module also holds what every source needs and no registry owns: the pacing of
-//! a watch loop ([`pacer`]) and the file-descriptor limit that long polls run into.
+//! a watch loop ([`pacer`]), what was already reported as left out ([`reported`]) and
+//! the file-descriptor limit that long polls run into.
 
 pub mod consul;
 pub mod eureka;
 pub mod metadata;
 pub mod metrics;
 pub mod pacer;
+pub mod reported;
 pub mod skip;
 pub mod tls;
 

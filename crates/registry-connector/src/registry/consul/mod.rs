@@ -144,6 +144,7 @@ impl crate::registry::RegistrySource for ConsulSource {
             max_connections: self.max_connections,
             initial_concurrency: self.initial_concurrency,
             watched: AtomicUsize::new(0),
+            reported: Default::default(),
         });
         watch::run(shared, shutdown)
             .instrument(tracing::info_span!("consul_source", registry = "consul"))

@@ -29,13 +29,15 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::catalog::Catalog;
 use crate::model::{MicroSvcMeta, MicroSvcName};
+use crate::registry::metadata::MetadataIssue;
+use crate::registry::reported::Reported;
 use crate::registry::{error_chain, Pacer, PacerConfig};
 
 use super::api::{next_index, HealthEntry};
 use super::error::ConsulError;
 use super::http::ConsulHttp;
 use super::metrics::ConsulMetrics;
-use super::select::{Built, Selection};
+use super::select::{Built, IgnoredTag, Selection, SkippedInstance};
 
 /// Shortest blocking wait when watchers take turns on a limited connection budget.
 const MIN_SHARED_WAIT: Duration = Duration::from_secs(1);
@@ -56,6 +58,8 @@ pub(crate) struct Shared {
     pub initial_concurrency: usize,
     /// Number of running per-service watchers.
     pub watched: AtomicUsize,
+    /// What was already reported as left out, per Consul service.
+    pub reported: Reported,
 }
 
 impl Shared {
@@ -72,10 +76,28 @@ impl Shared {
         self.wait.mul_f64(share).max(MIN_SHARED_WAIT).min(self.wait)
     }
 
-    /// Builds what `service` publishes, logs and counts what was left out.
+    /// Builds what `service` publishes; logs and counts what was newly left out (see
+    /// [`Reported`]: a blocking query returns again and again with the same content).
     fn build(&self, service: &str, entries: &[HealthEntry]) -> Built {
         let built = self.selection.build(service, entries);
-        for skipped in &built.skipped {
+        let skip_key = |s: &SkippedInstance| format!("{}/{}", s.instance_id, s.reason.as_label());
+        let tag_key = |t: &IgnoredTag| format!("{}/tag/{}", t.instance_id, t.tag);
+        let issue_key = |(name, issue): &(MicroSvcName, MetadataIssue)| {
+            format!("meta/{}/{issue}", name.as_str())
+        };
+        let keys = built
+            .skipped
+            .iter()
+            .map(skip_key)
+            .chain(built.ignored_tags.iter().map(tag_key))
+            .chain(built.metadata_issues.iter().map(issue_key))
+            .collect();
+        let fresh = self.reported.update(service, keys);
+        for skipped in built
+            .skipped
+            .iter()
+            .filter(|s| fresh.contains(&skip_key(s)))
+        {
             self.metrics.reject(skipped.reason.as_label());
             warn!(
                 service = %skipped.service,
@@ -85,7 +107,11 @@ impl Shared {
                 "Consul instance left out"
             );
         }
-        for ignored in &built.ignored_tags {
+        for ignored in built
+            .ignored_tags
+            .iter()
+            .filter(|t| fresh.contains(&tag_key(t)))
+        {
             warn!(
                 service = %ignored.service,
                 instance = %ignored.instance_id,
@@ -93,7 +119,12 @@ impl Shared {
                 "ignoring a gRPC.port tag whose value is not a port in 1..=65535"
             );
         }
-        for (name, issue) in &built.metadata_issues {
+        for entry in built
+            .metadata_issues
+            .iter()
+            .filter(|e| fresh.contains(&issue_key(e)))
+        {
+            let (name, issue) = entry;
             self.metrics.reject(issue.as_label());
             warn!(service = %name, reason = %issue, "Consul service meta left out");
         }
@@ -358,6 +389,7 @@ async fn stop_and_unpublish(shared: &Shared, name: &str, watcher: Watcher) {
         warn!(service = %name, error = %e, "a Consul service watcher failed");
     }
     shared.watched.fetch_sub(1, Ordering::Relaxed);
+    shared.reported.forget(name);
     let published = std::mem::take(&mut *lock(&watcher.published));
     for registry_name in &published {
         shared.catalog.remove(registry_name);
@@ -485,6 +517,7 @@ mod tests {
             max_connections,
             initial_concurrency: 4,
             watched: AtomicUsize::new(watched),
+            reported: Reported::default(),
         }
     }
 

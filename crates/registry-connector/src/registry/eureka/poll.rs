@@ -6,8 +6,7 @@
 //! publishes the truth with [`Catalog::replace_all`]. Errors never touch the catalog:
 //! while Eureka is down or refusing, the last known state stays published.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -16,6 +15,8 @@ use tracing::{debug, info, warn};
 
 use crate::catalog::Catalog;
 use crate::model::MicroSvcMeta;
+use crate::registry::metadata::MetadataIssue;
+use crate::registry::reported::Reported;
 use crate::registry::{error_chain, Pacer, PacerConfig};
 
 use super::error::EurekaError;
@@ -23,7 +24,7 @@ use super::http::EurekaHttp;
 use super::metrics::{EurekaMetrics, FullFetchReason};
 use super::mirror::{AppInstances, Mirror};
 use super::schedule::{Read, Schedule};
-use super::select::Selection;
+use super::select::{Selection, SkippedInstance};
 
 /// Everything the loop needs.
 pub(crate) struct Poller {
@@ -36,7 +37,7 @@ pub(crate) struct Poller {
     pub full_fetch_interval: Duration,
     pub pacing: PacerConfig,
     /// What was already reported as left out, per application.
-    pub reported: Mutex<Reported>,
+    pub reported: Reported,
 }
 
 /// What a successful read showed.
@@ -196,7 +197,7 @@ impl Poller {
                 "Eureka reported instances with neither instanceId nor hostName; left out"
             );
         }
-        self.lock_reported().retain(|app| mirror.app(app).is_some());
+        self.reported.retain(|app| mirror.app(app).is_some());
         self.catalog.replace_all(services);
         Ok(hash_agrees)
     }
@@ -224,7 +225,7 @@ impl Poller {
             {
                 Some(meta) => self.catalog.upsert(meta),
                 None => {
-                    self.lock_reported().replace(app, BTreeSet::new());
+                    self.reported.forget(app);
                     self.catalog.remove(&self.selection.published_name(app));
                 }
             }
@@ -233,100 +234,39 @@ impl Poller {
     }
 
     /// What `app` publishes, with newly skipped instances and metadata issues logged and
-    /// counted.
+    /// counted (see [`Reported`]).
     fn build(&self, app: &str, instances: &AppInstances) -> Option<MicroSvcMeta> {
         let built = self.selection.build(app, instances);
-        let mut keys = BTreeSet::new();
-        for skipped in &built.skipped {
-            let key = format!("{}/{}", skipped.instance_id, skipped.reason.as_label());
-            if self.fresh(app, &key) {
-                self.metrics.reject(skipped.reason.as_label());
-                warn!(
-                    app = %skipped.app,
-                    instance = %skipped.instance_id,
-                    reason = %skipped.reason,
-                    "Eureka instance left out"
-                );
-            }
-            keys.insert(key);
+        let skip_key = |s: &SkippedInstance| format!("{}/{}", s.instance_id, s.reason.as_label());
+        let issue_key = |i: &MetadataIssue| format!("metadata/{i}");
+        let keys = built
+            .skipped
+            .iter()
+            .map(skip_key)
+            .chain(built.metadata_issues.iter().map(issue_key))
+            .collect();
+        let fresh = self.reported.update(app, keys);
+        for skipped in built
+            .skipped
+            .iter()
+            .filter(|s| fresh.contains(&skip_key(s)))
+        {
+            self.metrics.reject(skipped.reason.as_label());
+            warn!(
+                app = %skipped.app,
+                instance = %skipped.instance_id,
+                reason = %skipped.reason,
+                "Eureka instance left out"
+            );
         }
-        for issue in &built.metadata_issues {
-            let key = format!("metadata/{issue}");
-            if self.fresh(app, &key) {
-                self.metrics.reject(issue.as_label());
-                warn!(app = %app, reason = %issue, "Eureka metadata left out");
-            }
-            keys.insert(key);
+        for issue in built
+            .metadata_issues
+            .iter()
+            .filter(|i| fresh.contains(&issue_key(i)))
+        {
+            self.metrics.reject(issue.as_label());
+            warn!(app = %app, reason = %issue, "Eureka metadata left out");
         }
-        self.lock_reported().replace(app, keys);
         built.service
-    }
-
-    /// Whether `key` was not reported for `app` by the last build of `app`.
-    fn fresh(&self, app: &str, key: &str) -> bool {
-        !self.lock_reported().contains(app, key)
-    }
-
-    fn lock_reported(&self) -> std::sync::MutexGuard<'_, Reported> {
-        // Only this task uses it; a poisoned lock still holds a usable set.
-        self.reported
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-/// What was reported as left out, per application, so that an instance that stays
-/// invalid is logged and counted once rather than at every full read (every 10 minutes,
-/// or every interval while deltas are refused). Written by hand: it is a map of sets
-/// with a prune, nothing a crate would add.
-#[derive(Debug, Default)]
-pub(crate) struct Reported {
-    by_app: HashMap<String, BTreeSet<String>>,
-}
-
-impl Reported {
-    fn contains(&self, app: &str, key: &str) -> bool {
-        self.by_app.get(app).is_some_and(|keys| keys.contains(key))
-    }
-
-    /// `app`'s current report; an entry that goes and comes back is reported again.
-    fn replace(&mut self, app: &str, keys: BTreeSet<String>) {
-        if keys.is_empty() {
-            self.by_app.remove(app);
-        } else {
-            self.by_app.insert(app.to_string(), keys);
-        }
-    }
-
-    /// Forgets applications no longer in the registry.
-    fn retain(&mut self, present: impl Fn(&str) -> bool) {
-        self.by_app.retain(|app, _| present(app));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn keys(items: &[&str]) -> BTreeSet<String> {
-        items.iter().map(|k| k.to_string()).collect()
-    }
-
-    #[test]
-    fn a_rejection_is_reported_once_while_it_lasts() {
-        let mut reported = Reported::default();
-        assert!(!reported.contains("A", "a1/loopback"));
-        reported.replace("A", keys(&["a1/loopback"]));
-        assert!(reported.contains("A", "a1/loopback"), "not again");
-        assert!(!reported.contains("B", "a1/loopback"), "per application");
-
-        // Fixed, then broken again: reported again.
-        reported.replace("A", BTreeSet::new());
-        assert!(!reported.contains("A", "a1/loopback"));
-        reported.replace("A", keys(&["a1/loopback"]));
-
-        // The application leaves the registry: forgotten.
-        reported.retain(|app| app != "A");
-        assert!(!reported.contains("A", "a1/loopback"));
     }
 }
