@@ -27,6 +27,7 @@ pub struct TestEnv {
     kubeconfig: PathBuf,
     user_kubeconfig: PathBuf,
     consul_addr: Option<String>,
+    consul_https_addr: Option<String>,
     eureka_url: Option<String>,
     eureka_jar: Option<PathBuf>,
 }
@@ -94,6 +95,7 @@ impl TestEnv {
                 .context("env file lacks TESTENV_USER_KUBECONFIG")?
                 .into(),
             consul_addr: get("CONSUL_HTTP_ADDR"),
+            consul_https_addr: get("CONSUL_HTTPS_ADDR"),
             eureka_url: get("EUREKA_URL"),
             eureka_jar: get("TESTENV_EUREKA_JAR").map(PathBuf::from),
         })
@@ -125,6 +127,14 @@ impl TestEnv {
         self.consul_addr
             .as_deref()
             .context("this test environment was started without consul")
+    }
+
+    /// `host:port` of the same agent's HTTPS API: the environment's serving certificate,
+    /// and a client certificate from its CA required ([`TestEnv::pki`]).
+    pub fn consul_https_addr(&self) -> Result<&str> {
+        self.consul_https_addr
+            .as_deref()
+            .context("this test environment was started without consul (or before HTTPS)")
     }
 
     /// Base URL of the Eureka server's REST API, `http://127.0.0.1:PORT/eureka` (no
