@@ -1,6 +1,7 @@
-//! Single-instance registry changes (add, remove, health flip) made one at a time at
+//! Single-instance registry changes (add, remove, readiness flip) made one at a time at
 //! random intervals, each timed from the registry write to the watch event that shows
-//! the expected EndpointSlice content.
+//! the expected EndpointSlice content. Registry-neutral: what a change is in Consul or
+//! Eureka terms is [`Registry`]'s business.
 //!
 //! A change that has not shown up after `land_wait` is left pending (its expectation
 //! stays registered and is still timed when it lands) and the next change goes to
@@ -15,7 +16,8 @@ use rand::rngs::StdRng;
 use rand::Rng;
 use serde::Serialize;
 
-use crate::consul::{Registry, Service};
+use crate::model::Service;
+use crate::registry::Registry;
 use crate::tracker::Tracker;
 
 /// Most instances a service may grow to through `add` changes.
@@ -26,17 +28,44 @@ pub struct ChangeOpts {
     pub count: usize,
     pub min_gap: Duration,
     pub max_gap: Duration,
+    /// An extra uniform wait in `0..phase_jitter` after each change. A change is made
+    /// once the previous one has landed, and against a polling registry (Eureka) a
+    /// landing comes right after a poll: without this, every change would hit the same
+    /// point of the poll cycle. With a jitter of one poll interval the point is uniform.
+    pub phase_jitter: Duration,
     pub land_wait: Duration,
     pub final_wait: Duration,
 }
 
+/// One kind of change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
+    /// A new ready instance registers.
     Add,
+    /// A ready instance leaves (Consul deregistration, Eureka cancel).
     Remove,
-    FlipToCritical,
-    FlipToPassing,
+    /// A ready instance stops being ready (Consul check critical, Eureka
+    /// `OUT_OF_SERVICE`): with the default `--passing-only` it leaves the slice.
+    FlipToNotReady,
+    /// A not-ready instance is ready again.
+    FlipToReady,
+}
+
+/// The change to make to `svc`, from a uniform draw `choice` in 0..3 (add, remove,
+/// flip) and a uniformly drawn instance `flip_target`. A service keeps at least one
+/// ready instance (so it keeps its slice) and at most [`MAX_INSTANCES`]; a flip turns
+/// the drawn instance back to ready only when it is not ready, so with many services
+/// nearly every flip is ready → not ready.
+pub fn choose_kind(svc: &Service, choice: u8, flip_target: usize) -> Kind {
+    match choice {
+        1 if svc.ready_count() >= 2 => Kind::Remove,
+        2 if !svc.instances[flip_target].ready => Kind::FlipToReady,
+        2 if svc.ready_count() >= 2 => Kind::FlipToNotReady,
+        _ if svc.instances.len() < MAX_INSTANCES => Kind::Add,
+        _ if svc.ready_count() >= 2 => Kind::Remove,
+        _ => Kind::FlipToReady,
+    }
 }
 
 /// What a change phase measured.
@@ -91,6 +120,15 @@ fn pick_service(services: &[Service], tracker: &Tracker, rng: &mut StdRng) -> us
     rng.random_range(0..services.len())
 }
 
+/// The wait after a change: uniform in `min_gap..=max_gap`, plus the phase jitter.
+fn gap(opts: &ChangeOpts, rng: &mut StdRng) -> Duration {
+    let base = rng.random_range(opts.min_gap..=opts.max_gap);
+    if opts.phase_jitter.is_zero() {
+        return base;
+    }
+    base + rng.random_range(Duration::ZERO..opts.phase_jitter)
+}
+
 /// Makes `opts.count` changes to random `services`, keeping the model in `services` up to date.
 pub async fn run(
     registry: &Registry,
@@ -108,49 +146,41 @@ pub async fn run(
         let svc = &mut services[si];
         let choice = rng.random_range(0..3u8);
         let flip_target = rng.random_range(0..svc.instances.len());
-        let kind = match choice {
-            1 if svc.passing_count() >= 2 => Kind::Remove,
-            2 if !svc.instances[flip_target].passing => Kind::FlipToPassing,
-            2 if svc.passing_count() >= 2 => Kind::FlipToCritical,
-            _ if svc.instances.len() < MAX_INSTANCES => Kind::Add,
-            _ if svc.passing_count() >= 2 => Kind::Remove,
-            _ => Kind::FlipToPassing,
-        };
+        let kind = choose_kind(svc, choice, flip_target);
         // Apply to the model first, register the expectation, then write the registry.
         let t0;
         let id;
         match kind {
             Kind::Add => {
-                let inst = svc.make_instance();
-                svc.instances.push(inst.clone());
+                let inst = svc.add_instance();
                 id = tracker.expect(&svc.name, svc.ready_addresses());
                 t0 = Instant::now();
-                registry.register(svc, &inst).await?;
+                registry.add(svc, &inst).await?;
             }
             Kind::Remove => {
-                let passing: Vec<usize> = (0..svc.instances.len())
-                    .filter(|&i| svc.instances[i].passing)
+                let ready: Vec<usize> = (0..svc.instances.len())
+                    .filter(|&i| svc.instances[i].ready)
                     .collect();
-                let victim = passing[rng.random_range(0..passing.len())];
+                let victim = ready[rng.random_range(0..ready.len())];
                 let inst = svc.instances.remove(victim);
                 id = tracker.expect(&svc.name, svc.ready_addresses());
                 t0 = Instant::now();
-                registry.deregister(svc, &inst).await?;
+                registry.remove(svc, &inst).await?;
             }
-            Kind::FlipToCritical | Kind::FlipToPassing => {
-                let target = if kind == Kind::FlipToPassing {
+            Kind::FlipToNotReady | Kind::FlipToReady => {
+                let target = if kind == Kind::FlipToReady {
                     (0..svc.instances.len())
-                        .find(|&i| !svc.instances[i].passing)
-                        .context("no critical instance to flip")?
+                        .find(|&i| !svc.instances[i].ready)
+                        .context("no not-ready instance to flip")?
                 } else {
                     flip_target
                 };
-                let passing = kind == Kind::FlipToPassing;
-                svc.instances[target].passing = passing;
+                let ready = kind == Kind::FlipToReady;
+                svc.instances[target].ready = ready;
                 id = tracker.expect(&svc.name, svc.ready_addresses());
                 t0 = Instant::now();
                 registry
-                    .set_health(svc, &svc.instances[target], passing)
+                    .set_ready(svc, &svc.instances[target], ready)
                     .await?;
             }
         }
@@ -159,8 +189,7 @@ pub async fn run(
         tracker
             .wait_until(t0 + opts.land_wait, |t| t.met(id).is_some())
             .await;
-        let gap = rng.random_range(opts.min_gap..=opts.max_gap);
-        tokio::time::sleep(gap).await;
+        tokio::time::sleep(gap(opts, rng)).await;
     }
     let ids: Vec<u64> = made.iter().map(|m| m.0).collect();
     tracker
@@ -202,4 +231,76 @@ pub async fn run(
         },
         timeline,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_of(latencies: &[f64], changes: usize) -> ChangeRun {
+        ChangeRun {
+            changes,
+            landed: latencies.len(),
+            not_landed: changes - latencies.len(),
+            latencies_ms: latencies.to_vec(),
+            kinds: Vec::new(),
+            elapsed_s: 0.0,
+            final_wait_s: 0.0,
+            registry_write_ms: 0.0,
+            timeline: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn unlanded_changes_count_as_infinitely_slow() {
+        let r = run_of(&[30.0, 10.0, 20.0], 4);
+        assert_eq!(percentile(&r, 50.0), Some(20.0));
+        assert_eq!(percentile(&r, 75.0), Some(30.0));
+        assert_eq!(percentile(&r, 99.0), None);
+        assert_eq!(max(&r), None);
+        assert_eq!(max(&run_of(&[30.0, 10.0], 2)), Some(30.0));
+        assert_eq!(percentile(&run_of(&[], 0), 50.0), None);
+    }
+
+    #[test]
+    fn gaps_stay_in_range_with_and_without_jitter() {
+        use rand::SeedableRng;
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut opts = ChangeOpts {
+            count: 0,
+            min_gap: Duration::from_millis(50),
+            max_gap: Duration::from_millis(300),
+            phase_jitter: Duration::ZERO,
+            land_wait: Duration::ZERO,
+            final_wait: Duration::ZERO,
+        };
+        for _ in 0..200 {
+            let g = gap(&opts, &mut rng);
+            assert!(g >= opts.min_gap && g <= opts.max_gap);
+        }
+        opts.phase_jitter = Duration::from_secs(1);
+        let gaps: Vec<Duration> = (0..200).map(|_| gap(&opts, &mut rng)).collect();
+        assert!(gaps
+            .iter()
+            .all(|g| *g >= opts.min_gap && *g < Duration::from_millis(1300)));
+        assert!(gaps.iter().any(|g| *g > Duration::from_millis(800)));
+    }
+
+    #[test]
+    fn a_service_keeps_a_ready_instance_and_a_bounded_size() {
+        let mut s = Service::new("a".into(), "set".into(), 1);
+        // One ready instance: no remove, no flip to not ready.
+        assert_eq!(choose_kind(&s, 1, 0), Kind::Add);
+        assert_eq!(choose_kind(&s, 2, 0), Kind::Add);
+        s.add_instance();
+        assert_eq!(choose_kind(&s, 1, 0), Kind::Remove);
+        assert_eq!(choose_kind(&s, 2, 1), Kind::FlipToNotReady);
+        s.instances[1].ready = false;
+        assert_eq!(choose_kind(&s, 2, 1), Kind::FlipToReady);
+        assert_eq!(choose_kind(&s, 2, 0), Kind::Add);
+        while s.instances.len() < MAX_INSTANCES {
+            s.add_instance();
+        }
+        assert_eq!(choose_kind(&s, 0, 0), Kind::Remove);
+    }
 }

@@ -24,7 +24,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 
-use crate::consul::Service as Svc;
+use crate::model::Service as Svc;
 
 /// What the floor measured.
 #[derive(Debug, Clone, Copy)]
@@ -109,8 +109,8 @@ fn slice(ns: &str, svc: &Svc, owner: Option<OwnerReference>) -> EndpointSlice {
             .map(|i| Endpoint {
                 addresses: vec![i.address.clone()],
                 conditions: Some(EndpointConditions {
-                    ready: Some(i.passing),
-                    serving: Some(i.passing),
+                    ready: Some(i.ready),
+                    serving: Some(i.ready),
                     terminating: Some(false),
                 }),
                 ..Default::default()

@@ -1,0 +1,257 @@
+//! Counters the figures are computed from: a scrape of the connector's `/metrics`
+//! (writes, registry requests, Eureka full reads) and the apiserver's own request
+//! counters. Every figure is a difference between two scrapes.
+
+use std::collections::{BTreeMap, HashMap};
+
+/// A scrape of the connector's `/metrics`: series (name plus label text) to value, and
+/// the registry (`source` label) the connector reads.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    series: HashMap<String, f64>,
+    source: String,
+}
+
+const WRITES: &str = "registry_connector_kubernetes_writes_total";
+const REQUESTS: &str = "registry_connector_registry_requests_total";
+/// The Consul request counter of connectors older than `REQUESTS` (for `--connector-bin`).
+const OLD_CONSUL_REQUESTS: &str = "registry_connector_consul_requests_total";
+const EUREKA_FULL_FETCHES: &str = "registry_connector_eureka_full_fetches_total";
+
+impl Metrics {
+    /// Parses the text format; `source` is the connector's registry (`consul`, `eureka`).
+    pub fn parse(text: &str, source: &str) -> Metrics {
+        let mut series = HashMap::new();
+        for line in text.lines() {
+            if line.starts_with('#') || line.trim().is_empty() {
+                continue;
+            }
+            // `name{labels} value` or `name value`; label values never hold "} " here.
+            let (key, value) = match line.rfind(' ') {
+                Some(i) => (&line[..i], &line[i + 1..]),
+                None => continue,
+            };
+            if let Ok(v) = value.parse::<f64>() {
+                series.insert(key.to_string(), v);
+            }
+        }
+        Metrics {
+            series,
+            source: source.to_string(),
+        }
+    }
+
+    /// Sum of every series of metric `name` whose labels contain all of `labels`
+    /// (`key="value"` pairs).
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.series
+            .iter()
+            .filter(|(k, _)| {
+                let (n, l) = match k.find('{') {
+                    Some(i) => (&k[..i], &k[i..]),
+                    None => (k.as_str(), ""),
+                };
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(lk, lv)| l.contains(&format!("{lk}=\"{lv}\"")))
+            })
+            .map(|(_, v)| v)
+            .fold(0.0, |a, b| a + b)
+    }
+
+    /// Successful Kubernetes writes.
+    pub fn writes(&self) -> f64 {
+        self.sum(WRITES, &[("result", "success")])
+    }
+
+    /// Kubernetes writes whatever their result.
+    pub fn writes_all(&self) -> f64 {
+        self.sum(WRITES, &[])
+    }
+
+    /// Successful writes of one kind (`service`, `endpointslice`, `endpoints`).
+    pub fn writes_of(&self, kind: &str) -> f64 {
+        self.sum(WRITES, &[("kind", kind), ("result", "success")])
+    }
+
+    /// Requests to the registry matching `labels` (`endpoint`, `result`).
+    fn requests_where(&self, labels: &[(&str, &str)]) -> f64 {
+        let mut with_source = vec![("source", self.source.as_str())];
+        with_source.extend_from_slice(labels);
+        let old = if self.source == "consul" {
+            self.sum(OLD_CONSUL_REQUESTS, labels)
+        } else {
+            0.0
+        };
+        self.sum(REQUESTS, &with_source) + old
+    }
+
+    /// Registry requests, all endpoints and results.
+    pub fn registry_requests(&self) -> f64 {
+        self.requests_where(&[])
+    }
+
+    /// Registry requests that failed (no answer, error status).
+    pub fn registry_errors(&self) -> f64 {
+        self.requests_where(&[("result", "error")])
+    }
+
+    /// Registry requests, by `endpoint` label (Consul: `catalog_services`,
+    /// `health_service`; Eureka: `apps`, `apps_delta`).
+    pub fn registry_requests_by_endpoint(&self) -> BTreeMap<String, f64> {
+        let mut endpoints = self.label_values(REQUESTS, "endpoint", Some(&self.source));
+        if self.source == "consul" {
+            endpoints.extend(self.label_values(OLD_CONSUL_REQUESTS, "endpoint", None));
+        }
+        endpoints
+            .into_iter()
+            .map(|e| {
+                let v = self.requests_where(&[("endpoint", &e)]);
+                (e, v)
+            })
+            .collect()
+    }
+
+    /// Eureka's whole-registry reads by reason (`start`, `hash_mismatch`, `gap`,
+    /// `periodic`, `deltas_refused`); empty for other sources.
+    pub fn full_fetches(&self) -> BTreeMap<String, f64> {
+        self.label_values(EUREKA_FULL_FETCHES, "reason", Some(&self.source))
+            .into_iter()
+            .map(|r| {
+                let v = self.sum(EUREKA_FULL_FETCHES, &[("reason", &r)]);
+                (r, v)
+            })
+            .collect()
+    }
+
+    pub fn reconciles(&self) -> f64 {
+        self.sum("registry_connector_reconciles_total", &[])
+    }
+
+    pub fn managed_services(&self) -> f64 {
+        self.sum("registry_connector_managed_services", &[])
+    }
+
+    /// The label values seen for `label` on metric `name` (optionally only on series
+    /// whose `source` is `source`).
+    fn label_values(&self, name: &str, label: &str, source: Option<&str>) -> Vec<String> {
+        let source = source.map(|s| format!("source=\"{s}\""));
+        let mut out: Vec<String> = self
+            .series
+            .keys()
+            .filter(|k| k.starts_with(&format!("{name}{{")))
+            .filter(|k| source.as_ref().is_none_or(|s| k.contains(s.as_str())))
+            .filter_map(|k| label_value(k, label))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
+/// The value of `key="..."` in a series' label text.
+fn label_value(series: &str, key: &str) -> Option<String> {
+    let pat = format!("{key}=\"");
+    let i = series.find(&pat)? + pat.len();
+    let j = series[i..].find('"')?;
+    Some(series[i..i + j].to_string())
+}
+
+/// `after - before` per key, keeping the entries that moved.
+pub fn delta(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, d)| *d > 0.0)
+        .collect()
+}
+
+/// The apiserver's own request counters (`apiserver_request_total`), summed by verb and
+/// resource: what a workload asked of the apiserver, whoever asked. Empty when the
+/// scrape fails (a side figure).
+pub async fn apiserver_requests(client: &kube::Client) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let Ok(req) = kube::core::Request::new("/metrics").list(&Default::default()) else {
+        return out;
+    };
+    let Ok(text) = client.request_text(req).await else {
+        return out;
+    };
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+            continue;
+        };
+        let (Some(verb), Some(resource)) =
+            (label_value(rest, "verb"), label_value(rest, "resource"))
+        else {
+            continue;
+        };
+        let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
+            continue;
+        };
+        *out.entry(format!("{verb} {resource}")).or_insert(0.0) += v;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_openmetrics_text() {
+        let text = "# HELP x y\n\
+            registry_connector_kubernetes_writes_total{kind=\"service\",verb=\"create\",result=\"success\"} 3\n\
+            registry_connector_kubernetes_writes_total{kind=\"endpointslice\",verb=\"apply\",result=\"success\"} 2\n\
+            registry_connector_kubernetes_writes_total{kind=\"endpointslice\",verb=\"apply\",result=\"error\"} 1\n\
+            registry_connector_managed_services 7\n# EOF\n";
+        let m = Metrics::parse(text, "consul");
+        assert_eq!(m.writes(), 5.0);
+        assert_eq!(m.writes_all(), 6.0);
+        assert_eq!(m.writes_of("endpointslice"), 2.0);
+        assert_eq!(m.managed_services(), 7.0);
+    }
+
+    #[test]
+    fn counts_only_the_connectors_own_registry() {
+        let text = "\
+            registry_connector_registry_requests_total{source=\"eureka\",endpoint=\"apps\",result=\"ok\"} 1\n\
+            registry_connector_registry_requests_total{source=\"eureka\",endpoint=\"apps_delta\",result=\"ok\"} 40\n\
+            registry_connector_registry_requests_total{source=\"eureka\",endpoint=\"apps_delta\",result=\"error\"} 2\n\
+            registry_connector_registry_requests_total{source=\"consul\",endpoint=\"health_service\",result=\"ok\"} 9\n\
+            registry_connector_eureka_full_fetches_total{source=\"eureka\",reason=\"start\"} 1\n\
+            registry_connector_eureka_full_fetches_total{source=\"eureka\",reason=\"hash_mismatch\"} 0\n";
+        let m = Metrics::parse(text, "eureka");
+        assert_eq!(m.registry_requests(), 43.0);
+        assert_eq!(m.registry_errors(), 2.0);
+        assert_eq!(
+            m.registry_requests_by_endpoint(),
+            BTreeMap::from([("apps".into(), 1.0), ("apps_delta".into(), 42.0)])
+        );
+        assert_eq!(
+            m.full_fetches(),
+            BTreeMap::from([("hash_mismatch".into(), 0.0), ("start".into(), 1.0)])
+        );
+        let c = Metrics::parse(text, "consul");
+        assert_eq!(c.registry_requests(), 9.0);
+        assert!(c.full_fetches().is_empty());
+    }
+
+    #[test]
+    fn delta_keeps_what_moved() {
+        let a = BTreeMap::from([("x".to_string(), 1.0), ("y".to_string(), 2.0)]);
+        let b = BTreeMap::from([
+            ("x".to_string(), 1.0),
+            ("y".to_string(), 5.0),
+            ("z".to_string(), 1.0),
+        ]);
+        assert_eq!(
+            delta(&a, &b),
+            BTreeMap::from([("y".to_string(), 3.0), ("z".to_string(), 1.0)])
+        );
+    }
+}

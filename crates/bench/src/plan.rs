@@ -1,0 +1,101 @@
+//! Workload sizes and waits: the profiles (`quick`, `full`) and the overrides of the
+//! command line, resolved once into a [`Plan`] so that the workloads read numbers, not
+//! flags. Pure.
+
+use std::time::Duration;
+
+use clap::ValueEnum;
+
+use crate::registry::Kind;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Profile {
+    /// N = 200, M = 3, K = 50, steady state 60 s: a few minutes.
+    Quick,
+    /// N = 10,000, M = 3, K = 200, steady state 5 min.
+    Full,
+}
+
+impl Profile {
+    pub fn name(self) -> &'static str {
+        match self {
+            Profile::Quick => "quick",
+            Profile::Full => "full",
+        }
+    }
+}
+
+/// Command-line overrides of the profile's sizes.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub n: Option<usize>,
+    pub m: Option<usize>,
+    pub k: Option<usize>,
+    pub k_cost: Option<usize>,
+    pub steady: Option<Duration>,
+    pub no_cost: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub n: usize,
+    pub m: usize,
+    pub k: usize,
+    pub k_cost: usize,
+    pub steady: Duration,
+    pub cost_ns: Vec<usize>,
+    /// Per-change wait before moving on, on top of the quiet period and the registry's
+    /// read delay.
+    pub land_slack: Duration,
+    pub final_wait: Duration,
+    pub cost_final_wait: Duration,
+    pub cost_idle_cap: Duration,
+    /// Longest wait for pending changes before the steady-state window.
+    pub settle_max: Duration,
+}
+
+/// The plan of `profile` for `registry`, with `o` applied. Both registries get the
+/// same sizes: the Eureka server (one JVM with a 256 MiB heap) keeps up with the quick
+/// profile on 2 cores; the full profile's 30,000 instances are its own experiment.
+pub fn plan(profile: Profile, _registry: Kind, o: &Overrides) -> Plan {
+    let quick = profile == Profile::Quick;
+    let pick = |q: u64, f: u64| Duration::from_secs(if quick { q } else { f });
+    Plan {
+        n: o.n.unwrap_or(if quick { 200 } else { 10_000 }),
+        m: o.m.unwrap_or(3),
+        k: o.k.unwrap_or(if quick { 50 } else { 200 }),
+        k_cost: o.k_cost.unwrap_or(if quick { 20 } else { 50 }),
+        steady: o.steady.unwrap_or(pick(60, 300)),
+        cost_ns: if o.no_cost { vec![] } else { vec![100, 1000] },
+        land_slack: Duration::from_millis(1500),
+        final_wait: pick(20, 120),
+        cost_final_wait: pick(20, 120),
+        cost_idle_cap: pick(10, 60),
+        settle_max: pick(30, 360),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profiles_and_overrides() {
+        let q = plan(Profile::Quick, Kind::Eureka, &Overrides::default());
+        assert_eq!((q.n, q.m, q.k, q.k_cost), (200, 3, 50, 20));
+        assert_eq!(q.steady, Duration::from_secs(60));
+        assert_eq!(q.cost_ns, vec![100, 1000]);
+        let f = plan(
+            Profile::Full,
+            Kind::Consul,
+            &Overrides {
+                n: Some(2000),
+                no_cost: true,
+                ..Default::default()
+            },
+        );
+        assert_eq!((f.n, f.k), (2000, 200));
+        assert!(f.cost_ns.is_empty());
+        assert_eq!(f.final_wait, Duration::from_secs(120));
+    }
+}
