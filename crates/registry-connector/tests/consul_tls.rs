@@ -6,8 +6,9 @@
 mod common;
 
 use anyhow::Result;
-use common::objects::{service_names, wait_endpoints};
+use common::objects::wait_endpoints;
 use common::process::Connector;
+use common::tls;
 use serde_json::json;
 use testenv::consul::ConsulClient;
 use testenv::{unique_name, TestEnv};
@@ -30,59 +31,30 @@ async fn mutual_tls_with_the_ca_and_a_client_certificate() -> Result<()> {
         )
         .await?;
     let client = env.client().await?;
-    let ca = pki.ca_cert.to_string_lossy().to_string();
-    let cert = pki.client_cert.to_string_lossy().to_string();
-    let key = pki.client_key.to_string_lossy().to_string();
-    let filter = ["--filter-tag", tag.as_str()];
+    let connector = |ns: &str, material| {
+        Connector::builder(env, ns)
+            .consul_addr(&https)
+            .args(["--filter-tag", tag.as_str()])
+            .args(tls::flags("consul", &pki, material))
+            .start()
+    };
 
     // 1. The CA and a client certificate: synced.
     let ok = env.namespace("consul-tls").await?;
-    let connector = Connector::builder(env, ok.name())
-        .consul_addr(&https)
-        .args(filter)
-        .args(["--consul-ca-file", &ca])
-        .args(["--consul-client-cert", &cert, "--consul-client-key", &key])
-        .start()?;
+    let synced = connector(ok.name(), tls::FULL)?;
     wait_endpoints(&client, ok.name(), &name, &[("192.0.2.141", true)])
         .await
-        .map_err(|e| e.context(format!("log: {}", connector.log_tail())))?;
-    drop(connector);
+        .map_err(|e| e.context(format!("log: {}", synced.log_tail())))?;
+    drop(synced);
 
-    // 2. No client certificate: the agent refuses the handshake.
-    let no_cert = env.namespace("consul-tls-nocert").await?;
-    let connector = Connector::builder(env, no_cert.name())
-        .consul_addr(&https)
-        .args(filter)
-        .args(["--consul-ca-file", &ca])
-        .start()?;
-    connector.wait_registry_errors(2.0).await?;
-    assert_eq!(connector.readyz().await, Some(503));
-    assert!(service_names(&client, no_cert.name()).await?.is_empty());
-    let log = std::fs::read_to_string(&connector.log).unwrap_or_default();
-    assert!(
-        log.contains("fatal alert"),
-        "the log shows the agent's TLS alert: {}",
-        connector.log_tail()
-    );
-    drop(connector);
-
-    // 3. The environment's CA not trusted (system roots only): the agent's certificate
-    // is refused.
-    let untrusted = env.namespace("consul-tls-untrusted").await?;
-    let connector = Connector::builder(env, untrusted.name())
-        .consul_addr(&https)
-        .args(filter)
-        .args(["--consul-client-cert", &cert, "--consul-client-key", &key])
-        .start()?;
-    connector.wait_registry_errors(2.0).await?;
-    assert_eq!(connector.readyz().await, Some(503));
-    assert!(service_names(&client, untrusted.name()).await?.is_empty());
-    let log = std::fs::read_to_string(&connector.log).unwrap_or_default();
-    assert!(
-        log.contains("UnknownIssuer"),
-        "the log names the certificate problem: {}",
-        connector.log_tail()
-    );
+    // 2. No client certificate, or the environment's CA not trusted: refused.
+    for (case, material, why) in tls::REFUSED {
+        let ns = env.namespace(&format!("consul-tls-{case}")).await?;
+        let refused = connector(ns.name(), material)?;
+        tls::assert_refused(&refused, &client, ns.name(), why)
+            .await
+            .map_err(|e| e.context(case))?;
+    }
 
     ConsulClient::new(env.consul_addr()?)?
         .put(

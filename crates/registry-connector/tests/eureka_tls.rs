@@ -6,8 +6,9 @@
 mod common;
 
 use anyhow::Result;
-use common::objects::{service_names, wait_endpoints};
+use common::objects::wait_endpoints;
 use common::process::Connector;
+use common::tls;
 use testenv::eureka::{instance_json, EurekaClient, EurekaProcess};
 use testenv::{unique_name, TestEnv};
 
@@ -27,58 +28,29 @@ async fn mutual_tls_with_the_ca_and_a_client_certificate() -> Result<()> {
         )
         .await?;
     let client = env.client().await?;
-    let ca = pki.ca_cert.to_string_lossy().to_string();
-    let cert = pki.client_cert.to_string_lossy().to_string();
-    let key = pki.client_key.to_string_lossy().to_string();
-    let poll = ["--eureka-poll-interval", "1s"];
+    let connector = |ns: &str, material| {
+        Connector::builder(env, ns)
+            .eureka(Some(&url))
+            .args(["--eureka-poll-interval", "1s"])
+            .args(tls::flags("eureka", &pki, material))
+            .start()
+    };
 
     // 1. The CA and a client certificate: synced.
     let ok = env.namespace("eureka-tls").await?;
-    let connector = Connector::builder(env, ok.name())
-        .eureka(Some(&url))
-        .args(poll)
-        .args(["--eureka-ca-file", &ca])
-        .args(["--eureka-client-cert", &cert, "--eureka-client-key", &key])
-        .start()?;
+    let synced = connector(ok.name(), tls::FULL)?;
     wait_endpoints(&client, ok.name(), &app, &[("192.0.2.131", true)])
         .await
-        .map_err(|e| e.context(format!("log: {}", connector.log_tail())))?;
-    drop(connector);
+        .map_err(|e| e.context(format!("log: {}", synced.log_tail())))?;
+    drop(synced);
 
-    // 2. No client certificate: the server ends the handshake.
-    let no_cert = env.namespace("eureka-tls-nocert").await?;
-    let connector = Connector::builder(env, no_cert.name())
-        .eureka(Some(&url))
-        .args(poll)
-        .args(["--eureka-ca-file", &ca])
-        .start()?;
-    connector.wait_registry_errors(2.0).await?;
-    assert_eq!(connector.readyz().await, Some(503));
-    assert!(service_names(&client, no_cert.name()).await?.is_empty());
-    let log = std::fs::read_to_string(&connector.log).unwrap_or_default();
-    assert!(
-        log.contains("fatal alert"),
-        "the log shows the server's TLS alert: {}",
-        connector.log_tail()
-    );
-    drop(connector);
-
-    // 3. The environment's CA not trusted (system roots only): the server's certificate
-    // is refused.
-    let untrusted = env.namespace("eureka-tls-untrusted").await?;
-    let connector = Connector::builder(env, untrusted.name())
-        .eureka(Some(&url))
-        .args(poll)
-        .args(["--eureka-client-cert", &cert, "--eureka-client-key", &key])
-        .start()?;
-    connector.wait_registry_errors(2.0).await?;
-    assert_eq!(connector.readyz().await, Some(503));
-    assert!(service_names(&client, untrusted.name()).await?.is_empty());
-    let log = std::fs::read_to_string(&connector.log).unwrap_or_default();
-    assert!(
-        log.contains("UnknownIssuer"),
-        "the log names the certificate problem: {}",
-        connector.log_tail()
-    );
+    // 2. No client certificate, or the environment's CA not trusted: refused.
+    for (case, material, why) in tls::REFUSED {
+        let ns = env.namespace(&format!("eureka-tls-{case}")).await?;
+        let refused = connector(ns.name(), material)?;
+        tls::assert_refused(&refused, &client, ns.name(), why)
+            .await
+            .map_err(|e| e.context(case))?;
+    }
     Ok(())
 }

@@ -6,6 +6,7 @@
 pub mod eureka;
 pub mod objects;
 pub mod process;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
