@@ -75,6 +75,24 @@ impl Metrics {
         self.sum(WRITES, &[("kind", kind), ("result", "success")])
     }
 
+    /// Writes the apiserver did not accept, by `"<kind> <verb> <result>"` (result
+    /// `conflict` or `error`): what the "failed" figures are made of.
+    pub fn failed_writes(&self) -> BTreeMap<String, f64> {
+        let mut out = BTreeMap::new();
+        for (key, v) in &self.series {
+            if !key.starts_with(&format!("{WRITES}{{")) {
+                continue;
+            }
+            let label = |name: &str| label_value(key, name).unwrap_or_default();
+            let result = label("result");
+            if result != "success" && *v > 0.0 {
+                let k = format!("{} {} {result}", label("kind"), label("verb"));
+                *out.entry(k).or_insert(0.0) += v;
+            }
+        }
+        out
+    }
+
     /// Requests to the registry matching `labels` (`endpoint`, `result`).
     fn requests_where(&self, labels: &[(&str, &str)]) -> f64 {
         let mut with_source = vec![("source", self.source.as_str())];
@@ -214,6 +232,10 @@ mod tests {
         assert_eq!(m.writes_all(), 6.0);
         assert_eq!(m.writes_of("endpointslice"), 2.0);
         assert_eq!(m.managed_services(), 7.0);
+        assert_eq!(
+            m.failed_writes(),
+            BTreeMap::from([("endpointslice apply error".to_string(), 1.0)])
+        );
     }
 
     #[test]

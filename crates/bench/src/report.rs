@@ -116,12 +116,17 @@ pub fn markdown(r: &Results) -> String {
         "2 initial sync",
         "writes (Service / slice / Endpoints), failed",
         format!(
-            "{:.0} ({:.0} / {:.0} / {:.0}), {:.0}",
+            "{:.0} ({:.0} / {:.0} / {:.0}), {:.0}{}",
             i.writes,
             i.writes_by_kind[0],
             i.writes_by_kind[1],
             i.writes_by_kind[2],
-            i.writes_failed
+            i.writes_failed,
+            if i.failed_writes.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", counts(&i.failed_writes))
+            }
         ),
     );
     row(

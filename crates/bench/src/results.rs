@@ -84,6 +84,8 @@ pub struct SyncResult {
     pub ready_s: f64,
     pub writes: f64,
     pub writes_failed: f64,
+    /// The failed writes by `"<kind> <verb> <result>"`.
+    pub failed_writes: BTreeMap<String, f64>,
     /// Service, EndpointSlice, Endpoints.
     pub writes_by_kind: [f64; 3],
     pub requests: Requests,

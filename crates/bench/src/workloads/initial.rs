@@ -112,6 +112,7 @@ pub async fn initial_sync(ctx: &mut Ctx, results: &mut Results) -> Result<(Synce
         ready_s,
         writes: ma.writes(),
         writes_failed: ma.writes_all() - ma.writes(),
+        failed_writes: ma.failed_writes(),
         writes_by_kind: [
             ma.writes_of("service"),
             ma.writes_of("endpointslice"),
