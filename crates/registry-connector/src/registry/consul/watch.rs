@@ -81,22 +81,9 @@ impl Shared {
     fn build(&self, service: &str, entries: &[HealthEntry]) -> Built {
         let built = self.selection.build(service, entries);
         let skip_key = |s: &SkippedInstance| format!("{}/{}", s.instance_id, s.reason.as_label());
-        let tag_key = |t: &IgnoredTag| format!("{}/tag/{}", t.instance_id, t.tag);
-        let issue_key = |(name, issue): &(MicroSvcName, MetadataIssue)| {
-            format!("meta/{}/{issue}", name.as_str())
-        };
-        let keys = built
-            .skipped
-            .iter()
-            .map(skip_key)
-            .chain(built.ignored_tags.iter().map(tag_key))
-            .chain(built.metadata_issues.iter().map(issue_key))
-            .collect();
-        let fresh = self.reported.update(service, keys);
-        for skipped in built
-            .skipped
-            .iter()
-            .filter(|s| fresh.contains(&skip_key(s)))
+        for skipped in self
+            .reported
+            .fresh(service, "instance", &built.skipped, skip_key)
         {
             self.metrics.reject(skipped.reason.as_label());
             warn!(
@@ -107,10 +94,10 @@ impl Shared {
                 "Consul instance left out"
             );
         }
-        for ignored in built
-            .ignored_tags
-            .iter()
-            .filter(|t| fresh.contains(&tag_key(t)))
+        let tag_key = |t: &IgnoredTag| format!("{}/{}", t.instance_id, t.tag);
+        for ignored in self
+            .reported
+            .fresh(service, "tag", &built.ignored_tags, tag_key)
         {
             warn!(
                 service = %ignored.service,
@@ -119,12 +106,11 @@ impl Shared {
                 "ignoring a gRPC.port tag whose value is not a port in 1..=65535"
             );
         }
-        for entry in built
-            .metadata_issues
-            .iter()
-            .filter(|e| fresh.contains(&issue_key(e)))
+        let meta_key = |(name, issue): &(MicroSvcName, MetadataIssue)| format!("{name}/{issue}");
+        for (name, issue) in self
+            .reported
+            .fresh(service, "meta", &built.metadata_issues, meta_key)
         {
-            let (name, issue) = entry;
             self.metrics.reject(issue.as_label());
             warn!(service = %name, reason = %issue, "Consul service meta left out");
         }

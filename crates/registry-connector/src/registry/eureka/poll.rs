@@ -15,7 +15,6 @@ use tracing::{debug, info, warn};
 
 use crate::catalog::Catalog;
 use crate::model::MicroSvcMeta;
-use crate::registry::metadata::MetadataIssue;
 use crate::registry::reported::Reported;
 use crate::registry::{error_chain, Pacer, PacerConfig};
 
@@ -167,8 +166,8 @@ impl Poller {
         self.metrics.full_fetch(reason);
         *mirror = Mirror::from_full(&answer);
         // As for deltas, an absent hash code is an empty one (the empty registry's).
-        let hash_agrees =
-            answer.apps_hashcode.as_deref().unwrap_or_default() == mirror.reconcile_hash();
+        let hash = mirror.reconcile_hash();
+        let hash_agrees = answer.apps_hashcode.as_deref().unwrap_or_default() == hash;
         let services: Vec<MicroSvcMeta> = mirror
             .apps()
             .filter_map(|(app, instances)| self.build(app, instances))
@@ -189,7 +188,7 @@ impl Poller {
                 "read the whole Eureka registry"
             );
         } else {
-            info!(reason = reason.as_str(), applications, instances, published = services.len(), hash = %mirror.reconcile_hash(), "read the whole Eureka registry");
+            info!(reason = reason.as_str(), applications, instances, published = services.len(), hash = %hash, "read the whole Eureka registry");
         }
         if mirror.unkeyed() > 0 {
             warn!(
@@ -238,18 +237,9 @@ impl Poller {
     fn build(&self, app: &str, instances: &AppInstances) -> Option<MicroSvcMeta> {
         let built = self.selection.build(app, instances);
         let skip_key = |s: &SkippedInstance| format!("{}/{}", s.instance_id, s.reason.as_label());
-        let issue_key = |i: &MetadataIssue| format!("metadata/{i}");
-        let keys = built
-            .skipped
-            .iter()
-            .map(skip_key)
-            .chain(built.metadata_issues.iter().map(issue_key))
-            .collect();
-        let fresh = self.reported.update(app, keys);
-        for skipped in built
-            .skipped
-            .iter()
-            .filter(|s| fresh.contains(&skip_key(s)))
+        for skipped in self
+            .reported
+            .fresh(app, "instance", &built.skipped, skip_key)
         {
             self.metrics.reject(skipped.reason.as_label());
             warn!(
@@ -259,10 +249,9 @@ impl Poller {
                 "Eureka instance left out"
             );
         }
-        for issue in built
-            .metadata_issues
-            .iter()
-            .filter(|i| fresh.contains(&issue_key(i)))
+        for issue in
+            self.reported
+                .fresh(app, "metadata", &built.metadata_issues, ToString::to_string)
         {
             self.metrics.reject(issue.as_label());
             warn!(app = %app, reason = %issue, "Eureka metadata left out");
