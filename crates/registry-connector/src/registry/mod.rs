@@ -24,7 +24,7 @@ pub use pacer::{Pacer, PacerConfig};
 pub use skip::SkipReason;
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use tokio_util::sync::CancellationToken;
 
@@ -41,12 +41,36 @@ pub trait RegistrySource: Send + 'static {
     /// Registers the source's metrics in the process's registry.
     fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry);
 
+    /// What the source wants `/readyz` to add to its answer (a degraded mode); none by
+    /// default.
+    fn note(&self) -> SourceNote {
+        SourceNote::default()
+    }
+
     /// Feeds `catalog` until `shutdown` is cancelled.
     fn run(
         self,
         catalog: Arc<Catalog>,
         shutdown: CancellationToken,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+/// One line a source wants operators to see in `/readyz` while it lasts (a degraded
+/// watch mode, say), shared between the source that sets it and the admin server.
+#[derive(Clone, Debug, Default)]
+pub struct SourceNote(Arc<RwLock<Option<String>>>);
+
+impl SourceNote {
+    pub fn set(&self, note: Option<String>) {
+        let mut slot = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if *slot != note {
+            *slot = note;
+        }
+    }
+
+    pub fn get(&self) -> Option<String> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// An error answer's body, trimmed and cut to 512 characters, for an error message.

@@ -5,6 +5,8 @@
 //!   restarts the process.
 //! - `/readyz` answers 200 once the first complete registry snapshot has been
 //!   reconciled, or, on a standby replica, once its caches and registry view are warm.
+//!   A source in a degraded mode (Consul's shared mode) adds a line saying so: the
+//!   process is ready, but an operator reading the probe should know.
 //! - `/metrics` is the Prometheus text format of the process-wide registry.
 
 use std::net::SocketAddr;
@@ -21,6 +23,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::registry::SourceNote;
 use crate::sink::{SinkHandle, SinkStatus};
 
 /// A heartbeat older than this means the loop is wedged.
@@ -30,6 +33,7 @@ const WEDGED_AFTER: Duration = Duration::from_secs(60);
 struct AdminState {
     registry: Arc<Registry>,
     sink: SinkHandle,
+    note: SourceNote,
 }
 
 /// Binds `addr` and serves until `shutdown`. Returns the bound address (useful with
@@ -38,6 +42,7 @@ pub async fn serve(
     addr: SocketAddr,
     registry: Arc<Registry>,
     sink: SinkHandle,
+    note: SourceNote,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -48,7 +53,11 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(AdminState { registry, sink });
+        .with_state(AdminState {
+            registry,
+            sink,
+            note,
+        });
     info!(addr = %bound, "admin server listening (/healthz, /readyz, /metrics)");
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app)
@@ -70,10 +79,23 @@ async fn healthz(State(state): State<AdminState>) -> Response {
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
-    match not_ready_because(&state.sink.status()) {
-        None => (StatusCode::OK, "ready\n").into_response(),
-        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
+    let (status, body) = readyz_answer(&state.sink.status(), state.note.get());
+    (status, body).into_response()
+}
+
+/// The status and body of `/readyz`: the reasons for not being ready, and the source's
+/// note (a degraded mode) in either case.
+fn readyz_answer(status: &SinkStatus, note: Option<String>) -> (StatusCode, String) {
+    let (code, mut body) = match not_ready_because(status) {
+        None => (StatusCode::OK, "ready".to_string()),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+    };
+    if let Some(note) = note {
+        body.push_str("\n");
+        body.push_str(&note);
     }
+    body.push('\n');
+    (code, body)
 }
 
 /// Why this replica is not ready, or `None` when it is. Names every missing
@@ -136,6 +158,22 @@ mod tests {
         assert!(!why.contains("caches") && why.contains("registry"), "{why}");
         let why = not_ready_because(&status(true, true, true, false)).unwrap();
         assert_eq!(why, "initial sync in progress");
+    }
+
+    #[test]
+    fn a_degraded_source_is_ready_and_says_so() {
+        let (code, body) = readyz_answer(&status(true, true, true, true), None);
+        assert_eq!((code, body.as_str()), (StatusCode::OK, "ready\n"));
+        let note = Some("degraded: Consul watch in shared mode".to_string());
+        let (code, body) = readyz_answer(&status(true, true, true, true), note.clone());
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(body, "ready\ndegraded: Consul watch in shared mode\n");
+        let (code, body) = readyz_answer(&status(true, false, true, false), note);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body.ends_with("shared mode\n") && body.contains("registry"),
+            "{body}"
+        );
     }
 
     #[test]

@@ -88,11 +88,14 @@ pub struct ConsulArgs {
     #[arg(long, env = "RC_CONSUL_WAIT", default_value = "5m", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub consul_wait: std::time::Duration,
 
-    /// Most connections open to Consul at once (each watched service holds one long
-    /// poll); keep it below the agent's limits.http_max_conns_per_client (200 by
-    /// default). 0 means no limit.
-    #[arg(long, env = "RC_CONSUL_MAX_CONNECTIONS", default_value_t = crate::registry::consul::DEFAULT_MAX_CONNECTIONS, value_name = "N")]
-    pub consul_max_connections: usize,
+    /// Most connections open to the Consul agent at once. Unset: half of the agent's
+    /// limits.http_max_conns_per_client (read from /v1/agent/self; Consul's default 200
+    /// when it will not say), so that a restarted connector fits beside its
+    /// predecessor's lingering long polls. Over HTTPS (HTTP/2) each connection carries
+    /// 200 long polls; over plain HTTP one, and services beyond the budget are followed
+    /// through catalog-wide watches. 0 means no limit.
+    #[arg(long, env = "RC_CONSUL_MAX_CONNECTIONS", value_name = "N")]
+    pub consul_max_connections: Option<usize>,
 }
 
 impl ConsulArgs {
@@ -121,7 +124,8 @@ impl ConsulArgs {
         cfg.suffix_tag = self.suffix_tag.clone().filter(|t| !t.is_empty());
         cfg.service_prefix = shared.service_prefix.clone();
         cfg.wait = self.consul_wait;
-        cfg.max_connections = self.consul_max_connections;
+        cfg.max_connections =
+            crate::registry::consul::MaxConnections::from_flag(self.consul_max_connections);
         cfg.metadata = shared.metadata_allow_list()?;
         Ok(cfg)
     }

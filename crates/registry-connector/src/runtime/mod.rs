@@ -44,6 +44,7 @@ pub async fn run_connector<F, Fut>(
     op: &OperationArgs,
     mut registry: Registry,
     source_name: &'static str,
+    note: crate::registry::SourceNote,
     source: F,
 ) -> Result<()>
 where
@@ -83,7 +84,7 @@ where
     let registry = Arc::new(registry);
     let admin_task = match op.admin_addr.0 {
         Some(addr) => Some(
-            admin::serve(addr, registry.clone(), handle, shutdown.clone())
+            admin::serve(addr, registry.clone(), handle, note, shutdown.clone())
                 .await?
                 .1,
         ),
@@ -316,11 +317,13 @@ async fn run_source<S: RegistrySource>(
 ) -> Result<()> {
     let mut registry = Registry::with_prefix("registry_connector");
     source.register_metrics(&mut registry);
+    let note = source.note();
     run_connector(
         sync,
         operation,
         registry,
         S::NAME,
+        note,
         move |catalog, shutdown| async move {
             source
                 .run(catalog, shutdown)

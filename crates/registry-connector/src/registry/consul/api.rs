@@ -28,6 +28,49 @@ pub fn decode_health_service(body: &[u8]) -> Result<Vec<HealthEntry>, serde_json
     Ok(raw.unwrap_or_default())
 }
 
+/// Decodes `/v1/health/state/any` (every check of the datacenter).
+pub fn decode_health_state(body: &[u8]) -> Result<Vec<CheckState>, serde_json::Error> {
+    let raw: Option<Vec<CheckState>> = serde_json::from_slice(body)?;
+    Ok(raw.unwrap_or_default())
+}
+
+/// The agent's `limits.http_max_conns_per_client` from `/v1/agent/self`
+/// (`DebugConfig.HTTPMaxConnsPerClient`, Consul 1.6+); `None` when the answer does not
+/// carry it (an older agent). A negative value is treated as absent.
+pub fn decode_agent_conn_limit(body: &[u8]) -> Result<Option<usize>, serde_json::Error> {
+    #[derive(Deserialize)]
+    struct AgentSelf {
+        #[serde(rename = "DebugConfig", default)]
+        debug_config: Option<DebugConfig>,
+    }
+    #[derive(Deserialize)]
+    struct DebugConfig {
+        #[serde(rename = "HTTPMaxConnsPerClient", default)]
+        http_max_conns_per_client: Option<i64>,
+    }
+    let agent: AgentSelf = serde_json::from_slice(body)?;
+    Ok(agent
+        .debug_config
+        .and_then(|c| c.http_max_conns_per_client)
+        .and_then(|n| usize::try_from(n).ok()))
+}
+
+/// One check as `/v1/health/state/any` reports it: only what names the service whose
+/// state it is part of, and the index that moves when the check changes.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct CheckState {
+    #[serde(default)]
+    pub node: String,
+    #[serde(rename = "CheckID", default)]
+    pub check_id: String,
+    /// Empty for a node's own checks (`serfHealth`, node maintenance).
+    #[serde(default)]
+    pub service_name: String,
+    #[serde(default)]
+    pub modify_index: u64,
+}
+
 /// One instance of a service as `/v1/health/service/<name>` reports it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -80,6 +123,9 @@ pub struct Service {
 pub struct Check {
     #[serde(rename = "CheckID", default)]
     pub check_id: String,
+    /// The instance the check belongs to; empty for a node's own checks.
+    #[serde(rename = "ServiceID", default)]
+    pub service_id: String,
     /// `passing`, `warning`, `critical` (maintenance mode is a critical check).
     #[serde(default)]
     pub status: String,
@@ -88,6 +134,15 @@ pub struct Check {
 impl Check {
     pub fn is_passing(&self) -> bool {
         self.status == "passing"
+    }
+}
+
+impl HealthEntry {
+    /// Whether the instance has a check of its own. An instance without one is invisible
+    /// to `/v1/health/state/any` (its registration moves no check), so the shared mode
+    /// gives its service a long poll first.
+    pub fn has_own_check(&self) -> bool {
+        self.checks.iter().any(|c| !c.service_id.is_empty())
     }
 }
 
@@ -125,6 +180,56 @@ mod tests {
     const SERVICES: &str = include_str!("../../../tests/fixtures/consul/catalog_services.json");
     const ORDERS: &str = include_str!("../../../tests/fixtures/consul/health_service_orders.json");
     const ABSENT: &str = include_str!("../../../tests/fixtures/consul/health_service_absent.json");
+    // Captured from the test environment's Consul 1.8.7 (a dev agent with three
+    // services registered through the catalog: two with a check, one without).
+    const STATE: &str = include_str!("../../../tests/fixtures/consul/health_state_any.json");
+    const AGENT_SELF: &str = include_str!("../../../tests/fixtures/consul/agent_self.json");
+
+    #[test]
+    fn decodes_the_check_state() {
+        let checks = decode_health_state(STATE.as_bytes()).expect("fixture decodes");
+        assert_eq!(checks.len(), 3);
+        let orders = checks
+            .iter()
+            .find(|c| c.check_id == "service:orders-1")
+            .expect("orders' check");
+        assert_eq!(orders.service_name, "orders");
+        assert_eq!(orders.node, "node-a");
+        assert!(orders.modify_index > 0);
+        // The agent's own node check names no service.
+        assert!(checks
+            .iter()
+            .any(|c| c.check_id == "serfHealth" && c.service_name.is_empty()));
+        assert!(decode_health_state(b"null").expect("null").is_empty());
+    }
+
+    #[test]
+    fn reads_the_agents_connection_limit() {
+        assert_eq!(
+            decode_agent_conn_limit(AGENT_SELF.as_bytes()).expect("fixture decodes"),
+            Some(200)
+        );
+        assert_eq!(decode_agent_conn_limit(b"{}").expect("older agent"), None);
+        assert_eq!(
+            decode_agent_conn_limit(br#"{"DebugConfig":{"HTTPMaxConnsPerClient":-1}}"#)
+                .expect("negative"),
+            None
+        );
+        assert!(decode_agent_conn_limit(b"\"x\"").is_err());
+    }
+
+    #[test]
+    fn instances_without_a_check_of_their_own() {
+        let with_node_check_only = decode_health_service(
+            br#"[{"Node":{"Node":"n"},"Service":{"ID":"x","Service":"s","Port":1},
+                 "Checks":[{"CheckID":"serfHealth","ServiceID":"","Status":"passing"}]}]"#,
+        )
+        .expect("decodes");
+        assert!(!with_node_check_only[0].has_own_check());
+        let entries = decode_health_service(ORDERS.as_bytes()).expect("fixture decodes");
+        let first = entries.iter().find(|e| e.service.id == "orders-1").unwrap();
+        assert!(first.has_own_check());
+    }
 
     #[test]
     fn decodes_catalog_services() {

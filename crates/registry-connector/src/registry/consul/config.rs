@@ -13,10 +13,7 @@ use std::time::Duration;
 
 use crate::registry::PacerConfig;
 
-/// Consul's default `limits.http_max_conns_per_client` is 200 connections from one client
-/// IP; the agent resets any connection beyond it. Staying below leaves room for the
-/// operator's own `consul` commands from the same address.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 180;
+use super::budget::MaxConnections;
 
 /// Configuration of the Consul source. Build it with [`ConsulConfig::new`] and change the
 /// fields that differ from the defaults.
@@ -68,16 +65,13 @@ pub struct ConsulConfig {
     pub allow_stale: bool,
     /// Health requests in flight at once while fetching the first complete snapshot.
     pub initial_fetch_concurrency: usize,
-    /// Most connections (so most requests) open to Consul at once; 0 means no limit.
-    /// Every watched service holds one long poll, so the number of selected services
-    /// plus one must stay below this and below the agent's
-    /// `limits.http_max_conns_per_client` for changes to be seen at once. With more
-    /// services than this, watchers take turns with proportionally shorter waits: every
-    /// service is still re-read about once per `wait` (so every change is seen, within
-    /// `wait` instead of at once) for the same request rate as without a limit. A warning
-    /// says so. Measured with 2,000 services on 180 connections: changes seen after
-    /// 3 s to 220 s, against 20 to 50 ms with one connection per service.
-    pub max_connections: usize,
+    /// Most connections open to the agent at once. [`MaxConnections::Auto`] (the
+    /// default) reads the agent's `limits.http_max_conns_per_client` and takes half of
+    /// it, so that a restarted connector fits beside the long polls its predecessor left
+    /// open (see [`super::budget`]). Over HTTP/2 each connection carries up to 200 long
+    /// polls; over HTTP/1.1 one, and the services beyond the budget are watched through
+    /// catalog-wide blocking queries instead (the shared mode).
+    pub max_connections: MaxConnections,
     /// Pacing of every watch loop (minimum interval between requests, error backoff).
     pub pacing: PacerConfig,
     /// Connect timeout of one TCP (and TLS) connection.
@@ -108,7 +102,7 @@ impl ConsulConfig {
             wait: Duration::from_secs(300),
             allow_stale: true,
             initial_fetch_concurrency: 32,
-            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections: MaxConnections::Auto,
             pacing: PacerConfig::default(),
             connect_timeout: Duration::from_secs(5),
             metadata: Default::default(),

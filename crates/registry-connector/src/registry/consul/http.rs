@@ -1,32 +1,54 @@
-//! The HTTP side of the Consul source: one pooled client, the two GET endpoints it reads,
-//! blocking-query parameters, authentication, TLS, and the connection budget.
+//! The HTTP side of the Consul source: the clients, the endpoints it reads,
+//! blocking-query parameters, authentication, TLS, and the lanes that keep the number of
+//! connections inside the budget ([`super::budget`]).
+//!
+//! Requests travel on three lanes, each its own connection pool, so that no kind of
+//! request can starve another:
+//! - **reads**: plain GETs (the first snapshot, re-reads of changed services, the agent
+//!   probe), a bounded number in flight, a bounded number of idle connections kept;
+//! - **watches**: the catalog-wide blocking queries (service list, check state);
+//! - **polls**: the per-service blocking queries. Over HTTP/2 they are spread over
+//!   several connections ("shards", each its own client, filled one after the other up to
+//!   [`super::budget::STREAMS_PER_CONNECTION`] streams): one pool would put every stream
+//!   on one connection and queue those beyond the server's stream limit. Over HTTP/1.1
+//!   each long poll keeps its own connection.
+//!
+//! Over TLS the first request (the agent probe) offers `h2` and `http/1.1`; when the
+//! agent picks `h2`, the lanes are built with HTTP/2 prior knowledge, so that a pool opens
+//! one connection and lets concurrent requests wait for it instead of racing to open one
+//! each. Consul has no cleartext HTTP/2, so plain `http://` stays HTTP/1.1.
 //!
 //! Owns: the base URL, the `X-Consul-Token` header (marked sensitive so that it never
 //! shows in debug output), `dc=` and `stale`, the `index` / `wait` parameters, timeouts
-//! that outlast a blocking query, counting every request in [`ConsulMetrics`], and the
-//! semaphore that keeps the number of open connections under Consul's per-client limit.
-//! Does not: retry (the watch loops do, with their pacing), interpret indexes beyond
-//! reading them, or decide anything about services.
+//! that outlast a blocking query, counting every request in [`ConsulMetrics`]. Does not:
+//! retry (the watch loops do, with their pacing), interpret indexes beyond reading them,
+//! or decide anything about services.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::{StatusCode, Url};
 use tokio::sync::Semaphore;
 
-use super::api::{self, CatalogServices, HealthEntry};
+use super::api::{self, CatalogServices, CheckState, HealthEntry};
+use super::budget::{Plan, Transport};
 use super::config::ConsulConfig;
 use super::error::ConsulError;
 use super::metrics::{ConsulMetrics, Endpoint};
 
-/// Timeout of a request that does not block (the first read of a watch).
+/// Timeout of a request that does not block.
 const PLAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Keepalive probes find a Consul server that vanished without closing its connections
 /// (host down, network partition) long before a 5-minute blocking query times out.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// HTTP/2 pings on an idle connection: a blocking query sends nothing for minutes, and a
+/// dead peer must not hold 200 long polls hostage until their timeouts.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// An answer of a blocking endpoint with its `X-Consul-Index`.
 #[derive(Debug)]
@@ -35,29 +57,162 @@ pub struct Indexed<T> {
     pub value: T,
 }
 
+/// What the agent says about itself: the protocol it speaks to us and its per-client
+/// connection limit (`None` when it would not say: `/v1/agent/self` needs `agent:read`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentFacts {
+    pub transport: Transport,
+    pub conns_per_client: Option<usize>,
+}
+
+/// How the clients are built (kept to build the lanes after the probe).
+#[derive(Debug, Clone)]
+struct ClientSettings {
+    connect_timeout: Duration,
+    headers: HeaderMap,
+    ca_file: Option<PathBuf>,
+    client_cert_file: Option<PathBuf>,
+    client_key_file: Option<PathBuf>,
+}
+
+impl ClientSettings {
+    fn build(&self, http2: bool, max_idle: usize) -> Result<reqwest::Client, ConsulError> {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(self.connect_timeout)
+            .tcp_keepalive(TCP_KEEPALIVE)
+            .pool_max_idle_per_host(max_idle)
+            .default_headers(self.headers.clone())
+            .user_agent(concat!("registry-connector/", env!("CARGO_PKG_VERSION")));
+        if http2 {
+            builder = builder
+                .http2_prior_knowledge()
+                .http2_keep_alive_interval(H2_PING_INTERVAL)
+                .http2_keep_alive_timeout(H2_PING_TIMEOUT)
+                .http2_keep_alive_while_idle(true);
+        }
+        builder = crate::registry::tls::with_tls_files(
+            builder,
+            self.ca_file.as_deref(),
+            self.client_cert_file.as_deref(),
+            self.client_key_file.as_deref(),
+        )?;
+        builder.build().map_err(ConsulError::Client)
+    }
+}
+
+/// A client with an optional bound on its requests in flight.
+#[derive(Debug, Clone)]
+struct Lane {
+    client: reqwest::Client,
+    permits: Option<Arc<Semaphore>>,
+}
+
+impl Lane {
+    fn unbounded(client: reqwest::Client) -> Self {
+        Self {
+            client,
+            permits: None,
+        }
+    }
+}
+
+/// The per-service long polls' clients and how many streams each carries.
+#[derive(Debug)]
+struct PollShards {
+    settings: ClientSettings,
+    transport: Transport,
+    /// Most clients (connections, over HTTP/2) to build.
+    max_shards: usize,
+    per_shard: usize,
+    shards: Mutex<Vec<(reqwest::Client, usize)>>,
+}
+
+/// A long poll's place on the poll lane; gives the place back when dropped.
+#[derive(Debug)]
+pub struct PollSlot {
+    shards: Arc<PollShards>,
+    shard: usize,
+    client: reqwest::Client,
+}
+
+impl Drop for PollSlot {
+    fn drop(&mut self) {
+        if let Some(entry) = lock(&self.shards.shards).get_mut(self.shard) {
+            entry.1 = entry.1.saturating_sub(1);
+        }
+    }
+}
+
+impl PollShards {
+    /// The first shard with a free stream, a new one when all are full (first fit:
+    /// 400 services over HTTP/2 use two connections, not one per shard allowed).
+    fn slot(self: &Arc<Self>) -> Result<PollSlot, ConsulError> {
+        let mut shards = lock(&self.shards);
+        let free = shards.iter().position(|(_, load)| *load < self.per_shard);
+        let shard = match free {
+            Some(i) => i,
+            None if shards.len() < self.max_shards || shards.is_empty() => {
+                let http2 = self.transport == Transport::Http2;
+                // HTTP/1.1: one pool whose idle connections are the long polls' own.
+                let client = self.settings.build(http2, usize::MAX)?;
+                shards.push((client, 0));
+                shards.len() - 1
+            }
+            // Over budget: share the least loaded shard (the watch loop keeps the number
+            // of long polls inside the plan, so this is only a safety net).
+            None => shards
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, (_, load))| *load)
+                .map(|(i, _)| i)
+                .unwrap_or(0),
+        };
+        shards[shard].1 += 1;
+        Ok(PollSlot {
+            shards: Arc::clone(self),
+            shard,
+            client: shards[shard].0.clone(),
+        })
+    }
+
+    fn in_use(&self) -> usize {
+        lock(&self.shards)
+            .iter()
+            .filter(|(_, load)| *load > 0)
+            .count()
+    }
+}
+
+/// Where a per-service read goes.
+#[derive(Clone, Copy, Debug)]
+pub enum Via<'a> {
+    /// A plain read on the reads lane (no blocking).
+    Read,
+    /// A blocking query on the long poll's own place.
+    Poll(&'a PollSlot),
+}
+
 /// The Consul HTTP client shared by all watch loops of one source.
 #[derive(Debug, Clone)]
 pub struct ConsulHttp {
-    client: reqwest::Client,
     base: Url,
     datacenter: Option<String>,
     allow_stale: bool,
-    permits: Option<Arc<Semaphore>>,
     metrics: Arc<ConsulMetrics>,
+    settings: ClientSettings,
+    reads: Lane,
+    watches: Lane,
+    polls: Arc<PollShards>,
 }
 
 impl ConsulHttp {
-    /// Builds the client; reads the token file and the TLS files.
+    /// Builds the client; reads the token file and the TLS files. Until
+    /// [`ConsulHttp::with_plan`], every request goes over one client that offers both
+    /// HTTP/2 and HTTP/1.1 over TLS.
     pub fn new(cfg: &ConsulConfig, metrics: Arc<ConsulMetrics>) -> Result<Self, ConsulError> {
         let tls = cfg.ca_file.is_some() || cfg.client_cert_file.is_some();
         let base = base_url(&cfg.address, tls)?;
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(cfg.connect_timeout)
-            .tcp_keepalive(TCP_KEEPALIVE)
-            // Each long poll holds its own HTTP/1.1 connection; keep every one of them
-            // reusable instead of reopening thousands after each wake-up.
-            .pool_max_idle_per_host(usize::MAX)
-            .user_agent(concat!("registry-connector/", env!("CARGO_PKG_VERSION")));
+        let mut headers = HeaderMap::new();
         if let Some(token) = resolve_token(cfg)? {
             let mut value = HeaderValue::from_str(&token).map_err(|_| {
                 ConsulError::Config(
@@ -65,32 +220,132 @@ impl ConsulHttp {
                 )
             })?;
             value.set_sensitive(true);
-            let mut headers = HeaderMap::new();
             headers.insert("X-Consul-Token", value);
-            builder = builder.default_headers(headers);
         }
-        builder = crate::registry::tls::with_tls_files(
-            builder,
-            cfg.ca_file.as_deref(),
-            cfg.client_cert_file.as_deref(),
-            cfg.client_key_file.as_deref(),
-        )?;
-        let client = builder.build().map_err(ConsulError::Client)?;
-        let permits =
-            (cfg.max_connections > 0).then(|| Arc::new(Semaphore::new(cfg.max_connections)));
+        let settings = ClientSettings {
+            connect_timeout: cfg.connect_timeout,
+            headers,
+            ca_file: cfg.ca_file.clone(),
+            client_cert_file: cfg.client_cert_file.clone(),
+            client_key_file: cfg.client_key_file.clone(),
+        };
+        let probe = Lane::unbounded(settings.build(false, 4)?);
+        let polls = Arc::new(PollShards {
+            settings: settings.clone(),
+            transport: Transport::Http1,
+            max_shards: 1,
+            per_shard: usize::MAX,
+            shards: Mutex::new(vec![(probe.client.clone(), 0)]),
+        });
         Ok(Self {
-            client,
             base,
             datacenter: cfg.datacenter.clone().filter(|dc| !dc.trim().is_empty()),
             allow_stale: cfg.allow_stale,
-            permits,
             metrics,
+            settings,
+            reads: probe.clone(),
+            watches: probe,
+            polls,
         })
+    }
+
+    /// The same client with its lanes built for `plan`.
+    pub fn with_plan(&self, plan: &Plan) -> Result<Self, ConsulError> {
+        let http2 = plan.transport == Transport::Http2;
+        let reads_client = self.settings.build(http2, plan.reads)?;
+        let watches = if http2 {
+            // One HTTP/2 connection carries the reads and both catalog-wide watches.
+            Lane::unbounded(reads_client.clone())
+        } else {
+            Lane::unbounded(self.settings.build(false, 2)?)
+        };
+        let reads = Lane {
+            client: reads_client,
+            permits: Some(Arc::new(Semaphore::new(plan.snapshot_reads))),
+        };
+        let polls = Arc::new(PollShards {
+            settings: self.settings.clone(),
+            transport: plan.transport,
+            max_shards: if http2 {
+                plan.poll_connections.max(1)
+            } else {
+                1
+            },
+            per_shard: if http2 {
+                plan.streams_per_connection()
+            } else {
+                usize::MAX
+            },
+            shards: Mutex::new(Vec::new()),
+        });
+        Ok(Self {
+            reads,
+            watches,
+            polls,
+            ..self.clone()
+        })
+    }
+
+    /// After the first snapshot: fewer plain reads in flight (the long polls now hold
+    /// the rest of the budget).
+    pub fn narrow_reads(&self, to: usize) {
+        if let Some(permits) = &self.reads.permits {
+            let now = permits.available_permits();
+            if now > to {
+                permits.forget_permits(now - to);
+            }
+        }
+    }
+
+    /// A place for one more long poll.
+    pub fn poll_slot(&self) -> Result<PollSlot, ConsulError> {
+        self.polls.slot()
+    }
+
+    /// Connections the long polls use now (HTTP/2 shards with a stream; HTTP/1.1: 1).
+    pub fn poll_connections_in_use(&self) -> usize {
+        self.polls.in_use()
     }
 
     /// The URL requests go to (no secrets in it).
     pub fn base(&self) -> &Url {
         &self.base
+    }
+
+    /// `/v1/agent/self`: the protocol the agent speaks to us and its per-client limit.
+    /// A 403 (no `agent:read`) still tells the protocol.
+    pub async fn agent_facts(&self) -> Result<AgentFacts, ConsulError> {
+        let url = self.url(&["v1", "agent", "self"], 0, Duration::ZERO);
+        let path = url.path().to_string();
+        let result = async {
+            let answer = self.send(&self.reads, &path, url, PLAIN_TIMEOUT).await?;
+            let transport = if answer.version == reqwest::Version::HTTP_2 {
+                Transport::Http2
+            } else {
+                Transport::Http1
+            };
+            if answer.status == StatusCode::FORBIDDEN {
+                return Ok(AgentFacts {
+                    transport,
+                    conns_per_client: None,
+                });
+            }
+            answer.check_status(&path)?;
+            let conns_per_client =
+                api::decode_agent_conn_limit(&answer.body).map_err(|source| {
+                    ConsulError::Decode {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+            Ok(AgentFacts {
+                transport,
+                conns_per_client,
+            })
+        }
+        .await;
+        self.metrics.record(Endpoint::AgentSelf, result.is_ok());
+        result
     }
 
     /// `/v1/catalog/services`, blocking when `index > 0`.
@@ -99,26 +354,64 @@ impl ConsulHttp {
         index: u64,
         wait: Duration,
     ) -> Result<Indexed<CatalogServices>, ConsulError> {
+        let lane = if index > 0 {
+            &self.watches
+        } else {
+            &self.reads
+        };
         self.get(
+            lane,
             Endpoint::CatalogServices,
             &["v1", "catalog", "services"],
             index,
-            &|| wait,
+            wait,
             api::decode_catalog_services,
         )
         .await
     }
 
-    /// `/v1/health/service/<name>` (every instance, with its checks), blocking when
-    /// `index > 0`. `wait` is asked once the request holds a connection, so that a
-    /// watcher that queued for one uses the wait in force when it goes out.
+    /// `/v1/health/state/any`: every check of the datacenter, blocking when `index > 0`.
+    /// Its index moves on any check change, and each check names its service.
+    pub async fn health_state(
+        &self,
+        index: u64,
+        wait: Duration,
+    ) -> Result<Indexed<Vec<CheckState>>, ConsulError> {
+        let lane = if index > 0 {
+            &self.watches
+        } else {
+            &self.reads
+        };
+        self.get(
+            lane,
+            Endpoint::HealthState,
+            &["v1", "health", "state", "any"],
+            index,
+            wait,
+            api::decode_health_state,
+        )
+        .await
+    }
+
+    /// `/v1/health/service/<name>` (every instance, with its checks): a plain read, or a
+    /// blocking query on a long poll's place when `index > 0`.
     pub async fn health_service(
         &self,
         name: &str,
         index: u64,
-        wait: &(dyn Fn() -> Duration + Sync),
+        wait: Duration,
+        via: Via<'_>,
     ) -> Result<Indexed<Vec<HealthEntry>>, ConsulError> {
+        let poll_lane;
+        let lane = match via {
+            Via::Read => &self.reads,
+            Via::Poll(slot) => {
+                poll_lane = Lane::unbounded(slot.client.clone());
+                &poll_lane
+            }
+        };
         self.get(
+            lane,
             Endpoint::HealthService,
             &["v1", "health", "service", name],
             index,
@@ -156,14 +449,47 @@ impl ConsulHttp {
 
     async fn get<T>(
         &self,
+        lane: &Lane,
         endpoint: Endpoint,
         segments: &[&str],
         index: u64,
-        wait: &(dyn Fn() -> Duration + Sync),
+        wait: Duration,
         decode: fn(&[u8]) -> Result<T, serde_json::Error>,
     ) -> Result<Indexed<T>, ConsulError> {
-        // Held for the whole request, body included: that is when the connection is busy.
-        let _permit = match &self.permits {
+        let url = self.url(segments, index, wait);
+        let path = url.path().to_string();
+        let timeout = if index > 0 {
+            blocking_timeout(wait)
+        } else {
+            PLAIN_TIMEOUT
+        };
+        let result = async {
+            let answer = self.send(lane, &path, url, timeout).await?;
+            answer.check_status(&path)?;
+            let index = answer
+                .index
+                .ok_or_else(|| ConsulError::MissingIndex { path: path.clone() })?;
+            let value = decode(&answer.body).map_err(|source| ConsulError::Decode {
+                path: path.clone(),
+                source,
+            })?;
+            Ok(Indexed { index, value })
+        }
+        .await;
+        self.metrics.record(endpoint, result.is_ok());
+        result
+    }
+
+    /// Sends one GET on `lane` (holding one of its permits for the whole exchange, body
+    /// included: that is when the connection is busy) and reads the whole answer.
+    async fn send(
+        &self,
+        lane: &Lane,
+        path: &str,
+        url: Url,
+        timeout: Duration,
+    ) -> Result<Answer, ConsulError> {
+        let _permit = match &lane.permits {
             Some(permits) => Some(
                 permits
                     .acquire()
@@ -172,32 +498,11 @@ impl ConsulHttp {
             ),
             None => None,
         };
-        let wait = wait();
-        let url = self.url(segments, index, wait);
-        let path = url.path().to_string();
-        let result = self.fetch(&path, url, index, wait, decode).await;
-        self.metrics.record(endpoint, result.is_ok());
-        result
-    }
-
-    async fn fetch<T>(
-        &self,
-        path: &str,
-        url: Url,
-        index: u64,
-        wait: Duration,
-        decode: fn(&[u8]) -> Result<T, serde_json::Error>,
-    ) -> Result<Indexed<T>, ConsulError> {
-        let timeout = if index > 0 {
-            blocking_timeout(wait)
-        } else {
-            PLAIN_TIMEOUT
-        };
         let request_error = |source| ConsulError::Request {
             path: path.to_string(),
             source,
         };
-        let response = self
+        let response = lane
             .client
             .get(url)
             .timeout(timeout)
@@ -205,33 +510,51 @@ impl ConsulHttp {
             .await
             .map_err(request_error)?;
         let status = response.status();
-        let header_index = response
+        let version = response.version();
+        let index = response
             .headers()
             .get("X-Consul-Index")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
         let body = response.bytes().await.map_err(request_error)?;
-        if status == StatusCode::TOO_MANY_REQUESTS {
+        Ok(Answer {
+            status,
+            version,
+            index,
+            body,
+        })
+    }
+}
+
+/// One whole answer.
+struct Answer {
+    status: StatusCode,
+    version: reqwest::Version,
+    index: Option<u64>,
+    body: bytes::Bytes,
+}
+
+impl Answer {
+    fn check_status(&self, path: &str) -> Result<(), ConsulError> {
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
             return Err(ConsulError::TooManyConnections {
                 path: path.to_string(),
             });
         }
-        if !status.is_success() {
+        if !self.status.is_success() {
             return Err(ConsulError::Status {
                 path: path.to_string(),
-                status: status.as_u16(),
-                body: crate::registry::error_body(&body),
+                status: self.status.as_u16(),
+                body: crate::registry::error_body(&self.body),
             });
         }
-        let index = header_index.ok_or_else(|| ConsulError::MissingIndex {
-            path: path.to_string(),
-        })?;
-        let value = decode(&body).map_err(|source| ConsulError::Decode {
-            path: path.to_string(),
-            source,
-        })?;
-        Ok(Indexed { index, value })
+        Ok(())
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain counters: a panic elsewhere leaves them usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// How long to wait for a blocking query: Consul adds up to `wait / 16` of random jitter

@@ -5,6 +5,9 @@
 //! before and after a change; the runtime registers the same counters in the process's
 //! Prometheus registry with [`ConsulMetrics::register`].
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -17,6 +20,10 @@ pub enum Endpoint {
     CatalogServices,
     /// `/v1/health/service/<name>`.
     HealthService,
+    /// `/v1/health/state/any` (the shared mode's check watch).
+    HealthState,
+    /// `/v1/agent/self` (the start-up probe of the protocol and the connection limit).
+    AgentSelf,
 }
 
 /// How a request ended.
@@ -34,6 +41,8 @@ impl Endpoint {
         match self {
             Self::CatalogServices => "catalog_services",
             Self::HealthService => "health_service",
+            Self::HealthState => "health_state",
+            Self::AgentSelf => "agent_self",
         }
     }
 }
@@ -58,8 +67,32 @@ pub struct ConsulMetrics {
     /// Requests (a blocking query counts when it returns, so an idle watcher adds one per
     /// `wait`) and rejected instances.
     pub common: SourceMetrics,
-    /// Services currently watched (one blocking query each).
+    /// Services currently watched (selected and followed, by any means).
     pub watched_services: Gauge,
+    /// Services with a blocking query of their own.
+    pub long_polls: Gauge,
+    /// Services followed through the catalog-wide watches of the shared mode.
+    pub shared_services: Gauge,
+    /// Connections the source may hold to the agent (the budget; -1: no limit).
+    pub connection_budget: Gauge,
+    /// Connections carrying long polls now.
+    pub poll_connections: Gauge,
+    /// 1 for the watch mode in force, 0 for the others.
+    pub watch_mode: Family<ModeLabel, Gauge>,
+    /// Services re-read because a catalog-wide watch named them or the sweep came by.
+    pub rereads: Family<RereadLabel, Counter>,
+}
+
+/// The `mode` label of `consul_watch_mode`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabel {
+    pub mode: &'static str,
+}
+
+/// The `cause` label of `consul_rereads_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RereadLabel {
+    pub cause: &'static str,
 }
 
 impl Default for ConsulMetrics {
@@ -67,6 +100,12 @@ impl Default for ConsulMetrics {
         Self {
             common: SourceMetrics::new("consul"),
             watched_services: Gauge::default(),
+            long_polls: Gauge::default(),
+            shared_services: Gauge::default(),
+            connection_budget: Gauge::default(),
+            poll_connections: Gauge::default(),
+            watch_mode: Family::default(),
+            rereads: Family::default(),
         }
     }
 }
@@ -79,9 +118,53 @@ impl ConsulMetrics {
         self.common.register(registry);
         registry.register(
             "consul_watched_services",
-            "Consul services watched with a blocking query",
+            "Consul services followed by the source",
             self.watched_services.clone(),
         );
+        registry.register(
+            "consul_long_polls",
+            "Consul services with a blocking query of their own",
+            self.long_polls.clone(),
+        );
+        registry.register(
+            "consul_shared_services",
+            "Consul services followed through the catalog-wide watches (shared mode)",
+            self.shared_services.clone(),
+        );
+        registry.register(
+            "consul_connection_budget",
+            "Connections the source may hold to the Consul agent (-1: no limit)",
+            self.connection_budget.clone(),
+        );
+        registry.register(
+            "consul_poll_connections",
+            "Connections carrying per-service long polls",
+            self.poll_connections.clone(),
+        );
+        registry.register(
+            "consul_watch_mode",
+            "1 for the watch mode in force (multiplexed, per_service, shared)",
+            self.watch_mode.clone(),
+        );
+        registry.register(
+            "consul_rereads",
+            "Consul services re-read by cause (check, list, sweep, retry)",
+            self.rereads.clone(),
+        );
+    }
+
+    /// Sets the mode gauges: 1 for `mode`, 0 for the others.
+    pub(crate) fn set_mode(&self, mode: super::budget::WatchMode) {
+        for m in super::budget::WatchMode::ALL {
+            self.watch_mode
+                .get_or_create(&ModeLabel { mode: m.as_str() })
+                .set(i64::from(m == mode));
+        }
+    }
+
+    /// Counts one re-read.
+    pub(crate) fn reread(&self, cause: &'static str) {
+        self.rereads.get_or_create(&RereadLabel { cause }).inc();
     }
 
     /// Counts one instance left out for `reason`.
@@ -106,11 +189,16 @@ impl ConsulMetrics {
 
     /// Every completed request, whatever its endpoint and result.
     pub fn requests_total(&self) -> u64 {
-        [Endpoint::CatalogServices, Endpoint::HealthService]
-            .into_iter()
-            .flat_map(|e| [(e, Outcome::Ok), (e, Outcome::Error)])
-            .map(|(e, r)| self.requests(e, r))
-            .sum()
+        [
+            Endpoint::CatalogServices,
+            Endpoint::HealthService,
+            Endpoint::HealthState,
+            Endpoint::AgentSelf,
+        ]
+        .into_iter()
+        .flat_map(|e| [(e, Outcome::Ok), (e, Outcome::Error)])
+        .map(|(e, r)| self.requests(e, r))
+        .sum()
     }
 }
 

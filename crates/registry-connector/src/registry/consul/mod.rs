@@ -7,22 +7,27 @@
 //!   connection budget);
 //! - [`api`]: the shapes of Consul's answers and the blocking-index rule;
 //! - [`select`]: the seed's selection and naming rules, pure functions;
+//! - [`budget`]: the connection budget and the watch modes it leads to;
 //! - [`watch`] (private): the snapshot and the watch loops;
-//! - [`metrics`]: request and instance counters.
+//! - [`checks`]: the catalog-wide check watch's diff (shared mode);
+//! - [`refresh`]: the re-read queue (shared mode);
+//! - [`metrics`]: request and instance counters, the mode gauges.
 //!
 //! The source answers the seed's `Aggregate(name, domain)` through the catalog it feeds:
 //! the sink reads the catalog, never Consul. It knows nothing about Kubernetes objects or
 //! Kubernetes names.
 
 pub mod api;
+pub mod budget;
+pub mod checks;
 pub mod config;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod refresh;
 pub mod select;
 mod watch;
 
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,8 +35,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
 use crate::catalog::Catalog;
+use crate::registry::{error_chain, Pacer, SourceNote};
 
-pub use config::{ConsulConfig, DEFAULT_MAX_CONNECTIONS};
+pub use budget::{MaxConnections, Plan, Transport, WatchMode};
+pub use config::ConsulConfig;
 pub use error::ConsulError;
 pub use metrics::ConsulMetrics;
 pub use select::Selection;
@@ -47,8 +54,9 @@ pub struct ConsulSource {
     metrics: Arc<ConsulMetrics>,
     wait: Duration,
     pacing: crate::registry::PacerConfig,
-    max_connections: usize,
+    max_connections: MaxConnections,
     initial_concurrency: usize,
+    note: SourceNote,
 }
 
 impl ConsulSource {
@@ -85,6 +93,7 @@ impl ConsulSource {
             pacing: cfg.pacing,
             max_connections: cfg.max_connections,
             initial_concurrency: cfg.initial_fetch_concurrency,
+            note: SourceNote::default(),
         })
     }
 
@@ -103,6 +112,11 @@ impl crate::registry::RegistrySource for ConsulSource {
     /// (`<prefix>_registry_requests_total`, ...).
     fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         self.metrics.register(registry);
+    }
+
+    /// The shared mode's degraded note.
+    fn note(&self) -> SourceNote {
+        self.note.clone()
     }
 
     /// Watches Consul and keeps `catalog` up to date until `shutdown` is cancelled.
@@ -131,24 +145,84 @@ impl crate::registry::RegistrySource for ConsulSource {
         info!(
             consul = %self.http.base(),
             wait = %humantime::format_duration(self.wait),
-            max_connections = self.max_connections,
+            max_connections = ?self.max_connections,
             "starting the Consul source"
         );
+        let Some(facts) = probe_agent(&self.http, self.pacing, &shutdown).await else {
+            return Ok(());
+        };
+        let plan = Plan::new(
+            facts.transport,
+            facts.conns_per_client,
+            self.max_connections,
+            self.initial_concurrency,
+        );
+        info!(
+            transport = facts.transport.as_str(),
+            agent_conns_per_client = ?facts.conns_per_client,
+            connection_budget = plan.connections,
+            long_polls = plan.long_polls,
+            "Consul connection budget"
+        );
+        self.metrics
+            .connection_budget
+            .set(i64::try_from(plan.connections).unwrap_or(-1));
+        let http = self.http.with_plan(&plan)?;
         let shared = Arc::new(watch::Shared {
-            http: self.http,
+            http,
             selection: self.selection,
             catalog,
             metrics: self.metrics,
             wait: self.wait,
             pacing: self.pacing,
-            max_connections: self.max_connections,
-            initial_concurrency: self.initial_concurrency,
-            watched: AtomicUsize::new(0),
+            plan,
             reported: Default::default(),
+            refresh: Default::default(),
+            services: Default::default(),
+            note: self.note,
         });
         watch::run(shared, shutdown)
             .instrument(tracing::info_span!("consul_source", registry = "consul"))
             .await
+    }
+}
+
+/// Asks the agent which protocol it speaks to us and its per-client connection limit,
+/// retried until it answers (`None` on shutdown).
+async fn probe_agent(
+    http: &http::ConsulHttp,
+    pacing: crate::registry::PacerConfig,
+    shutdown: &CancellationToken,
+) -> Option<http::AgentFacts> {
+    let mut pacer = Pacer::new(pacing);
+    loop {
+        if !pacer.ready(shutdown).await {
+            return None;
+        }
+        let result = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return None,
+            r = http.agent_facts() => r,
+        };
+        match result {
+            Ok(facts) => {
+                if facts.conns_per_client.is_none() {
+                    info!(
+                        assumed = budget::CONSUL_DEFAULT_CONNS_PER_CLIENT,
+                        "the Consul agent did not tell its limits.http_max_conns_per_client (the token lacks agent:read?); assuming Consul's default"
+                    );
+                }
+                return Some(facts);
+            }
+            Err(e) => {
+                let delay = pacer.failed();
+                warn!(
+                    error = %error_chain(&e),
+                    retry_in = ?delay,
+                    "waiting for Consul: cannot reach the agent (nothing is published or deleted until it answers)"
+                );
+            }
+        }
     }
 }
 

@@ -1,29 +1,34 @@
 //! The watch loops: the first complete snapshot, one blocking query on the service list,
-//! and one blocking query per selected service.
+//! a blocking query per service for as many services as the connection budget allows
+//! ([`super::budget`]), and, for the rest (the shared mode), one catalog-wide check watch
+//! ([`super::checks`]), the re-read queue ([`super::refresh`]) and a slow sweep.
 //!
-//! Cost model: a change to one instance wakes only the blocking query of its service
-//! (Consul keeps an index per service) and, when the instance was registered or
-//! deregistered, the service-list query too (its index moves on any registration); the
-//! list answer starts or stops watchers only for services that appeared or disappeared,
-//! so one change costs O(1) requests whatever the number of services. Nothing here ever
-//! walks all services against Consul after the first snapshot.
+//! Cost model: with a long poll per service (HTTP/2, or few services), a change to one
+//! instance wakes only the blocking query of its service (Consul keeps an index per
+//! service) and, when an instance was registered or deregistered, the service-list query
+//! too; one change costs O(1) requests. In the shared mode a change costs one answer of
+//! the check watch (the whole check table) and one plain read of each service it names.
+//! Nothing walks all services against Consul after the first snapshot except the sweep,
+//! which re-reads each service without a long poll once per [`SWEEP_PERIOD`].
 //!
 //! Owns: the order of publication (the snapshot goes to the catalog in one
 //! `replace_all`, only once every selected service has answered; watchers start after
-//! it), the lifecycle of per-service watchers (started when a service is selected,
-//! stopped and their names removed when it is not), and the index/pacing discipline of
-//! every loop. Does not: decide what is selected or how instances map (see
+//! it), which services get a long poll (instances without checks first: the check watch
+//! cannot see them), the lifecycle of per-service watchers (started when a service is
+//! selected, stopped and their names removed when it is not), and the index/pacing
+//! discipline of every loop. Does not: decide what is selected or how instances map (see
 //! [`super::select`]), or give up (errors are retried with backoff until shutdown).
 //! Shutdown never removes anything from the catalog.
 
-use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::hash_map::{DefaultHasher, Entry};
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
@@ -31,16 +36,38 @@ use crate::catalog::Catalog;
 use crate::model::{MicroSvcMeta, MicroSvcName};
 use crate::registry::metadata::MetadataIssue;
 use crate::registry::reported::Reported;
-use crate::registry::{error_chain, Pacer, PacerConfig};
+use crate::registry::{error_chain, Pacer, PacerConfig, SourceNote};
 
-use super::api::{next_index, HealthEntry};
+use super::api::{next_index, CatalogServices, HealthEntry};
+use super::budget::{Plan, WatchMode};
+use super::checks::CheckIndex;
 use super::error::ConsulError;
-use super::http::ConsulHttp;
+use super::http::{ConsulHttp, Via};
 use super::metrics::ConsulMetrics;
+use super::refresh::{Cause, RefreshQueue};
 use super::select::{Built, IgnoredTag, Selection, SkippedInstance};
 
-/// Shortest blocking wait when watchers take turns on a limited connection budget.
-const MIN_SHARED_WAIT: Duration = Duration::from_secs(1);
+/// The wait of a watcher's first blocking query: short, so that a first poll lost in a
+/// start-up burst (a reset connection, a dropped packet) is retried within seconds, not
+/// after the 5-minute wait. Later queries use the configured wait.
+const FIRST_WAIT: Duration = Duration::from_secs(10);
+/// Spread of the first waits, so that thousands of watchers do not return together.
+const FIRST_WAIT_JITTER_MS: u64 = 5_000;
+
+/// The sweep re-reads each service without a long poll once per this period: the
+/// backstop for what the catalog-wide watches cannot see (an instance re-registered with
+/// another address but the same checks).
+pub const SWEEP_PERIOD: Duration = Duration::from_secs(600);
+/// Shortest gap between two sweep reads.
+const MIN_SWEEP_GAP: Duration = Duration::from_millis(10);
+
+/// Least time between two answers of the check watch: each is the whole check table.
+const CHECKS_MIN_INTERVAL: Duration = Duration::from_millis(250);
+/// After an answer, the check watch also waits this many times what the answer took, so
+/// that it spends at most a quarter of its time downloading and decoding.
+const CHECKS_IDLE_FACTOR: u32 = 3;
+/// Longest extra wait of the check watch.
+const CHECKS_MAX_IDLE: Duration = Duration::from_secs(2);
 
 /// Descriptors kept free for everything that is not a long poll (the Kubernetes client,
 /// the admin server, log files).
@@ -54,28 +81,47 @@ pub(crate) struct Shared {
     pub metrics: Arc<ConsulMetrics>,
     pub wait: Duration,
     pub pacing: PacerConfig,
-    pub max_connections: usize,
-    pub initial_concurrency: usize,
-    /// Number of running per-service watchers.
-    pub watched: AtomicUsize,
+    pub plan: Plan,
     /// What was already reported as left out, per Consul service.
     pub reported: Reported,
+    /// Services to re-read (the shared mode).
+    pub refresh: RefreshQueue,
+    /// Every selected service.
+    pub services: Mutex<HashMap<String, Arc<Tracked>>>,
+    /// The degraded-mode note `/readyz` shows.
+    pub note: SourceNote,
+}
+
+/// One selected service's state, shared by whoever reads it (its long poll, or the
+/// re-read workers).
+#[derive(Debug, Default)]
+pub(crate) struct Tracked {
+    state: Mutex<TrackedState>,
+}
+
+#[derive(Debug, Default)]
+struct TrackedState {
+    /// The `X-Consul-Index` of the answer last published; a plain read older than it is
+    /// dropped (a re-read racing a newer one).
+    index: u64,
+    /// The registry names this service has put into the catalog.
+    published: BTreeSet<MicroSvcName>,
+    /// Deselected: nothing may publish it any more.
+    removed: bool,
+    /// It has a long poll of its own, which alone publishes it.
+    polled: bool,
+    /// Some instance has no check of its own (invisible to the check watch).
+    checkless: bool,
+}
+
+/// Who publishes an answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Publisher {
+    Poll,
+    Read,
 }
 
 impl Shared {
-    /// The `wait` of the next blocking query. With more watchers than connections, a
-    /// watcher waiting for a connection only gets one when another's query returns;
-    /// shortening every query in proportion keeps each service polled about once per
-    /// `wait` (the same request rate as without a limit) instead of starving the queue.
-    fn effective_wait(&self) -> Duration {
-        let watchers = self.watched.load(Ordering::Relaxed) + 1;
-        if self.max_connections == 0 || watchers <= self.max_connections {
-            return self.wait;
-        }
-        let share = self.max_connections as f64 / watchers as f64;
-        self.wait.mul_f64(share).max(MIN_SHARED_WAIT).min(self.wait)
-    }
-
     /// Builds what `service` publishes; logs and counts what was newly left out (see
     /// [`Reported`]: a blocking query returns again and again with the same content).
     fn build(&self, service: &str, entries: &[HealthEntry]) -> Built {
@@ -118,33 +164,73 @@ impl Shared {
     }
 
     /// Publishes one service's new state: upserts what it derives now (the catalog
-    /// ignores unchanged values) and removes the derived names it no longer has.
+    /// ignores unchanged values) and removes the derived names it no longer has. Returns
+    /// whether it published: a removed service, a plain read of a service that has its
+    /// own long poll, and a plain read older than what was published are dropped.
     fn publish(
         &self,
         service: &str,
+        tracked: &Tracked,
+        index: u64,
         entries: &[HealthEntry],
-        published: &Mutex<BTreeSet<MicroSvcName>>,
-    ) {
+        by: Publisher,
+    ) -> bool {
+        let mut state = lock(&tracked.state);
+        if state.removed || (by == Publisher::Read && (state.polled || index < state.index)) {
+            return false;
+        }
+        state.index = index;
+        state.checkless = entries.iter().any(|e| !e.has_own_check());
         let built = self.build(service, entries);
         let names = built.names();
-        let mut published = lock(published);
         for meta in built.services {
             self.catalog.upsert(meta);
         }
-        for gone in published.difference(&names) {
+        for gone in state.published.difference(&names) {
             self.catalog.remove(gone);
         }
-        *published = names;
+        state.published = names;
+        true
+    }
+
+    fn tracked(&self, service: &str) -> Option<Arc<Tracked>> {
+        lock(&self.services).get(service).cloned()
+    }
+
+    /// Whether `service` is selected and has no long poll of its own.
+    fn is_shared(&self, service: &str) -> bool {
+        self.tracked(service)
+            .is_some_and(|t| !lock(&t.state).polled)
+    }
+
+    /// Services without a long poll, for the sweep.
+    fn shared_services(&self) -> Vec<String> {
+        lock(&self.services)
+            .iter()
+            .filter(|(_, t)| !lock(&t.state).polled)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// After an index went backwards (a server restored from a snapshot): the indexes
+    /// kept are meaningless, so every plain read counts again.
+    fn reset_indexes(&self) {
+        for tracked in lock(&self.services).values() {
+            lock(&tracked.state).index = 0;
+        }
     }
 }
 
-/// One running per-service watcher.
-struct Watcher {
+/// One running per-service long poll.
+struct Poller {
     stop: CancellationToken,
     handle: JoinHandle<()>,
-    /// The registry names this watcher has put into the catalog; kept outside the task
-    /// so that they can be removed even if the task died.
-    published: Arc<Mutex<BTreeSet<MicroSvcName>>>,
+}
+
+/// The shared mode's catalog-wide tasks (check watch and sweep).
+struct SharedWatch {
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 /// Runs the source until `shutdown`.
@@ -155,104 +241,368 @@ pub(crate) async fn run(
     let Some(initial) = initial_snapshot(&shared, &shutdown).await else {
         return Ok(());
     };
-    let mut watchers: HashMap<String, Watcher> = HashMap::with_capacity(initial.services.len());
-    // Counted before any watcher starts, so that the first blocking waits already know
-    // how many watchers share the connections.
-    shared
-        .watched
-        .store(initial.services.len(), Ordering::Relaxed);
-    for (name, (index, published)) in initial.services {
-        let watcher = spawn_watcher(&shared, &shutdown, name.clone(), index, published);
-        watchers.insert(name, watcher);
-    }
-    let mut budget = Budget::default();
-    budget.update(&shared, watchers.len());
+    shared.http.narrow_reads(shared.plan.reads);
+    let mut engine = Engine {
+        shared: Arc::clone(&shared),
+        shutdown: shutdown.clone(),
+        polls: HashMap::new(),
+        shared_watch: None,
+        workers: Vec::new(),
+        tags: HashMap::new(),
+        mode: None,
+        fds_warned: false,
+    };
+    let list_index = initial.index;
+    engine.start(initial);
+    let result = engine.follow_list(list_index).await;
+    engine.stop().await;
+    result
+}
 
-    let mut index = initial.index;
-    let mut pacer = Pacer::new(shared.pacing);
-    loop {
-        if !pacer.ready(&shutdown).await {
-            break;
+/// The list loop's state: it alone starts and stops long polls and the shared watch.
+struct Engine {
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    polls: HashMap<String, Poller>,
+    shared_watch: Option<SharedWatch>,
+    workers: Vec<JoinHandle<()>>,
+    /// A hash of each selected service's tag list (as the list reports it): a change
+    /// names the service for a re-read in the shared mode.
+    tags: HashMap<String, u64>,
+    mode: Option<WatchMode>,
+    fds_warned: bool,
+}
+
+impl Engine {
+    fn start(&mut self, initial: Initial) {
+        let mut order: Vec<(bool, String, u64)> = Vec::with_capacity(initial.services.len());
+        {
+            let mut services = lock(&self.shared.services);
+            for service in initial.services {
+                let tracked = Arc::new(Tracked::default());
+                {
+                    let mut state = lock(&tracked.state);
+                    state.index = service.index;
+                    state.published = service.published;
+                    state.checkless = service.checkless;
+                }
+                order.push((!service.checkless, service.name.clone(), service.index));
+                services.insert(service.name, tracked);
+            }
         }
-        let result = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            r = shared.http.catalog_services(index, shared.wait) => r,
-        };
-        let services = match result {
-            Ok(services) => services,
-            Err(e) => {
-                let delay = pacer.failed();
-                warn!(error = %error_chain(&e), retry_in = ?delay, "watching the Consul service list failed");
+        self.tags = initial.tags;
+        // Instances without checks first: the check watch cannot see them.
+        order.sort();
+        for (_, name, index) in order {
+            if self.polls.len() < self.shared.plan.long_polls {
+                self.spawn_poller(name, index, true);
+            }
+        }
+        for _ in 0..self.shared.plan.reads.max(1) {
+            let shared = Arc::clone(&self.shared);
+            let shutdown = self.shutdown.clone();
+            self.workers.push(tokio::spawn(
+                reread_worker(shared, shutdown).instrument(info_span!("consul_reread")),
+            ));
+        }
+        self.settle(initial.checks);
+    }
+
+    /// Follows the service list until shutdown.
+    async fn follow_list(&mut self, mut index: u64) -> Result<(), ConsulError> {
+        let shared = Arc::clone(&self.shared);
+        let mut pacer = Pacer::new(shared.pacing);
+        loop {
+            if !pacer.ready(&self.shutdown).await {
+                return Ok(());
+            }
+            let result = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return Ok(()),
+                r = shared.http.catalog_services(index, shared.wait) => r,
+            };
+            let services = match result {
+                Ok(services) => services,
+                Err(e) => {
+                    let delay = pacer.failed();
+                    warn!(error = %error_chain(&e), retry_in = ?delay, "watching the Consul service list failed");
+                    continue;
+                }
+            };
+            pacer.succeeded();
+            let sent = index;
+            index = next_index(sent, services.index);
+            debug!(
+                sent,
+                returned = services.index,
+                services = services.value.len(),
+                "Consul service list answered"
+            );
+            self.restart_dead_pollers();
+            if sent > 1 && services.index == sent {
                 continue;
             }
-        };
-        pacer.succeeded();
-        let sent = index;
-        index = next_index(sent, services.index);
-        debug!(
-            sent,
-            returned = services.index,
-            services = services.value.len(),
-            "Consul service list answered"
-        );
-        let unchanged = sent > 1 && services.index == sent;
-        let selected = shared.selection.selected(&services.value);
+            self.apply_list(&services.value).await;
+            self.settle(None);
+        }
+    }
 
-        // Services that disappeared or are no longer selected: stop, then unpublish.
-        let gone: Vec<String> = watchers
+    /// Starts and stops what the new list asks for.
+    async fn apply_list(&mut self, list: &CatalogServices) {
+        let selected = self.shared.selection.selected(list);
+        let gone: Vec<String> = lock(&self.shared.services)
             .keys()
             .filter(|name| !selected.contains(*name))
             .cloned()
             .collect();
         for name in gone {
-            if let Some(watcher) = watchers.remove(&name) {
-                stop_and_unpublish(&shared, &name, watcher).await;
-            }
+            self.remove(&name).await;
         }
-        // A watcher that died (a bug) is restarted from a plain read.
-        for (name, watcher) in watchers.iter_mut() {
-            if watcher.handle.is_finished() && !shutdown.is_cancelled() {
-                warn!(service = %name, "a Consul service watcher stopped unexpectedly; restarting it");
-                let published = std::mem::take(&mut *lock(&watcher.published));
-                *watcher = spawn_watcher(&shared, &shutdown, name.clone(), 0, published);
-            }
-        }
-        if unchanged && selected.len() == watchers.len() {
-            continue;
-        }
-        // New services: a watcher starting with a plain read publishes them.
         for name in selected {
-            if let Entry::Vacant(slot) = watchers.entry(name) {
-                debug!(service = %slot.key(), "watching a new Consul service");
-                let name = slot.key().clone();
-                shared.watched.fetch_add(1, Ordering::Relaxed);
-                slot.insert(spawn_watcher(&shared, &shutdown, name, 0, BTreeSet::new()));
+            let tags = tags_hash(list.get(&name).map(Vec::as_slice).unwrap_or_default());
+            match self.tags.insert(name.clone(), tags) {
+                None => self.add(name),
+                Some(old) if old != tags && self.shared.is_shared(&name) => {
+                    self.shared.refresh.request(&name, Cause::List);
+                }
+                Some(_) => {}
             }
         }
-        budget.update(&shared, watchers.len());
     }
 
-    // Shutdown: every watcher's token is a child of `shutdown`, so all are stopping;
-    // wait for them so that no request outlives `run`. Nothing is unpublished.
-    for (_, watcher) in watchers {
-        let _ = watcher.handle.await;
+    /// A newly selected service: a long poll when one is free (its first read publishes
+    /// it), else a re-read.
+    fn add(&mut self, name: String) {
+        debug!(service = %name, "following a new Consul service");
+        let tracked = Arc::new(Tracked::default());
+        let inserted = match lock(&self.shared.services).entry(name.clone()) {
+            Entry::Vacant(slot) => {
+                slot.insert(tracked);
+                true
+            }
+            Entry::Occupied(_) => false,
+        };
+        if !inserted {
+            return;
+        }
+        if self.polls.len() < self.shared.plan.long_polls {
+            self.spawn_poller(name, 0, false);
+        } else {
+            self.shared.refresh.request(&name, Cause::List);
+        }
     }
-    Ok(())
+
+    /// A service gone or no longer selected: stop its long poll, then unpublish it.
+    async fn remove(&mut self, name: &str) {
+        if let Some(poller) = self.polls.remove(name) {
+            poller.stop.cancel();
+            // The task leaves at its next await point; once it has, it cannot republish.
+            if let Err(e) = poller.handle.await {
+                warn!(service = %name, error = %e, "a Consul service watcher failed");
+            }
+        }
+        self.tags.remove(name);
+        self.shared.refresh.forget(name);
+        self.shared.reported.forget(name);
+        let Some(tracked) = lock(&self.shared.services).remove(name) else {
+            return;
+        };
+        let published = {
+            let mut state = lock(&tracked.state);
+            state.removed = true;
+            std::mem::take(&mut state.published)
+        };
+        for registry_name in &published {
+            self.shared.catalog.remove(registry_name);
+        }
+        info!(service = %name, removed = published.len(), "Consul service gone or no longer selected");
+    }
+
+    /// Hands free long polls to services without one (check-less first), starts or stops
+    /// the shared watch, and updates the mode, its metrics and the readiness note.
+    fn settle(&mut self, baseline: Option<(u64, CheckIndex)>) {
+        let free = self.shared.plan.long_polls.saturating_sub(self.polls.len());
+        if free > 0 {
+            let mut candidates: Vec<(bool, String, u64)> = lock(&self.shared.services)
+                .iter()
+                .filter(|(name, _)| !self.polls.contains_key(*name))
+                .map(|(name, t)| {
+                    let state = lock(&t.state);
+                    (!state.checkless, name.clone(), state.index)
+                })
+                .collect();
+            candidates.sort();
+            for (_, name, index) in candidates.into_iter().take(free) {
+                self.spawn_poller(name, index, index > 1);
+            }
+        }
+        let total = lock(&self.shared.services).len();
+        let shared_count = total.saturating_sub(self.polls.len());
+        if shared_count > 0 && self.shared_watch.is_none() {
+            self.shared_watch = Some(start_shared_watch(
+                Arc::clone(&self.shared),
+                &self.shutdown,
+                baseline,
+            ));
+        } else if shared_count == 0 {
+            if let Some(watch) = self.shared_watch.take() {
+                watch.stop.cancel();
+            }
+        }
+        self.report(total, shared_count);
+    }
+
+    fn report(&mut self, total: usize, shared_count: usize) {
+        let shared = &self.shared;
+        let plan = &shared.plan;
+        let mode = if shared_count > 0 {
+            WatchMode::Shared
+        } else {
+            plan.mode(0)
+        };
+        let metrics = &shared.metrics;
+        metrics.watched_services.set(total as i64);
+        metrics.long_polls.set(self.polls.len() as i64);
+        metrics.shared_services.set(shared_count as i64);
+        metrics
+            .poll_connections
+            .set(shared.http.poll_connections_in_use() as i64);
+        metrics.set_mode(mode);
+        if self.mode != Some(mode) {
+            let budget = budget_text(plan.connections);
+            if mode.is_degraded() {
+                warn!(
+                    mode = %mode,
+                    transport = plan.transport.as_str(),
+                    services = total,
+                    long_polls = self.polls.len(),
+                    connection_budget = %budget,
+                    "more Consul services than long polls fit in the connection budget: the others are followed through catalog-wide watches (a change costs one answer of /v1/health/state/any and one read; a change that moves no check waits for the sweep); use HTTPS (HTTP/2 carries 200 long polls per connection) or raise the agent's limits.http_max_conns_per_client"
+                );
+            } else {
+                info!(mode = %mode, transport = plan.transport.as_str(), services = total, connection_budget = %budget, "Consul watch mode");
+            }
+            self.mode = Some(mode);
+        }
+        shared.note.set(mode.is_degraded().then(|| {
+            format!(
+                "degraded: Consul watch in shared mode ({} of {total} services have a long poll over {} within a budget of {} connections; the others are followed through catalog-wide watches)",
+                self.polls.len(),
+                plan.transport.as_str(),
+                budget_text(plan.connections),
+            )
+        }));
+        let fds = (plan.descriptors_for(total) as u64).saturating_add(SPARE_FDS);
+        let soft = rlimit::Resource::NOFILE
+            .get()
+            .map(|(soft, _)| soft)
+            .unwrap_or(u64::MAX);
+        let over = fds > soft;
+        if over && !self.fds_warned {
+            warn!(
+                needed = fds,
+                limit = soft,
+                "the open-file limit is too low for the Consul long polls; raise it (ulimit -n, LimitNOFILE=) or lower --consul-max-connections"
+            );
+        }
+        self.fds_warned = over;
+    }
+
+    fn spawn_poller(&mut self, name: String, index: u64, short_first_wait: bool) {
+        let Some(tracked) = self.shared.tracked(&name) else {
+            return;
+        };
+        lock(&tracked.state).polled = true;
+        let stop = self.shutdown.child_token();
+        let span = info_span!("consul_service", service = %name);
+        let handle = tokio::spawn(
+            watch_service(
+                Arc::clone(&self.shared),
+                name.clone(),
+                tracked,
+                index,
+                short_first_wait,
+                stop.clone(),
+            )
+            .instrument(span),
+        );
+        self.polls.insert(name, Poller { stop, handle });
+    }
+
+    /// A long poll that died (a bug) is restarted from a plain read.
+    fn restart_dead_pollers(&mut self) {
+        if self.shutdown.is_cancelled() {
+            return;
+        }
+        let dead: Vec<String> = self
+            .polls
+            .iter()
+            .filter(|(_, p)| p.handle.is_finished())
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in dead {
+            warn!(service = %name, "a Consul service watcher stopped unexpectedly; restarting it");
+            self.polls.remove(&name);
+            self.spawn_poller(name, 0, false);
+        }
+    }
+
+    /// Shutdown: every task's token is a child of `shutdown`, so all are stopping; wait
+    /// for them so that no request outlives `run`. Nothing is unpublished.
+    async fn stop(self) {
+        for (_, poller) in self.polls {
+            let _ = poller.handle.await;
+        }
+        if let Some(watch) = self.shared_watch {
+            watch.stop.cancel();
+            for task in watch.tasks {
+                let _ = task.await;
+            }
+        }
+        for worker in self.workers {
+            let _ = worker.await;
+        }
+    }
+}
+
+fn budget_text(connections: usize) -> String {
+    if connections == usize::MAX {
+        "unlimited".to_string()
+    } else {
+        connections.to_string()
+    }
+}
+
+fn tags_hash(tags: &[String]) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    tags.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// One service of the first snapshot.
+struct InitialService {
+    name: String,
+    index: u64,
+    published: BTreeSet<MicroSvcName>,
+    checkless: bool,
 }
 
 struct Initial {
     /// The index to block on for the service list.
     index: u64,
-    /// Per selected service: the index to block on and what it published.
-    services: BTreeMap<String, (u64, BTreeSet<MicroSvcName>)>,
+    services: Vec<InitialService>,
+    tags: HashMap<String, u64>,
+    /// The check watch's starting point, read before the services when the snapshot
+    /// already needs the shared mode (a check that changes during the snapshot is then
+    /// seen by the watch's first blocking answer).
+    checks: Option<(u64, CheckIndex)>,
 }
 
 /// Lists the services, fetches every selected one (bounded concurrency, each retried
 /// until it answers), and hands the catalog one complete snapshot. `None` on shutdown.
 async fn initial_snapshot(shared: &Arc<Shared>, shutdown: &CancellationToken) -> Option<Initial> {
     let mut pacer = Pacer::new(shared.pacing);
-    let (index, selected) = loop {
+    let (index, list) = loop {
         if !pacer.ready(shutdown).await {
             return None;
         }
@@ -262,12 +612,7 @@ async fn initial_snapshot(shared: &Arc<Shared>, shutdown: &CancellationToken) ->
             r = shared.http.catalog_services(0, shared.wait) => r,
         };
         match result {
-            Ok(services) => {
-                break (
-                    next_index(0, services.index),
-                    shared.selection.selected(&services.value),
-                )
-            }
+            Ok(services) => break (next_index(0, services.index), services.value),
             Err(e) => {
                 let delay = pacer.failed();
                 warn!(
@@ -278,19 +623,34 @@ async fn initial_snapshot(shared: &Arc<Shared>, shutdown: &CancellationToken) ->
             }
         }
     };
+    let selected = shared.selection.selected(&list);
+    let tags: HashMap<String, u64> = selected
+        .iter()
+        .map(|name| {
+            let tags = list.get(name).map(Vec::as_slice).unwrap_or_default();
+            (name.clone(), tags_hash(tags))
+        })
+        .collect();
+    drop(list);
+    let checks = if selected.len() > shared.plan.long_polls {
+        Some(read_checks_until_ok(shared, shutdown).await?)
+    } else {
+        None
+    };
     info!(
         services = selected.len(),
         "fetching the first snapshot of Consul services"
     );
-    let concurrency = shared.initial_concurrency.max(1);
-    let fetched: Vec<Option<(String, u64, Built)>> = futures::stream::iter(selected)
+    let concurrency = shared.plan.snapshot_reads.max(1);
+    let fetched: Vec<Option<(String, u64, bool, Built)>> = futures::stream::iter(selected)
         .map(|name| {
             let shared = Arc::clone(shared);
             let shutdown = shutdown.clone();
             async move {
-                let answer = fetch_until_ok(&shared, &name, &shutdown).await?;
-                let built = shared.build(&name, &answer.1);
-                Some((name, answer.0, built))
+                let (index, entries) = fetch_until_ok(&shared, &name, &shutdown).await?;
+                let checkless = entries.iter().any(|e| !e.has_own_check());
+                let built = shared.build(&name, &entries);
+                Some((name, index, checkless, built))
             }
         })
         .buffer_unordered(concurrency)
@@ -299,10 +659,15 @@ async fn initial_snapshot(shared: &Arc<Shared>, shutdown: &CancellationToken) ->
     if shutdown.is_cancelled() {
         return None;
     }
-    let mut services = BTreeMap::new();
+    let mut services = Vec::with_capacity(fetched.len());
     let mut metas: Vec<MicroSvcMeta> = Vec::new();
-    for (name, index, built) in fetched.into_iter().flatten() {
-        services.insert(name, (index, built.names()));
+    for (name, index, checkless, built) in fetched.into_iter().flatten() {
+        services.push(InitialService {
+            name,
+            index,
+            published: built.names(),
+            checkless,
+        });
         metas.extend(built.services);
     }
     info!(
@@ -311,7 +676,12 @@ async fn initial_snapshot(shared: &Arc<Shared>, shutdown: &CancellationToken) ->
         "first Consul snapshot complete"
     );
     shared.catalog.replace_all(metas);
-    Some(Initial { index, services })
+    Some(Initial {
+        index,
+        services,
+        tags,
+        checks,
+    })
 }
 
 /// One plain read of a service's instances, retried with backoff until it answers.
@@ -325,11 +695,10 @@ async fn fetch_until_ok(
         if !pacer.ready(shutdown).await {
             return None;
         }
-        let wait = || shared.wait;
         let result = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return None,
-            r = shared.http.health_service(name, 0, &wait) => r,
+            r = shared.http.health_service(name, 0, shared.wait, Via::Read) => r,
         };
         match result {
             Ok(answer) => return Some((next_index(0, answer.index), answer.value)),
@@ -341,70 +710,75 @@ async fn fetch_until_ok(
     }
 }
 
-fn spawn_watcher(
-    shared: &Arc<Shared>,
+/// The check table once (the check watch's starting point), retried until it answers.
+async fn read_checks_until_ok(
+    shared: &Shared,
     shutdown: &CancellationToken,
-    name: String,
-    index: u64,
-    published: BTreeSet<MicroSvcName>,
-) -> Watcher {
-    let stop = shutdown.child_token();
-    let published = Arc::new(Mutex::new(published));
-    let span = info_span!("consul_service", service = %name);
-    let handle = tokio::spawn(
-        watch_service(
-            Arc::clone(shared),
-            name,
-            index,
-            Arc::clone(&published),
-            stop.clone(),
-        )
-        .instrument(span),
-    );
-    Watcher {
-        stop,
-        handle,
-        published,
+) -> Option<(u64, CheckIndex)> {
+    let mut pacer = Pacer::new(shared.pacing);
+    loop {
+        if !pacer.ready(shutdown).await {
+            return None;
+        }
+        let result = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return None,
+            r = shared.http.health_state(0, shared.wait) => r,
+        };
+        match result {
+            Ok(answer) => {
+                let mut checks = CheckIndex::default();
+                checks.update(&answer.value);
+                return Some((next_index(0, answer.index), checks));
+            }
+            Err(e) => {
+                let delay = pacer.failed();
+                warn!(error = %error_chain(&e), retry_in = ?delay, "cannot read Consul's check state");
+            }
+        }
     }
-}
-
-async fn stop_and_unpublish(shared: &Shared, name: &str, watcher: Watcher) {
-    watcher.stop.cancel();
-    // The task leaves at its next await point; once it has, nothing can republish.
-    if let Err(e) = watcher.handle.await {
-        warn!(service = %name, error = %e, "a Consul service watcher failed");
-    }
-    shared.watched.fetch_sub(1, Ordering::Relaxed);
-    shared.reported.forget(name);
-    let published = std::mem::take(&mut *lock(&watcher.published));
-    for registry_name in &published {
-        shared.catalog.remove(registry_name);
-    }
-    info!(service = %name, removed = published.len(), "Consul service gone or no longer selected");
 }
 
 /// The blocking loop of one service. Returns when `stop` is cancelled.
 async fn watch_service(
     shared: Arc<Shared>,
     name: String,
+    tracked: Arc<Tracked>,
     mut index: u64,
-    published: Arc<Mutex<BTreeSet<MicroSvcName>>>,
+    mut short_wait: bool,
     stop: CancellationToken,
 ) {
     let mut pacer = Pacer::new(shared.pacing);
+    let slot = loop {
+        match shared.http.poll_slot() {
+            Ok(slot) => break slot,
+            Err(e) => {
+                let delay = pacer.failed();
+                warn!(error = %error_chain(&e), retry_in = ?delay, "cannot build a Consul client for a long poll");
+                if !pacer.ready(&stop).await {
+                    return;
+                }
+            }
+        }
+    };
     loop {
         if !pacer.ready(&stop).await {
             return;
         }
-        let wait = || shared.effective_wait();
+        let wait = if short_wait {
+            FIRST_WAIT + Duration::from_millis(rand::random_range(0..=FIRST_WAIT_JITTER_MS))
+        } else {
+            shared.wait
+        };
         let result = tokio::select! {
             biased;
             _ = stop.cancelled() => return,
-            r = shared.http.health_service(&name, index, &wait) => r,
+            r = shared.http.health_service(&name, index, wait, Via::Poll(&slot)) => r,
         };
         match result {
             Ok(answer) => {
                 pacer.succeeded();
+                short_wait = false;
                 let sent = index;
                 index = next_index(sent, answer.index);
                 debug!(
@@ -417,7 +791,13 @@ async fn watch_service(
                     // The wait ran out: nothing new.
                     continue;
                 }
-                shared.publish(&name, &answer.value, &published);
+                shared.publish(
+                    &name,
+                    &tracked,
+                    answer.index,
+                    &answer.value,
+                    Publisher::Poll,
+                );
             }
             Err(e) => {
                 let delay = pacer.failed();
@@ -433,112 +813,281 @@ async fn watch_service(
     }
 }
 
-/// Warns when the watchers no longer fit the connection budget or the descriptor limit,
-/// once per crossing.
-#[derive(Default)]
-struct Budget {
-    over_connections: bool,
-    over_fds: bool,
+/// Starts the check watch and the sweep.
+fn start_shared_watch(
+    shared: Arc<Shared>,
+    shutdown: &CancellationToken,
+    baseline: Option<(u64, CheckIndex)>,
+) -> SharedWatch {
+    let stop = shutdown.child_token();
+    let checks = tokio::spawn(
+        watch_checks(Arc::clone(&shared), baseline, stop.clone())
+            .instrument(info_span!("consul_checks")),
+    );
+    let sweep = tokio::spawn(sweep(shared, stop.clone()).instrument(info_span!("consul_sweep")));
+    SharedWatch {
+        stop,
+        tasks: vec![checks, sweep],
+    }
 }
 
-impl Budget {
-    fn update(&mut self, shared: &Shared, watchers: usize) {
-        shared.metrics.watched_services.set(watchers as i64);
-        let needed = watchers + 1;
-        let over = shared.max_connections > 0 && needed > shared.max_connections;
-        if over && !self.over_connections {
-            warn!(
-                watched_services = watchers,
-                max_connections = shared.max_connections,
-                "more Consul services than connections: watchers take turns and a change is seen only when its service's turn comes (within about the blocking wait) instead of at once; raise max_connections and the agent's limits.http_max_conns_per_client above the number of services"
-            );
+/// The check watch: names the services without a long poll whose checks changed.
+async fn watch_checks(
+    shared: Arc<Shared>,
+    baseline: Option<(u64, CheckIndex)>,
+    stop: CancellationToken,
+) {
+    // Without a baseline, the first answer is one (it names nothing: the services it
+    // would name were just read whole).
+    let has_baseline = baseline.is_some();
+    let (mut index, mut checks) = baseline.unwrap_or_default();
+    let mut primed = has_baseline;
+    let mut pacer = Pacer::new(PacerConfig {
+        min_interval: shared.pacing.min_interval.max(CHECKS_MIN_INTERVAL),
+        ..shared.pacing
+    });
+    loop {
+        if !pacer.ready(&stop).await {
+            return;
         }
-        self.over_connections = over;
-        let fds_needed = if shared.max_connections > 0 {
-            needed.min(shared.max_connections)
+        let started = Instant::now();
+        let result = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            r = shared.http.health_state(index, shared.wait) => r,
+        };
+        let answer = match result {
+            Ok(answer) => answer,
+            Err(e) => {
+                let delay = pacer.failed();
+                if pacer.failures() == 1 || pacer.failures().is_multiple_of(10) {
+                    warn!(error = %error_chain(&e), failures = pacer.failures(), retry_in = ?delay, "watching Consul's check state failed");
+                }
+                continue;
+            }
+        };
+        pacer.succeeded();
+        let sent = index;
+        index = next_index(sent, answer.index);
+        if sent > 1 && answer.index == sent {
+            continue;
+        }
+        if answer.index < sent {
+            warn!(
+                sent,
+                returned = answer.index,
+                "Consul's check index went backwards (a restored snapshot?): every service is read again"
+            );
+            shared.reset_indexes();
+            for name in shared.shared_services() {
+                shared.refresh.request(&name, Cause::Check);
+            }
+        }
+        let changed = checks.update(&answer.value);
+        let took = started.elapsed();
+        debug!(
+            checks = checks.len(),
+            changed = changed.len(),
+            took_ms = took.as_millis() as u64,
+            "Consul check state answered"
+        );
+        if primed {
+            for name in changed {
+                if shared.is_shared(&name) {
+                    shared.refresh.request(&name, Cause::Check);
+                }
+            }
+        }
+        primed = true;
+        drop(answer);
+        // Each answer is the whole table: keep the watch's share of the time bounded.
+        let idle = (took * CHECKS_IDLE_FACTOR).min(CHECKS_MAX_IDLE);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(idle) => {}
+        }
+    }
+}
+
+/// Re-reads every service without a long poll once per [`SWEEP_PERIOD`], evenly spread.
+async fn sweep(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let names = shared.shared_services();
+        let gap = if names.is_empty() {
+            Duration::from_secs(1)
         } else {
-            needed
-        } as u64
-            + SPARE_FDS;
-        let soft = rlimit::Resource::NOFILE
-            .get()
-            .map(|(soft, _)| soft)
-            .unwrap_or(u64::MAX);
-        let over = fds_needed > soft;
-        if over && !self.over_fds {
-            warn!(
-                needed = fds_needed,
-                limit = soft,
-                "the open-file limit is too low for one connection per watched Consul service; raise it (ulimit -n, LimitNOFILE=) or lower max_connections"
-            );
+            (SWEEP_PERIOD / names.len().max(1) as u32).max(MIN_SWEEP_GAP)
+        };
+        if names.is_empty() {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(gap) => continue,
+            }
         }
-        self.over_fds = over;
+        for name in names {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(gap) => {}
+            }
+            if shared.is_shared(&name) {
+                shared.refresh.request(&name, Cause::Sweep);
+            }
+        }
+    }
+}
+
+/// Reads the services the queue names, one at a time, and publishes what they say.
+async fn reread_worker(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut pacer = Pacer::new(shared.pacing);
+    loop {
+        let (name, cause) = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            next = shared.refresh.next() => next,
+        };
+        let Some(tracked) = shared.tracked(&name).filter(|t| !lock(&t.state).polled) else {
+            shared.refresh.done(&name);
+            continue;
+        };
+        shared.metrics.reread(cause.as_str());
+        let result = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            r = shared.http.health_service(&name, 0, shared.wait, Via::Read) => r,
+        };
+        shared.refresh.done(&name);
+        match result {
+            Ok(answer) => {
+                pacer.succeeded();
+                shared.publish(
+                    &name,
+                    &tracked,
+                    answer.index,
+                    &answer.value,
+                    Publisher::Read,
+                );
+            }
+            Err(e) => {
+                let delay = pacer.failed();
+                if pacer.failures() == 1 || pacer.failures().is_multiple_of(10) {
+                    warn!(service = %name, error = %error_chain(&e), retry_in = ?delay, "re-reading a Consul service failed");
+                }
+                if !pacer.ready(&shutdown).await {
+                    return;
+                }
+                shared.refresh.request(&name, Cause::Retry);
+            }
+        }
     }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The data is a plain set; a panic elsewhere leaves it consistent enough to use.
+    // The data is plain state; a panic elsewhere leaves it consistent enough to use.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::consul::budget::{MaxConnections, Transport};
     use crate::registry::consul::config::ConsulConfig;
 
-    fn shared(max_connections: usize, watched: usize) -> Shared {
-        let cfg = ConsulConfig {
-            max_connections,
-            ..ConsulConfig::default()
-        };
+    fn shared(cfg: &ConsulConfig) -> Shared {
         let metrics = Arc::new(ConsulMetrics::default());
         let (catalog, _rx) = Catalog::new();
         Shared {
-            http: ConsulHttp::new(&cfg, Arc::clone(&metrics)).expect("client"),
-            selection: Selection::from_config(&cfg),
+            http: ConsulHttp::new(cfg, Arc::clone(&metrics)).expect("client"),
+            selection: Selection::from_config(cfg),
             catalog: Arc::new(catalog),
             metrics,
             wait: Duration::from_secs(300),
             pacing: PacerConfig::default(),
-            max_connections,
-            initial_concurrency: 4,
-            watched: AtomicUsize::new(watched),
+            plan: Plan::new(Transport::Http1, Some(200), MaxConnections::Auto, 4),
             reported: Reported::default(),
+            refresh: RefreshQueue::default(),
+            services: Mutex::default(),
+            note: SourceNote::default(),
         }
     }
 
-    #[test]
-    fn wait_is_shortened_only_beyond_the_connection_budget() {
-        assert_eq!(shared(0, 50_000).effective_wait(), Duration::from_secs(300));
-        assert_eq!(shared(180, 100).effective_wait(), Duration::from_secs(300));
-        assert_eq!(shared(180, 179).effective_wait(), Duration::from_secs(300));
-        // 359 watchers + the list watcher on 180 connections: half the wait.
-        assert_eq!(shared(180, 359).effective_wait(), Duration::from_secs(150));
-        assert_eq!(shared(10, 1_000_000).effective_wait(), MIN_SHARED_WAIT);
+    fn entry(tags: &str, checks: &str) -> HealthEntry {
+        serde_json::from_str(&format!(
+            r#"{{"Node":{{"Node":"n","Address":"198.51.100.1"}},"Service":{{"ID":"i","Service":"s","Tags":[{tags}],"Port":80}},"Checks":[{checks}]}}"#
+        ))
+        .expect("entry")
     }
+
+    const OWN_CHECK: &str = r#"{"CheckID":"c","ServiceID":"i","Status":"passing"}"#;
 
     #[test]
     fn publish_upserts_and_removes_derived_names() {
-        let mut s = shared(0, 0);
         let cfg = ConsulConfig {
             prefix_tag: Some("pfx".into()),
             ..ConsulConfig::default()
         };
-        s.selection = Selection::from_config(&cfg);
-        let entry = |tags: &str| -> HealthEntry {
-            serde_json::from_str(&format!(
-                r#"{{"Node":{{"Node":"n","Address":"198.51.100.1"}},"Service":{{"ID":"i","Service":"s","Tags":[{tags}],"Port":80}}}}"#
-            ))
-            .expect("entry")
-        };
-        let published = Mutex::new(BTreeSet::new());
-        s.publish("s", &[entry(r#""pfx=blue""#)], &published);
+        let s = shared(&cfg);
+        let tracked = Tracked::default();
+        assert!(s.publish(
+            "s",
+            &tracked,
+            5,
+            &[entry(r#""pfx=blue""#, "")],
+            Publisher::Poll
+        ));
         assert!(s.catalog.contains("s"));
         assert!(s.catalog.contains("blue-s"));
-        s.publish("s", &[entry("")], &published);
+        assert!(lock(&tracked.state).checkless);
+        assert!(s.publish("s", &tracked, 6, &[entry("", OWN_CHECK)], Publisher::Poll));
         assert!(s.catalog.contains("s"));
         assert!(!s.catalog.contains("blue-s"));
-        assert_eq!(lock(&published).len(), 1);
+        let state = lock(&tracked.state);
+        assert_eq!(state.published.len(), 1);
+        assert!(!state.checkless);
+    }
+
+    #[test]
+    fn plain_reads_never_overwrite_newer_or_polled_state() {
+        let s = shared(&ConsulConfig::default());
+        let tracked = Tracked::default();
+        assert!(s.publish("s", &tracked, 10, &[entry("", OWN_CHECK)], Publisher::Read));
+        // An older read that lost the race is dropped.
+        assert!(!s.publish("s", &tracked, 9, &[], Publisher::Read));
+        assert!(s.catalog.contains("s"));
+        // Once the service has its own long poll, only the poll publishes.
+        lock(&tracked.state).polled = true;
+        assert!(!s.publish("s", &tracked, 11, &[], Publisher::Read));
+        assert!(s.publish("s", &tracked, 11, &[entry("", OWN_CHECK)], Publisher::Poll));
+        // A removed service is never published again.
+        lock(&tracked.state).removed = true;
+        assert!(!s.publish("s", &tracked, 12, &[entry("", OWN_CHECK)], Publisher::Poll));
+    }
+
+    #[test]
+    fn shared_services_are_those_without_a_long_poll() {
+        let s = shared(&ConsulConfig::default());
+        for (name, polled) in [("a", true), ("b", false), ("c", false)] {
+            let tracked = Arc::new(Tracked::default());
+            lock(&tracked.state).polled = polled;
+            lock(&tracked.state).index = 7;
+            lock(&s.services).insert(name.to_string(), tracked);
+        }
+        let mut names = s.shared_services();
+        names.sort();
+        assert_eq!(names, ["b", "c"]);
+        assert!(s.is_shared("b") && !s.is_shared("a") && !s.is_shared("zzz"));
+        s.reset_indexes();
+        assert!(lock(&s.services)
+            .values()
+            .all(|t| lock(&t.state).index == 0));
+    }
+
+    #[test]
+    fn tag_hashes_follow_the_tags() {
+        assert_eq!(tags_hash(&["a".into()]), tags_hash(&["a".into()]));
+        assert_ne!(
+            tags_hash(&["a".into()]),
+            tags_hash(&["a".into(), "b".into()])
+        );
     }
 
     #[test]
