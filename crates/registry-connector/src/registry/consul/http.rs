@@ -125,6 +125,9 @@ struct PollShards {
     max_shards: usize,
     per_shard: usize,
     shards: Mutex<Vec<(reqwest::Client, usize)>>,
+    /// Connections carrying long polls (HTTP/2: shards with a stream; HTTP/1.1: one per
+    /// long poll), kept current as places are taken and given back.
+    connections: prometheus_client::metrics::gauge::Gauge,
 }
 
 /// A long poll's place on the poll lane; gives the place back when dropped.
@@ -137,9 +140,11 @@ pub struct PollSlot {
 
 impl Drop for PollSlot {
     fn drop(&mut self) {
-        if let Some(entry) = lock(&self.shards.shards).get_mut(self.shard) {
+        let mut shards = lock(&self.shards.shards);
+        if let Some(entry) = shards.get_mut(self.shard) {
             entry.1 = entry.1.saturating_sub(1);
         }
+        self.shards.publish_connections(&shards);
     }
 }
 
@@ -168,6 +173,7 @@ impl PollShards {
                 .unwrap_or(0),
         };
         shards[shard].1 += 1;
+        self.publish_connections(&shards);
         Ok(PollSlot {
             shards: Arc::clone(self),
             shard,
@@ -175,11 +181,12 @@ impl PollShards {
         })
     }
 
-    fn in_use(&self) -> usize {
-        lock(&self.shards)
-            .iter()
-            .filter(|(_, load)| *load > 0)
-            .count()
+    fn publish_connections(&self, shards: &[(reqwest::Client, usize)]) {
+        let in_use: usize = match self.transport {
+            Transport::Http2 => shards.iter().filter(|(_, load)| *load > 0).count(),
+            Transport::Http1 => shards.iter().map(|(_, load)| *load).sum(),
+        };
+        self.connections.set(in_use as i64);
     }
 }
 
@@ -236,6 +243,7 @@ impl ConsulHttp {
             max_shards: 1,
             per_shard: usize::MAX,
             shards: Mutex::new(vec![(probe.client.clone(), 0)]),
+            connections: metrics.poll_connections.clone(),
         });
         Ok(Self {
             base,
@@ -277,6 +285,7 @@ impl ConsulHttp {
                 usize::MAX
             },
             shards: Mutex::new(Vec::new()),
+            connections: self.metrics.poll_connections.clone(),
         });
         Ok(Self {
             reads,
@@ -300,11 +309,6 @@ impl ConsulHttp {
     /// A place for one more long poll.
     pub fn poll_slot(&self) -> Result<PollSlot, ConsulError> {
         self.polls.slot()
-    }
-
-    /// Connections the long polls use now (HTTP/2 shards with a stream; HTTP/1.1: 1).
-    pub fn poll_connections_in_use(&self) -> usize {
-        self.polls.in_use()
     }
 
     /// The URL requests go to (no secrets in it).

@@ -168,6 +168,8 @@ impl crate::registry::RegistrySource for ConsulSource {
             .connection_budget
             .set(i64::try_from(plan.connections).unwrap_or(-1));
         let http = self.http.with_plan(&plan)?;
+        // The probe's client holds an idle connection the budget does not count.
+        drop(self.http);
         let shared = Arc::new(watch::Shared {
             http,
             selection: self.selection,

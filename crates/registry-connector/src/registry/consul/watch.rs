@@ -464,9 +464,6 @@ impl Engine {
         metrics.watched_services.set(total as i64);
         metrics.long_polls.set(self.polls.len() as i64);
         metrics.shared_services.set(shared_count as i64);
-        metrics
-            .poll_connections
-            .set(shared.http.poll_connections_in_use() as i64);
         metrics.set_mode(mode);
         if self.mode != Some(mode) {
             let budget = budget_text(plan.connections);
