@@ -13,10 +13,12 @@
 //!   on one connection and queue those beyond the server's stream limit. Over HTTP/1.1
 //!   each long poll keeps its own connection.
 //!
-//! Over TLS the first request (the agent probe) offers `h2` and `http/1.1`; when the
-//! agent picks `h2`, the lanes are built with HTTP/2 prior knowledge, so that a pool opens
-//! one connection and lets concurrent requests wait for it instead of racing to open one
-//! each. Consul has no cleartext HTTP/2, so plain `http://` stays HTTP/1.1.
+//! The agent probe speaks HTTP/1.1 first (its TLS errors then name their cause: over
+//! HTTP/2 a refused client certificate only shows as a closed connection), then, over
+//! TLS, asks again with HTTP/2 only; when that works the lanes are built with HTTP/2
+//! prior knowledge, so that a pool opens one connection and lets concurrent requests wait
+//! for it instead of racing to open one each. Consul has no cleartext HTTP/2, so plain
+//! `http://` stays HTTP/1.1.
 //!
 //! Owns: the base URL, the `X-Consul-Token` header (marked sensitive so that it never
 //! shows in debug output), `dc=` and `stale`, the `index` / `wait` parameters, timeouts
@@ -31,6 +33,7 @@ use std::time::Duration;
 use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::{StatusCode, Url};
 use tokio::sync::Semaphore;
+use tracing::{info, warn};
 
 use super::api::{self, CatalogServices, CheckState, HealthEntry};
 use super::budget::{Plan, Transport};
@@ -83,7 +86,9 @@ impl ClientSettings {
             .pool_max_idle_per_host(max_idle)
             .default_headers(self.headers.clone())
             .user_agent(concat!("registry-connector/", env!("CARGO_PKG_VERSION")));
-        if http2 {
+        if !http2 {
+            builder = builder.http1_only();
+        } else {
             builder = builder
                 .http2_prior_knowledge()
                 .http2_keep_alive_interval(H2_PING_INTERVAL)
@@ -214,8 +219,7 @@ pub struct ConsulHttp {
 
 impl ConsulHttp {
     /// Builds the client; reads the token file and the TLS files. Until
-    /// [`ConsulHttp::with_plan`], every request goes over one client that offers both
-    /// HTTP/2 and HTTP/1.1 over TLS.
+    /// [`ConsulHttp::with_plan`], every request goes over one HTTP/1.1 client.
     pub fn new(cfg: &ConsulConfig, metrics: Arc<ConsulMetrics>) -> Result<Self, ConsulError> {
         let tls = cfg.ca_file.is_some() || cfg.client_cert_file.is_some();
         let base = base_url(&cfg.address, tls)?;
@@ -316,35 +320,60 @@ impl ConsulHttp {
         &self.base
     }
 
-    /// `/v1/agent/self`: the protocol the agent speaks to us and its per-client limit.
-    /// A 403 (no `agent:read`) still tells the protocol.
+    /// `/v1/agent/self`: the agent's per-client limit and, over TLS, whether it speaks
+    /// HTTP/2. A 403 (no `agent:read`) leaves the limit unknown.
     pub async fn agent_facts(&self) -> Result<AgentFacts, ConsulError> {
+        let conns_per_client = self.agent_self(&self.reads).await?;
+        let transport = if self.base.scheme() == "https" && self.speaks_http2().await {
+            Transport::Http2
+        } else {
+            Transport::Http1
+        };
+        Ok(AgentFacts {
+            transport,
+            conns_per_client,
+        })
+    }
+
+    /// Whether an HTTP/2-only client gets an HTTP/2 answer (a proxy in front of the agent
+    /// may not speak it). Failures mean "no": the HTTP/1.1 probe already succeeded.
+    async fn speaks_http2(&self) -> bool {
+        let client = match self.settings.build(true, 1) {
+            Ok(client) => client,
+            Err(e) => {
+                warn!(error = %crate::registry::error_chain(&e), "cannot build an HTTP/2 client; using HTTP/1.1");
+                return false;
+            }
+        };
+        let url = self.url(&["v1", "agent", "self"], 0, Duration::ZERO);
+        let path = url.path().to_string();
+        let lane = Lane::unbounded(client);
+        match self.send(&lane, &path, url, PLAIN_TIMEOUT).await {
+            Ok(answer) if answer.version == reqwest::Version::HTTP_2 => {
+                self.metrics.record(Endpoint::AgentSelf, true);
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                self.metrics.record(Endpoint::AgentSelf, false);
+                info!(error = %crate::registry::error_chain(&e), "the Consul agent does not answer over HTTP/2; long polls use one HTTP/1.1 connection each");
+                false
+            }
+        }
+    }
+
+    async fn agent_self(&self, lane: &Lane) -> Result<Option<usize>, ConsulError> {
         let url = self.url(&["v1", "agent", "self"], 0, Duration::ZERO);
         let path = url.path().to_string();
         let result = async {
-            let answer = self.send(&self.reads, &path, url, PLAIN_TIMEOUT).await?;
-            let transport = if answer.version == reqwest::Version::HTTP_2 {
-                Transport::Http2
-            } else {
-                Transport::Http1
-            };
+            let answer = self.send(lane, &path, url, PLAIN_TIMEOUT).await?;
             if answer.status == StatusCode::FORBIDDEN {
-                return Ok(AgentFacts {
-                    transport,
-                    conns_per_client: None,
-                });
+                return Ok(None);
             }
             answer.check_status(&path)?;
-            let conns_per_client =
-                api::decode_agent_conn_limit(&answer.body).map_err(|source| {
-                    ConsulError::Decode {
-                        path: path.clone(),
-                        source,
-                    }
-                })?;
-            Ok(AgentFacts {
-                transport,
-                conns_per_client,
+            api::decode_agent_conn_limit(&answer.body).map_err(|source| ConsulError::Decode {
+                path: path.clone(),
+                source,
             })
         }
         .await;
