@@ -154,6 +154,27 @@ impl TestEnv {
             .context("this test environment was started without eureka")
     }
 
+    /// The Consul binary the environment's agent runs (the program of its recorded
+    /// command line, `DIR/cmd/consul.sh`), else the newest Consul 1.8 in the cache: tests
+    /// that need a differently configured agent start a private one from the same binary
+    /// ([`consul::ConsulProcess`]).
+    pub fn consul_bin(&self) -> Result<PathBuf> {
+        let recorded = self.dir.join("cmd").join("consul.sh");
+        if let Ok(script) = std::fs::read_to_string(&recorded) {
+            if let Some(program) = exec_program(&script).map(PathBuf::from) {
+                if program.is_file() {
+                    return Ok(program);
+                }
+            }
+        }
+        cached_consul().with_context(|| {
+            format!(
+                "no consul binary: {} names none and the cache holds none (scripts/testenv install consul)",
+                recorded.display()
+            )
+        })
+    }
+
     /// The environment's certificates: its CA, the 127.0.0.1 serving certificate the
     /// apiserver uses, and a client certificate, all PEM.
     pub fn pki(&self) -> Pki {
@@ -304,6 +325,67 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// The program a `cmd/NAME.sh` script written by `scripts/testenv` runs: the first word
+/// after its `exec` (bare, or single-quoted as `shquote` writes it).
+fn exec_program(script: &str) -> Option<String> {
+    let (_, after) = script.split_once("\nexec")?;
+    shell_word(after.trim_start_matches(|c: char| c.is_whitespace() || c == '\\'))
+}
+
+/// The first shell word of `text`: unquoted characters, backslash escapes and
+/// single-quoted runs, up to the first unquoted white space.
+fn shell_word(text: &str) -> Option<String> {
+    let mut word = String::new();
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            c if c.is_whitespace() => break,
+            '\'' => loop {
+                match chars.next()? {
+                    '\'' => break,
+                    c => word.push(c),
+                }
+            },
+            '\\' => word.push(chars.next()?),
+            c => word.push(c),
+        }
+    }
+    (!word.is_empty()).then_some(word)
+}
+
+/// `scripts/testenv`'s cache: `${XDG_CACHE_HOME:-$HOME/.cache}/registry-connector`.
+fn cache_root() -> Option<PathBuf> {
+    let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME")?).join(".cache"),
+    };
+    Some(base.join("registry-connector"))
+}
+
+/// The newest `consul-1.8.*/usr/bin/consul` in the cache (what `scripts/testenv up` runs).
+fn cached_consul() -> Option<PathBuf> {
+    std::fs::read_dir(cache_root()?)
+        .ok()?
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("consul-1.8.")
+        })
+        .map(|entry| entry.path().join("usr").join("bin").join("consul"))
+        .filter(|bin| bin.is_file())
+        .max_by_key(|bin| version_key(&bin.to_string_lossy()))
+}
+
+/// Sort key comparing the digit runs of a version string as numbers (`1.8.10` after `1.8.7`).
+fn version_key(text: &str) -> Vec<u64> {
+    text.split(|c: char| !c.is_ascii_digit())
+        .filter(|run| !run.is_empty())
+        .map(|run| run.parse().unwrap_or(u64::MAX))
+        .collect()
+}
+
 /// Parses `export NAME=value` lines (values optionally single or double quoted).
 pub fn parse_exports(text: &str) -> Vec<(String, String)> {
     text.lines()
@@ -322,10 +404,17 @@ pub fn parse_exports(text: &str) -> Vec<(String, String)> {
 }
 
 /// A small Consul HTTP client for tests: registers and deregisters catalog entries
-/// and checks on the real agent.
+/// and checks on the real agent; and private agents for tests that need one configured
+/// unlike the shared agent ([`consul::ConsulProcess`]).
 pub mod consul {
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
     use anyhow::{bail, Context, Result};
     use serde_json::Value;
+
+    use crate::Pki;
 
     #[derive(Debug, Clone)]
     pub struct ConsulClient {
@@ -335,15 +424,19 @@ pub mod consul {
 
     impl ConsulClient {
         pub fn new(addr: &str) -> Result<Self> {
+            let http = reqwest::Client::builder().build().context("http client")?;
+            Ok(Self::with_http(addr, http))
+        }
+
+        /// Over a given HTTP client: e.g. one that keeps few idle connections, for an
+        /// agent whose per-client connection limit the test measures against.
+        pub fn with_http(addr: &str, http: reqwest::Client) -> Self {
             let base = if addr.starts_with("http://") || addr.starts_with("https://") {
                 addr.trim_end_matches('/').to_string()
             } else {
                 format!("http://{}", addr.trim_end_matches('/'))
             };
-            Ok(Self {
-                base,
-                http: reqwest::Client::builder().build().context("http client")?,
-            })
+            Self { base, http }
         }
 
         /// PUT a JSON body to an API path such as `/v1/agent/service/register`.
@@ -385,10 +478,283 @@ pub mod consul {
             Ok((body, index))
         }
     }
+
+    /// Consul's own default of `limits.http_max_conns_per_client`: how many connections
+    /// one client IP may hold open to an agent's HTTP and HTTPS APIs.
+    pub const DEFAULT_MAX_CONNS_PER_CLIENT: u32 = 200;
+
+    /// How long a private agent may take to elect itself (it needs well under a second).
+    const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// Start attempts: ports are picked by binding and releasing them, so a parallel test
+    /// can take one before the agent binds it; the agent then exits and is started again
+    /// on other ports.
+    const START_ATTEMPTS: usize = 3;
+
+    /// A private single-node Consul agent for one test, from the environment's binary
+    /// ([`crate::TestEnv::consul_bin`]), configured like the shared agent (plain HTTP, and
+    /// HTTPS with the environment's serving certificate and client certificates required)
+    /// but with Consul's **default** per-client connection limit, unless told otherwise.
+    /// The shared agent allows 12000 connections per client because every test reaches it
+    /// from 127.0.0.1; that hides what a real agent refuses, so tests of the connection
+    /// budget run against one of these.
+    ///
+    /// `-dev`: the state lives in memory (nothing on disk but the log), the agent is ready
+    /// in well under a second, and a test's registrations vanish with it. gRPC, DNS and
+    /// serf WAN are off, Connect too (it would generate a CA for nothing). Killed when
+    /// dropped.
+    pub struct ConsulProcess {
+        child: Child,
+        http_port: u16,
+        https_port: u16,
+        max_conns_per_client: u32,
+        log: PathBuf,
+    }
+
+    /// The agent's free loopback ports.
+    #[derive(Debug, Clone, Copy)]
+    struct Ports {
+        http: u16,
+        https: u16,
+        serf_lan: u16,
+        server: u16,
+    }
+
+    impl Ports {
+        /// Four distinct free ports: all bound at once, then released.
+        fn pick() -> Result<Self> {
+            let listeners = (0..4)
+                .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+                .collect::<std::io::Result<Vec<_>>>()
+                .context("free loopback ports")?;
+            let port = |i: usize| -> Result<u16> {
+                Ok(listeners[i].local_addr().context("a bound port")?.port())
+            };
+            Ok(Self {
+                http: port(0)?,
+                https: port(1)?,
+                serf_lan: port(2)?,
+                server: port(3)?,
+            })
+        }
+    }
+
+    impl ConsulProcess {
+        /// Starts an agent with Consul's default limit of
+        /// [`DEFAULT_MAX_CONNS_PER_CLIENT`] connections per client IP; its log goes to
+        /// `log_dir`. Returns once `/v1/status/leader` names a leader.
+        pub async fn start(binary: &Path, log_dir: &Path, pki: &Pki) -> Result<Self> {
+            Self::start_with_limit(binary, log_dir, pki, DEFAULT_MAX_CONNS_PER_CLIENT).await
+        }
+
+        /// As [`ConsulProcess::start`] with another `limits.http_max_conns_per_client`.
+        pub async fn start_with_limit(
+            binary: &Path,
+            log_dir: &Path,
+            pki: &Pki,
+            max_conns_per_client: u32,
+        ) -> Result<Self> {
+            let mut failures = Vec::new();
+            for _ in 0..START_ATTEMPTS {
+                let ports = Ports::pick()?;
+                let mut agent = Self::spawn(binary, log_dir, pki, ports, max_conns_per_client)?;
+                match agent.wait_for_leader().await {
+                    Ok(()) => return Ok(agent),
+                    Err(e) => failures.push(format!("{e:#}")),
+                }
+            }
+            bail!(
+                "no private consul agent after {START_ATTEMPTS} attempts: {}",
+                failures.join("; ")
+            )
+        }
+
+        fn spawn(
+            binary: &Path,
+            log_dir: &Path,
+            pki: &Pki,
+            ports: Ports,
+            max_conns_per_client: u32,
+        ) -> Result<Self> {
+            let log = log_dir.join(format!("consul-private-{}.log", ports.http));
+            let out = std::fs::File::create(&log)
+                .with_context(|| format!("creating {}", log.display()))?;
+            let child = Command::new(binary)
+                .args(agent_args(pki, ports, max_conns_per_client))
+                .stdin(Stdio::null())
+                .stdout(out.try_clone().context("consul log file")?)
+                .stderr(out)
+                .spawn()
+                .with_context(|| format!("starting {}", binary.display()))?;
+            Ok(Self {
+                child,
+                http_port: ports.http,
+                https_port: ports.https,
+                max_conns_per_client,
+                log,
+            })
+        }
+
+        /// Polls `/v1/status/leader` until it names a leader and the HTTPS port accepts
+        /// connections; fails early when the agent exits (a port taken meanwhile).
+        async fn wait_for_leader(&mut self) -> Result<()> {
+            let probe = reqwest::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .build()
+                .context("http client")?;
+            let url = format!("http://{}/v1/status/leader", self.http_addr());
+            let deadline = Instant::now() + START_TIMEOUT;
+            loop {
+                if let Some(status) = self.child.try_wait()? {
+                    bail!("consul exited with {status}; log: {}", self.log.display());
+                }
+                if self.has_leader(&probe, &url).await
+                    && tokio::net::TcpStream::connect(self.https_addr())
+                        .await
+                        .is_ok()
+                {
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "consul has no leader after {START_TIMEOUT:?}; log: {}",
+                        self.log.display()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+
+        /// `/v1/status/leader` answers a quoted address, `""` while there is none.
+        async fn has_leader(&self, probe: &reqwest::Client, url: &str) -> bool {
+            let Ok(resp) = probe.get(url).send().await else {
+                return false;
+            };
+            if !resp.status().is_success() {
+                return false;
+            }
+            let leader = resp.text().await.unwrap_or_default();
+            !leader.trim().trim_matches('"').is_empty()
+        }
+
+        /// `127.0.0.1:PORT` of the plain HTTP API.
+        pub fn http_addr(&self) -> String {
+            format!("127.0.0.1:{}", self.http_port)
+        }
+
+        /// `127.0.0.1:PORT` of the HTTPS API (the environment's serving certificate; a
+        /// client certificate from its CA required).
+        pub fn https_addr(&self) -> String {
+            format!("127.0.0.1:{}", self.https_port)
+        }
+
+        pub fn http_port(&self) -> u16 {
+            self.http_port
+        }
+
+        pub fn https_port(&self) -> u16 {
+            self.https_port
+        }
+
+        /// The agent's `limits.http_max_conns_per_client`.
+        pub fn max_conns_per_client(&self) -> u32 {
+            self.max_conns_per_client
+        }
+
+        /// The agent's log file (kept after the agent is gone).
+        pub fn log(&self) -> &Path {
+            &self.log
+        }
+
+        /// The agent's process id.
+        pub fn pid(&self) -> u32 {
+            self.child.id()
+        }
+    }
+
+    impl Drop for ConsulProcess {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// The command line of a private agent: the shared agent's TLS settings
+    /// (`scripts/testenv up`), its own ports, and the given connection limit.
+    fn agent_args(pki: &Pki, ports: Ports, max_conns_per_client: u32) -> Vec<String> {
+        let file = |key: &str, path: &Path| format!("{key} = \"{}\"", path.display());
+        let Ports {
+            http,
+            https,
+            serf_lan,
+            server,
+        } = ports;
+        [
+            "agent",
+            "-dev",
+            "-ui=false",
+            "-bind=127.0.0.1",
+            "-client=127.0.0.1",
+            "-advertise=127.0.0.1",
+            "-log-level=info",
+        ]
+        .into_iter()
+        .map(String::from)
+        .chain([
+            format!("-node=private-{http}"),
+            format!(
+                "-hcl=ports {{ http = {http}, https = {https}, dns = -1, grpc = -1, \
+                 serf_lan = {serf_lan}, serf_wan = -1, server = {server} }}"
+            ),
+            format!("-hcl=limits {{ http_max_conns_per_client = {max_conns_per_client} }}"),
+            "-hcl=connect { enabled = false }".to_string(),
+            format!("-hcl={}", file("ca_file", &pki.ca_cert)),
+            format!("-hcl={}", file("cert_file", &pki.serving_cert)),
+            format!("-hcl={}", file("key_file", &pki.serving_key)),
+            "-hcl=verify_incoming_https = true".to_string(),
+        ])
+        .collect()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_private_agent_gets_its_ports_tls_and_connection_limit() {
+            let pki = Pki::in_dir(Path::new("/env/pki"));
+            let ports = Ports {
+                http: 8500,
+                https: 8501,
+                serf_lan: 8301,
+                server: 8300,
+            };
+            let args = agent_args(&pki, ports, 200);
+            for want in [
+                "-dev",
+                "-hcl=limits { http_max_conns_per_client = 200 }",
+                "-hcl=ca_file = \"/env/pki/ca.crt\"",
+                "-hcl=verify_incoming_https = true",
+            ] {
+                assert!(args.iter().any(|a| a == want), "{want} not in {args:?}");
+            }
+            let ports = args
+                .iter()
+                .find(|a| a.starts_with("-hcl=ports"))
+                .expect("a ports block");
+            for part in [
+                "http = 8500,",
+                "https = 8501,",
+                "grpc = -1",
+                "dns = -1",
+                "serf_wan = -1",
+            ] {
+                assert!(ports.contains(part), "{ports}");
+            }
+        }
+    }
 }
 
-/// A small Eureka REST client for tests: registers, updates and cancels instances on the
-/// real server and reads its registry.
 /// PEM files of a test environment's PKI (written by `scripts/testenv up`).
 #[derive(Debug, Clone)]
 pub struct Pki {
@@ -432,6 +798,8 @@ impl Pki {
     }
 }
 
+/// A small Eureka REST client for tests: registers, updates and cancels instances on the
+/// real server and reads its registry.
 pub mod eureka {
     use anyhow::{bail, Context, Result};
     use reqwest::StatusCode;
@@ -745,6 +1113,27 @@ mod tests {
         assert!(a
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
+    }
+
+    #[test]
+    fn the_program_of_a_recorded_command_line() {
+        let script = "#!/bin/sh\n# consul of the test environment in /tmp/x (restart: scripts/testenv start DIR consul)\nexec \\\n  /root/.cache/registry-connector/consul-1.8.7+dfsg1-2+b3/usr/bin/consul \\\n  agent \\\n  -server\n";
+        assert_eq!(
+            exec_program(script).as_deref(),
+            Some("/root/.cache/registry-connector/consul-1.8.7+dfsg1-2+b3/usr/bin/consul")
+        );
+        let quoted = "#!/bin/sh\nexec \\\n  '/home/a b/it'\\''s/consul' \\\n  agent\n";
+        assert_eq!(
+            exec_program(quoted).as_deref(),
+            Some("/home/a b/it's/consul")
+        );
+        assert_eq!(exec_program("#!/bin/sh\necho hi\n"), None);
+    }
+
+    #[test]
+    fn versions_compare_by_their_numbers() {
+        assert!(version_key("consul-1.8.10+dfsg1") > version_key("consul-1.8.7+dfsg1-2+b3"));
+        assert!(version_key("consul-1.8.7+dfsg1-2+b3") > version_key("consul-1.8.7+dfsg1-2"));
     }
 
     #[test]

@@ -50,6 +50,8 @@ pub struct ConnectorBuilder<'a> {
     /// Another registry address than the environment's.
     registry_addr: Option<String>,
     leader_election: Option<LeaderElection>,
+    /// Keep the shipped coalescing periods instead of the tests' short ones.
+    shipped_timing: bool,
     args: Vec<String>,
     envs: Vec<(String, String)>,
 }
@@ -104,6 +106,14 @@ impl ConnectorBuilder<'_> {
         self
     }
 
+    /// Leaves `--quiet-period` and `--max-period` at their shipped defaults (1s, 5s)
+    /// instead of the tests' 100ms/500ms: for tests that hold the connector to what an
+    /// operator gets without flags.
+    pub fn shipped_timing(mut self) -> Self {
+        self.shipped_timing = true;
+        self
+    }
+
     pub fn arg(mut self, arg: impl Into<String>) -> Self {
         self.args.push(arg.into());
         self
@@ -154,8 +164,10 @@ impl ConnectorBuilder<'_> {
         }
         cmd.args(["--kubeconfig", &kubeconfig.to_string_lossy()])
             .args(["--namespace", &self.namespace])
-            .args(["--quiet-period", "100ms", "--max-period", "500ms"])
             .args(["--admin-addr", &admin]);
+        if !self.shipped_timing {
+            cmd.args(["--quiet-period", "100ms", "--max-period", "500ms"]);
+        }
         match &self.leader_election {
             None => {
                 cmd.arg("--leader-elect=false");
@@ -215,6 +227,7 @@ impl Connector {
             registry: Registry::Consul,
             registry_addr: None,
             leader_election: None,
+            shipped_timing: false,
             args: Vec::new(),
             envs: Vec::new(),
         }
