@@ -55,18 +55,26 @@ pub fn decode_agent_conn_limit(body: &[u8]) -> Result<Option<usize>, serde_json:
         .and_then(|n| usize::try_from(n).ok()))
 }
 
-/// One check as `/v1/health/state/any` reports it: only what names the service whose
-/// state it is part of, and the index that moves when the check changes.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+/// One check as `/v1/health/state/any` reports it: what names the service whose state
+/// it is part of, what the source publishes of it (status, instance, tags), and the index
+/// of its last change. The output and the definition are not decoded: they change
+/// without changing anything the source publishes.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "PascalCase")]
 pub struct CheckState {
     #[serde(default)]
     pub node: String,
     #[serde(rename = "CheckID", default)]
     pub check_id: String,
+    #[serde(default)]
+    pub status: String,
     /// Empty for a node's own checks (`serfHealth`, node maintenance).
+    #[serde(rename = "ServiceID", default)]
+    pub service_id: String,
     #[serde(default)]
     pub service_name: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub service_tags: Vec<String>,
     #[serde(default)]
     pub modify_index: u64,
 }

@@ -45,6 +45,10 @@ const STEADY_READS: usize = 8;
 /// The catalog-wide blocking queries: the service list and the health-check state.
 const CATALOG_WATCHES: usize = 2;
 
+/// Smallest `--consul-max-connections` that works: the reads, the two catalog-wide
+/// watches and a few long polls.
+pub const MIN_CONNECTIONS: usize = 8;
+
 /// How the connection to Consul carries requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
@@ -191,9 +195,12 @@ impl Plan {
                 }
             }
             Transport::Http1 => {
-                let reads = (connections / 8).clamp(1, STEADY_READS);
-                let watches = CATALOG_WATCHES.min(connections.saturating_sub(reads));
-                let long_polls = connections.saturating_sub(reads + watches);
+                // The pool bounds requests, not sockets: a connection handed back just as
+                // another request starts lets that request open a new one, and the pool
+                // keeps both. Each lane gets twice its requests in the budget.
+                let reads = (connections / 16).clamp(1, STEADY_READS);
+                let watches = CATALOG_WATCHES.min(connections.saturating_sub(2 * reads) / 2);
+                let long_polls = connections.saturating_sub(2 * reads + 2 * watches);
                 Self {
                     transport,
                     connections,
@@ -202,7 +209,7 @@ impl Plan {
                     reads,
                     // During the snapshot neither long polls nor the watches are open.
                     snapshot_reads: snapshot_concurrency
-                        .min(connections.saturating_sub(watches))
+                        .min(connections.saturating_sub(2 * watches) / 2)
                         .max(1),
                 }
             }
@@ -233,7 +240,7 @@ impl Plan {
     pub fn descriptors_for(&self, services: usize) -> usize {
         let polls = services.min(self.long_polls);
         let poll_conns = polls.div_ceil(self.streams_per_connection());
-        poll_conns.saturating_add(self.reads + CATALOG_WATCHES)
+        poll_conns.saturating_add(2 * (self.reads + CATALOG_WATCHES))
     }
 }
 
@@ -245,8 +252,9 @@ mod tests {
     fn auto_takes_half_the_agents_limit_so_a_successor_fits() {
         let p = Plan::new(Transport::Http1, Some(200), MaxConnections::Auto, 32);
         assert_eq!(p.connections, 96);
-        assert_eq!(p.reads, 8);
-        assert_eq!(p.long_polls, 86);
+        assert_eq!(p.reads, 6);
+        // 96 - 2 × 6 reads - 2 × 2 watches.
+        assert_eq!(p.long_polls, 80);
         assert_eq!(p.snapshot_reads, 32);
         // Two such processes and the operator's reserve stay under the agent's limit.
         assert!(2 * p.connections + 2 * OPERATOR_RESERVE <= 200);
@@ -265,14 +273,14 @@ mod tests {
         assert_eq!(p.long_polls, 95 * STREAMS_PER_CONNECTION);
         assert_eq!(p.mode(10_000), WatchMode::Multiplexed);
         assert_eq!(p.mode(30_000), WatchMode::Shared);
-        assert_eq!(p.descriptors_for(10_000), 50 + 8 + 2);
+        assert_eq!(p.descriptors_for(10_000), 50 + 2 * (8 + 2));
     }
 
     #[test]
     fn modes_follow_the_number_of_services() {
         let p = Plan::new(Transport::Http1, Some(200), MaxConnections::Auto, 32);
-        assert_eq!(p.mode(86), WatchMode::PerService);
-        assert_eq!(p.mode(87), WatchMode::Shared);
+        assert_eq!(p.mode(80), WatchMode::PerService);
+        assert_eq!(p.mode(81), WatchMode::Shared);
         assert!(WatchMode::Shared.is_degraded());
         assert!(!WatchMode::Multiplexed.is_degraded());
     }
@@ -290,15 +298,19 @@ mod tests {
     }
 
     #[test]
-    fn tiny_fixed_budgets_still_work() {
-        let p = Plan::new(Transport::Http1, None, MaxConnections::Fixed(3), 32);
+    fn the_smallest_budget_still_works() {
+        let p = Plan::new(
+            Transport::Http1,
+            None,
+            MaxConnections::Fixed(MIN_CONNECTIONS),
+            32,
+        );
         assert_eq!(p.reads, 1);
-        assert_eq!(p.long_polls, 0);
-        assert_eq!(p.snapshot_reads, 1);
-        assert_eq!(p.mode(1), WatchMode::Shared);
-        let p = Plan::new(Transport::Http1, None, MaxConnections::Fixed(1), 32);
-        assert_eq!(p.long_polls, 0);
-        assert_eq!(p.reads, 1);
+        assert_eq!(p.long_polls, 2);
+        assert_eq!(p.snapshot_reads, 2);
+        assert_eq!(p.mode(3), WatchMode::Shared);
+        // Never more sockets than the budget, counting each lane twice.
+        assert!(2 * p.reads + 2 * CATALOG_WATCHES + p.long_polls <= MIN_CONNECTIONS);
         assert_eq!(
             MaxConnections::from_flag(Some(0)),
             MaxConnections::Unlimited

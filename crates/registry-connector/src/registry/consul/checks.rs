@@ -3,22 +3,26 @@
 //! the diff of its answers that names the services whose checks changed.
 //!
 //! Why this endpoint: Consul 1.8 has no multi-service watch, and over HTTP/1.1 a blocking
-//! query per service costs a connection per service. Every check carries the name of its
-//! service and a `ModifyIndex` that moves when the check changes (status, output,
-//! definition), so comparing two answers by `(node, check)` → `ModifyIndex` names exactly
+//! query per service costs a connection per service. Every check carries the name and
+//! instance of its service, so comparing two answers by `(node, check)` → a digest of
+//! what the source publishes of the check (status, instance, service, tags) names exactly
 //! the services to re-read: a check that appeared (an instance registered), vanished (an
 //! instance deregistered) or changed (health flipped). A node's own check (`serfHealth`,
-//! node maintenance) names every service with a check on that node. What it cannot see:
-//! an instance without checks, and a re-registration that changes an address but no
-//! check; the watch loop gives long polls to services with check-less instances first,
-//! and the sweep catches the rest (see [`super::budget::WatchMode::Shared`]).
+//! node maintenance) names every service with a check on that node. The digest leaves out
+//! the check's output, which agents update without anything published changing (its
+//! `ModifyIndex` moves then too). What it cannot see: an instance without checks, a
+//! re-registration that changes an address, port or meta but no check, a node
+//! re-registered with another address; the watch loop gives long polls to services with
+//! check-less instances first, and the sweep catches the rest (see
+//! [`super::budget::WatchMode::Shared`]).
 //!
-//! Cost: every answer is the whole check table (about 350 bytes per check), so the loop
-//! paces itself by the time an answer takes ([`CheckIndex`] keeps 24 bytes of state per
-//! check: a hash of the key, the index and a shared service name).
+//! Cost: every answer is the whole check table (with the checks' output and definition:
+//! 350 bytes to several KB per check), and its index moves on any check write, even one
+//! that changes nothing; the loop paces itself by what an answer takes. [`CheckIndex`]
+//! keeps about 100 bytes per check.
 
 use std::collections::hash_map::RandomState;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
@@ -27,7 +31,8 @@ use super::api::CheckState;
 /// What the last answer said about one check.
 #[derive(Debug, Clone)]
 struct Seen {
-    modify_index: u64,
+    /// Hash of what the source publishes of the check.
+    digest: u64,
     /// The service the check belongs to; empty for a node check.
     service: Arc<str>,
     /// Hash of the node name, to find the services of a node whose own check changed.
@@ -62,12 +67,24 @@ impl CheckIndex {
         self.hasher.hash_one(node)
     }
 
+    fn digest(&self, check: &CheckState) -> u64 {
+        self.hasher.hash_one((
+            check.status.as_str(),
+            check.service_id.as_str(),
+            check.service_name.as_str(),
+            &check.service_tags,
+        ))
+    }
+
     /// Takes `answer` as the new state and returns the services whose checks changed
-    /// since the previous one: checks added, removed or modified, and every service with
-    /// a check on a node whose own check changed.
-    pub fn update(&mut self, answer: &[CheckState]) -> BTreeSet<String> {
-        let mut changed: BTreeSet<String> = BTreeSet::new();
-        let mut changed_nodes: HashSet<u64> = HashSet::new();
+    /// since the previous one (checks added, removed or changed in what is published,
+    /// and every service with a check on a node whose own check changed), each with the
+    /// highest `ModifyIndex` among its changed checks: a read of the service older than
+    /// that (a lagging server answering a stale read) does not show the change yet. 0
+    /// when no index is known (a check vanished).
+    pub fn update(&mut self, answer: &[CheckState]) -> BTreeMap<String, u64> {
+        let mut changed: BTreeMap<String, u64> = BTreeMap::new();
+        let mut changed_nodes: HashMap<u64, u64> = HashMap::new();
         let mut next: HashMap<u64, Seen> = HashMap::with_capacity(answer.len());
         for check in answer {
             let key = self.key(check);
@@ -78,22 +95,28 @@ impl CheckIndex {
                 Some(seen) if *seen.service == *check.service_name => Arc::clone(&seen.service),
                 _ => Arc::from(check.service_name.as_str()),
             };
-            let moved = old
-                .as_ref()
-                .is_none_or(|seen| seen.modify_index != check.modify_index);
+            let digest = self.digest(check);
+            let moved = old.as_ref().is_none_or(|seen| seen.digest != digest);
             if moved {
-                mark(&mut changed, &mut changed_nodes, &service, node);
+                let at = check.modify_index;
+                mark(&mut changed, &mut changed_nodes, &service, node, at);
                 if let Some(seen) = &old {
                     // A check that moved to another service names both.
                     if seen.service != service {
-                        mark(&mut changed, &mut changed_nodes, &seen.service, seen.node);
+                        mark(
+                            &mut changed,
+                            &mut changed_nodes,
+                            &seen.service,
+                            seen.node,
+                            0,
+                        );
                     }
                 }
             }
             next.insert(
                 key,
                 Seen {
-                    modify_index: check.modify_index,
+                    digest,
                     service,
                     node,
                 },
@@ -101,12 +124,26 @@ impl CheckIndex {
         }
         // What is left of the old state vanished.
         for seen in self.checks.values() {
-            mark(&mut changed, &mut changed_nodes, &seen.service, seen.node);
+            mark(
+                &mut changed,
+                &mut changed_nodes,
+                &seen.service,
+                seen.node,
+                0,
+            );
         }
         if !changed_nodes.is_empty() {
             for seen in next.values() {
-                if !seen.service.is_empty() && changed_nodes.contains(&seen.node) {
-                    changed.insert(seen.service.to_string());
+                if let Some(at) = changed_nodes.get(&seen.node) {
+                    if !seen.service.is_empty() {
+                        mark(
+                            &mut changed,
+                            &mut HashMap::new(),
+                            &seen.service,
+                            seen.node,
+                            *at,
+                        );
+                    }
                 }
             }
         }
@@ -115,11 +152,20 @@ impl CheckIndex {
     }
 }
 
-fn mark(changed: &mut BTreeSet<String>, nodes: &mut HashSet<u64>, service: &str, node: u64) {
+fn mark(
+    changed: &mut BTreeMap<String, u64>,
+    nodes: &mut HashMap<u64, u64>,
+    service: &str,
+    node: u64,
+    at: u64,
+) {
     if service.is_empty() {
-        nodes.insert(node);
-    } else if !changed.contains(service) {
-        changed.insert(service.to_string());
+        let entry = nodes.entry(node).or_default();
+        *entry = (*entry).max(at);
+    } else if let Some(index) = changed.get_mut(service) {
+        *index = (*index).max(at);
+    } else {
+        changed.insert(service.to_string(), at);
     }
 }
 
@@ -131,13 +177,29 @@ mod tests {
         CheckState {
             node: node.into(),
             check_id: id.into(),
+            status: "passing".into(),
+            service_id: if service.is_empty() {
+                String::new()
+            } else {
+                format!("{service}-1")
+            },
             service_name: service.into(),
+            service_tags: Vec::new(),
             modify_index: modify,
         }
     }
 
-    fn names(set: &BTreeSet<String>) -> Vec<&str> {
-        set.iter().map(String::as_str).collect()
+    fn names(set: &BTreeMap<String, u64>) -> Vec<&str> {
+        set.keys().map(String::as_str).collect()
+    }
+
+    fn flip(check: &mut CheckState, modify: u64) {
+        check.status = if check.status == "passing" {
+            "critical".into()
+        } else {
+            "passing".into()
+        };
+        check.modify_index = modify;
     }
 
     fn base() -> Vec<CheckState> {
@@ -163,8 +225,24 @@ mod tests {
         let mut index = CheckIndex::default();
         index.update(&base());
         let mut next = base();
-        next[2].modify_index = 20;
-        assert_eq!(names(&index.update(&next)), ["b"]);
+        flip(&mut next[2], 20);
+        let changed = index.update(&next);
+        assert_eq!(names(&changed), ["b"]);
+        // The index to expect in a read of b.
+        assert_eq!(changed["b"], 20);
+    }
+
+    #[test]
+    fn output_only_changes_name_nothing() {
+        let mut index = CheckIndex::default();
+        index.update(&base());
+        let mut next = base();
+        // Consul moves ModifyIndex when only the output changed; nothing published did.
+        next[1].modify_index = 99;
+        assert!(index.update(&next).is_empty());
+        // Tags carried by the check do count.
+        next[1].service_tags = vec!["v2".into()];
+        assert_eq!(names(&index.update(&next)), ["a"]);
     }
 
     #[test]
@@ -182,8 +260,10 @@ mod tests {
         let mut index = CheckIndex::default();
         index.update(&base());
         let mut next = base();
-        next[0].modify_index = 40; // n1's serfHealth flipped
-        assert_eq!(names(&index.update(&next)), ["a", "b"]);
+        flip(&mut next[0], 40); // n1's serfHealth flipped
+        let changed = index.update(&next);
+        assert_eq!(names(&changed), ["a", "b"]);
+        assert_eq!(changed["a"], 40);
         // A node check that vanishes (node deregistered) too.
         let mut gone = next.clone();
         gone.remove(3);
@@ -204,7 +284,8 @@ mod tests {
         let mut index = CheckIndex::default();
         let answer = vec![check("n1", "web", "a", 1), check("n2", "web", "b", 1)];
         index.update(&answer);
-        let next = vec![check("n1", "web", "a", 1), check("n2", "web", "b", 2)];
+        let mut next = vec![check("n1", "web", "a", 1), check("n2", "web", "b", 1)];
+        flip(&mut next[1], 2);
         assert_eq!(names(&index.update(&next)), ["b"]);
     }
 }

@@ -58,6 +58,11 @@ const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct Indexed<T> {
     pub index: u64,
     pub value: T,
+    /// From the answer's headers to the decoded value: what the answer itself cost
+    /// (the blocking wait before the headers is not in it).
+    pub transfer: Duration,
+    /// Size of the body.
+    pub bytes: usize,
 }
 
 /// What the agent says about itself: the protocol it speaks to us and its per-client
@@ -91,6 +96,11 @@ impl ClientSettings {
         } else {
             builder = builder
                 .http2_prior_knowledge()
+                // The pool would evict a shared HTTP/2 connection 90 s after its last
+                // checkout even while its streams are open (a shard whose long polls all
+                // wait minutes), and the next request would open a second connection.
+                // The pings find dead connections instead.
+                .pool_idle_timeout(None)
                 .http2_keep_alive_interval(H2_PING_INTERVAL)
                 .http2_keep_alive_timeout(H2_PING_TIMEOUT)
                 .http2_keep_alive_while_idle(true);
@@ -506,7 +516,12 @@ impl ConsulHttp {
                 path: path.clone(),
                 source,
             })?;
-            Ok(Indexed { index, value })
+            Ok(Indexed {
+                index,
+                value,
+                transfer: answer.headers_at.elapsed(),
+                bytes: answer.body.len(),
+            })
         }
         .await;
         self.metrics.record(endpoint, result.is_ok());
@@ -542,6 +557,7 @@ impl ConsulHttp {
             .send()
             .await
             .map_err(request_error)?;
+        let headers_at = std::time::Instant::now();
         let status = response.status();
         let version = response.version();
         let index = response
@@ -555,6 +571,7 @@ impl ConsulHttp {
             version,
             index,
             body,
+            headers_at,
         })
     }
 }
@@ -565,6 +582,7 @@ struct Answer {
     version: reqwest::Version,
     index: Option<u64>,
     body: bytes::Bytes,
+    headers_at: std::time::Instant,
 }
 
 impl Answer {

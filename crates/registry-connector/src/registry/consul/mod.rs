@@ -79,6 +79,14 @@ impl ConsulSource {
                 humantime::format_duration(cfg.wait)
             )));
         }
+        if let MaxConnections::Fixed(n) = cfg.max_connections {
+            if n < budget::MIN_CONNECTIONS {
+                return Err(ConsulError::Config(format!(
+                    "--consul-max-connections {n} is too small: at least {} (plain reads, the service-list and check watches, a few long polls); 0 means no limit, unset means half of the agent's limits.http_max_conns_per_client",
+                    budget::MIN_CONNECTIONS
+                )));
+            }
+        }
         if cfg.initial_fetch_concurrency == 0 {
             return Err(ConsulError::Config(
                 "the initial fetch concurrency must be at least 1".into(),
@@ -182,6 +190,7 @@ impl crate::registry::RegistrySource for ConsulSource {
             refresh: Default::default(),
             services: Default::default(),
             note: self.note,
+            poll_failures: Default::default(),
         });
         watch::run(shared, shutdown)
             .instrument(tracing::info_span!("consul_source", registry = "consul"))
@@ -250,7 +259,13 @@ mod tests {
         cfg.wait = Duration::from_secs(600);
         assert!(ConsulSource::new(cfg.clone()).is_ok());
         cfg.initial_fetch_concurrency = 0;
-        assert!(ConsulSource::new(cfg).is_err());
+        assert!(ConsulSource::new(cfg.clone()).is_err());
+        cfg.initial_fetch_concurrency = 4;
+        cfg.max_connections = MaxConnections::Fixed(3);
+        let err = ConsulSource::new(cfg.clone()).unwrap_err().to_string();
+        assert!(err.contains("--consul-max-connections 3"), "{err}");
+        cfg.max_connections = MaxConnections::Unlimited;
+        assert!(ConsulSource::new(cfg).is_ok());
     }
 
     #[test]

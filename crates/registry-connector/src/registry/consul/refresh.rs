@@ -7,7 +7,7 @@
 //! the sweep's. Nothing here decides what a read publishes (the watch loop does, under
 //! the service's own lock); this module only orders the work.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 
 use tokio::sync::Notify;
@@ -49,6 +49,8 @@ struct State {
     in_flight: HashSet<String>,
     /// Named again while in flight: read again when the read in flight ends.
     again: HashSet<String>,
+    /// The least `X-Consul-Index` a read must show, by service (from the check watch).
+    min_index: HashMap<String, u64>,
 }
 
 /// The queue; shared by the watches that fill it and the workers that drain it.
@@ -61,7 +63,16 @@ pub struct RefreshQueue {
 impl RefreshQueue {
     /// Asks for one read of `service`.
     pub fn request(&self, service: &str, cause: Cause) {
+        self.request_at(service, cause, 0);
+    }
+
+    /// Asks for one read of `service` that shows at least `min_index` (0: any).
+    pub fn request_at(&self, service: &str, cause: Cause, min_index: u64) {
         let mut state = self.lock();
+        if min_index > 0 {
+            let min = state.min_index.entry(service.to_string()).or_default();
+            *min = (*min).max(min_index);
+        }
         if state.in_flight.contains(service) {
             if cause.is_urgent() {
                 state.again.insert(service.to_string());
@@ -89,8 +100,9 @@ impl RefreshQueue {
         self.ready.notify_one();
     }
 
-    /// The next service to read, urgent ones first; waits while there is none.
-    pub async fn next(&self) -> (String, Cause) {
+    /// The next service to read, urgent ones first, with the least index its read must
+    /// show; waits while there is none.
+    pub async fn next(&self) -> (String, Cause, u64) {
         loop {
             let notified = self.ready.notified();
             if let Some(item) = self.try_next() {
@@ -100,21 +112,22 @@ impl RefreshQueue {
         }
     }
 
-    fn try_next(&self) -> Option<(String, Cause)> {
+    fn try_next(&self) -> Option<(String, Cause, u64)> {
         let mut state = self.lock();
-        let item = state
+        let (name, cause) = state
             .urgent
             .pop_front()
             .or_else(|| state.background.pop_front())?;
-        state.queued.remove(&item.0);
-        state.in_flight.insert(item.0.clone());
+        state.queued.remove(&name);
+        state.in_flight.insert(name.clone());
+        let min = state.min_index.remove(&name).unwrap_or(0);
         let more = !state.urgent.is_empty() || !state.background.is_empty();
         drop(state);
         if more {
             // Wake another worker for the rest.
             self.ready.notify_one();
         }
-        Some(item)
+        Some((name, cause, min))
     }
 
     /// The read of `service` ended; queues it again if it was named meanwhile.
@@ -137,6 +150,7 @@ impl RefreshQueue {
             state.background.retain(|(s, _)| s != service);
         }
         state.again.remove(service);
+        state.min_index.remove(service);
     }
 
     /// Services waiting (both queues), for the metrics and the tests.
@@ -164,7 +178,7 @@ mod tests {
         assert_eq!(q.pending(), 3);
         assert_eq!(q.try_next().unwrap().0, "a");
         assert_eq!(q.try_next().unwrap().0, "b");
-        assert_eq!(q.try_next().unwrap(), ("swept".into(), Cause::Sweep));
+        assert_eq!(q.try_next().unwrap(), ("swept".into(), Cause::Sweep, 0));
         assert!(q.try_next().is_none());
     }
 
@@ -172,7 +186,7 @@ mod tests {
     fn named_while_in_flight_is_read_once_more() {
         let q = RefreshQueue::default();
         q.request("a", Cause::Check);
-        let (name, _) = q.try_next().unwrap();
+        let (name, _, _) = q.try_next().unwrap();
         q.request("a", Cause::Check);
         q.request("a", Cause::Check);
         // The sweep does not ask for another read of a service being read.
@@ -190,7 +204,7 @@ mod tests {
         q.request("x", Cause::Sweep);
         q.request("y", Cause::Sweep);
         q.request("y", Cause::Check);
-        assert_eq!(q.try_next().unwrap(), ("y".into(), Cause::Check));
+        assert_eq!(q.try_next().unwrap(), ("y".into(), Cause::Check, 0));
         assert_eq!(q.try_next().unwrap().0, "x");
     }
 
@@ -213,7 +227,20 @@ mod tests {
         };
         tokio::task::yield_now().await;
         q.request("late", Cause::List);
-        let (name, cause) = waiter.await.expect("worker");
+        let (name, cause, _) = waiter.await.expect("worker");
         assert_eq!((name.as_str(), cause), ("late", Cause::List));
+    }
+
+    #[test]
+    fn the_least_index_to_show_is_the_highest_asked_for() {
+        let q = RefreshQueue::default();
+        q.request_at("a", Cause::Check, 40);
+        q.request_at("a", Cause::Check, 30);
+        q.request("a", Cause::Sweep);
+        assert_eq!(q.try_next().unwrap(), ("a".into(), Cause::Check, 40));
+        // Asked again while in flight: the next read must show the new index.
+        q.request_at("a", Cause::Check, 55);
+        q.done("a");
+        assert_eq!(q.try_next().unwrap(), ("a".into(), Cause::Check, 55));
     }
 }

@@ -54,6 +54,19 @@ const FIRST_WAIT: Duration = Duration::from_secs(10);
 /// Spread of the first waits, so that thousands of watchers do not return together.
 const FIRST_WAIT_JITTER_MS: u64 = 5_000;
 
+/// How long a re-read that came back older than the change it was asked for (a lagging
+/// server answering a stale read) blocks for the change to arrive.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
+
+/// Over HTTP/1.1, a pause before a long poll's next request, so that the connection its
+/// last answer came on is back in the pool (the pool hands it back from a task of its
+/// own; a request that comes first opens a new connection, which the pool then keeps).
+const HTTP1_REUSE_GRACE: Duration = Duration::from_millis(5);
+
+/// Failed long polls are summed and logged at most this often: thousands of them fail
+/// together when the agent restarts.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(30);
+
 /// The sweep re-reads each service without a long poll once per this period: the
 /// backstop for what the catalog-wide watches cannot see (an instance re-registered with
 /// another address but the same checks).
@@ -90,6 +103,31 @@ pub(crate) struct Shared {
     pub services: Mutex<HashMap<String, Arc<Tracked>>>,
     /// The degraded-mode note `/readyz` shows.
     pub note: SourceNote,
+    /// Long-poll failures not yet logged.
+    pub poll_failures: FailureLog,
+}
+
+/// Sums failures of many loops into one warning per [`FAILURE_LOG_EVERY`]: 10,000 long
+/// polls failing together must not write 10,000 lines.
+#[derive(Debug, Default)]
+pub(crate) struct FailureLog {
+    state: Mutex<(u64, Option<Instant>)>,
+}
+
+impl FailureLog {
+    /// Counts one failure; returns the failures to report now (with this one), if due.
+    fn failed(&self) -> Option<u64> {
+        let mut state = lock(&self.state);
+        state.0 += 1;
+        let due = state.1.is_none_or(|at| at.elapsed() >= FAILURE_LOG_EVERY);
+        if due {
+            let count = std::mem::take(&mut state.0);
+            state.1 = Some(Instant::now());
+            Some(count)
+        } else {
+            None
+        }
+    }
 }
 
 /// One selected service's state, shared by whoever reads it (its long poll, or the
@@ -246,7 +284,9 @@ pub(crate) async fn run(
         shared: Arc::clone(&shared),
         shutdown: shutdown.clone(),
         polls: HashMap::new(),
+        draining: Vec::new(),
         shared_watch: None,
+        stopped: Vec::new(),
         workers: Vec::new(),
         tags: HashMap::new(),
         mode: None,
@@ -264,7 +304,13 @@ struct Engine {
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     polls: HashMap<String, Poller>,
+    /// Long polls of services gone, left to finish their request in flight: cancelling
+    /// it would close an HTTP/1.1 connection that Consul 1.8 keeps counting until the
+    /// blocking query returns, so their places stay taken until then.
+    draining: Vec<Poller>,
     shared_watch: Option<SharedWatch>,
+    /// Shared watches stopped (the mode left), awaited at shutdown.
+    stopped: Vec<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
     /// A hash of each selected service's tag list (as the list reports it): a change
     /// names the service for a re-read in the shared mode.
@@ -392,18 +438,11 @@ impl Engine {
         }
     }
 
-    /// A service gone or no longer selected: stop its long poll, then unpublish it.
+    /// A service gone or no longer selected: unpublish it, and let its long poll end
+    /// with its request in flight (marked removed, it cannot publish again).
     async fn remove(&mut self, name: &str) {
-        if let Some(poller) = self.polls.remove(name) {
-            poller.stop.cancel();
-            // The task leaves at its next await point; once it has, it cannot republish.
-            if let Err(e) = poller.handle.await {
-                warn!(service = %name, error = %e, "a Consul service watcher failed");
-            }
-        }
         self.tags.remove(name);
         self.shared.refresh.forget(name);
-        self.shared.reported.forget(name);
         let Some(tracked) = lock(&self.shared.services).remove(name) else {
             return;
         };
@@ -412,6 +451,10 @@ impl Engine {
             state.removed = true;
             std::mem::take(&mut state.published)
         };
+        self.shared.reported.forget(name);
+        if let Some(poller) = self.polls.remove(name) {
+            self.draining.push(poller);
+        }
         for registry_name in &published {
             self.shared.catalog.remove(registry_name);
         }
@@ -447,6 +490,7 @@ impl Engine {
         } else if shared_count == 0 {
             if let Some(watch) = self.shared_watch.take() {
                 watch.stop.cancel();
+                self.stopped.extend(watch.tasks);
             }
         }
         self.report(total, shared_count);
@@ -547,8 +591,12 @@ impl Engine {
     /// Shutdown: every task's token is a child of `shutdown`, so all are stopping; wait
     /// for them so that no request outlives `run`. Nothing is unpublished.
     async fn stop(self) {
-        for (_, poller) in self.polls {
+        for poller in self.polls.into_values().chain(self.draining) {
+            poller.stop.cancel();
             let _ = poller.handle.await;
+        }
+        for task in self.stopped {
+            let _ = task.await;
         }
         if let Some(watch) = self.shared_watch {
             watch.stop.cancel();
@@ -736,13 +784,43 @@ async fn read_checks_until_ok(
     }
 }
 
-/// The blocking loop of one service. Returns when `stop` is cancelled.
+/// The wait of a long poll's next blocking query: short for the first (see
+/// [`FIRST_WAIT`]), then once a random share of the configured wait (so that watchers
+/// started together do not keep returning together), then the configured wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WaitStep {
+    First,
+    Spread,
+    Steady,
+}
+
+impl WaitStep {
+    fn wait(self, configured: Duration) -> Duration {
+        match self {
+            Self::First => {
+                FIRST_WAIT + Duration::from_millis(rand::random_range(0..=FIRST_WAIT_JITTER_MS))
+            }
+            Self::Spread => configured.mul_f64(rand::random_range(0.5..=1.0)),
+            Self::Steady => configured,
+        }
+    }
+
+    fn next(self) -> Self {
+        match self {
+            Self::First => Self::Spread,
+            Self::Spread | Self::Steady => Self::Steady,
+        }
+    }
+}
+
+/// The blocking loop of one service. Returns when `stop` is cancelled or, after its
+/// request in flight, once the service was removed.
 async fn watch_service(
     shared: Arc<Shared>,
     name: String,
     tracked: Arc<Tracked>,
     mut index: u64,
-    mut short_wait: bool,
+    short_first_wait: bool,
     stop: CancellationToken,
 ) {
     let mut pacer = Pacer::new(shared.pacing);
@@ -758,15 +836,17 @@ async fn watch_service(
             }
         }
     };
+    let mut step = if short_first_wait {
+        WaitStep::First
+    } else {
+        WaitStep::Spread
+    };
+    let http1 = shared.plan.transport == super::budget::Transport::Http1;
     loop {
-        if !pacer.ready(&stop).await {
+        if !pacer.ready(&stop).await || lock(&tracked.state).removed {
             return;
         }
-        let wait = if short_wait {
-            FIRST_WAIT + Duration::from_millis(rand::random_range(0..=FIRST_WAIT_JITTER_MS))
-        } else {
-            shared.wait
-        };
+        let wait = step.wait(shared.wait);
         let result = tokio::select! {
             biased;
             _ = stop.cancelled() => return,
@@ -775,7 +855,7 @@ async fn watch_service(
         match result {
             Ok(answer) => {
                 pacer.succeeded();
-                short_wait = false;
+                step = step.next();
                 let sent = index;
                 index = next_index(sent, answer.index);
                 debug!(
@@ -784,26 +864,31 @@ async fn watch_service(
                     instances = answer.value.len(),
                     "Consul service answered"
                 );
-                if sent > 1 && answer.index == sent {
-                    // The wait ran out: nothing new.
-                    continue;
+                if sent <= 1 || answer.index != sent {
+                    shared.publish(
+                        &name,
+                        &tracked,
+                        answer.index,
+                        &answer.value,
+                        Publisher::Poll,
+                    );
                 }
-                shared.publish(
-                    &name,
-                    &tracked,
-                    answer.index,
-                    &answer.value,
-                    Publisher::Poll,
-                );
+                if http1 {
+                    tokio::time::sleep(HTTP1_REUSE_GRACE).await;
+                }
             }
             Err(e) => {
                 let delay = pacer.failed();
-                // Thousands of watchers fail together when Consul goes away: say it on
-                // the first failure and every tenth, not on every retry.
-                if pacer.failures() == 1 || pacer.failures().is_multiple_of(10) {
-                    warn!(error = %error_chain(&e), failures = pacer.failures(), retry_in = ?delay, "watching a Consul service failed");
-                } else {
-                    debug!(error = %error_chain(&e), retry_in = ?delay, "watching a Consul service failed");
+                match shared.poll_failures.failed() {
+                    Some(count) => warn!(
+                        error = %error_chain(&e),
+                        failed_requests = count,
+                        retry_in = ?delay,
+                        "watching Consul services failed (failures of every long poll since the last such line; each retries with backoff)"
+                    ),
+                    None => {
+                        debug!(error = %error_chain(&e), retry_in = ?delay, "watching a Consul service failed")
+                    }
                 }
             }
         }
@@ -847,7 +932,6 @@ async fn watch_checks(
         if !pacer.ready(&stop).await {
             return;
         }
-        let started = Instant::now();
         let result = tokio::select! {
             biased;
             _ = stop.cancelled() => return,
@@ -880,19 +964,29 @@ async fn watch_checks(
                 shared.refresh.request(&name, Cause::Check);
             }
         }
+        let update_started = Instant::now();
         let changed = checks.update(&answer.value);
-        let took = started.elapsed();
+        // What this answer cost: its transfer and decoding, and the diff (the blocking
+        // wait before its headers is not work).
+        let took = answer.transfer + update_started.elapsed();
         debug!(
             checks = checks.len(),
             changed = changed.len(),
+            bytes = answer.bytes,
             took_ms = took.as_millis() as u64,
             "Consul check state answered"
         );
         if primed {
-            for name in changed {
+            for (name, min_index) in changed {
                 if shared.is_shared(&name) {
-                    shared.refresh.request(&name, Cause::Check);
+                    shared.refresh.request_at(&name, Cause::Check, min_index);
                 }
+            }
+        } else {
+            // Started after the services it follows were read: a change between those
+            // reads and this first answer would go unseen, so read them once more.
+            for name in shared.shared_services() {
+                shared.refresh.request(&name, Cause::Check);
             }
         }
         primed = true;
@@ -937,7 +1031,7 @@ async fn sweep(shared: Arc<Shared>, stop: CancellationToken) {
 async fn reread_worker(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut pacer = Pacer::new(shared.pacing);
     loop {
-        let (name, cause) = tokio::select! {
+        let (name, cause, min_index) = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
             next = shared.refresh.next() => next,
@@ -950,7 +1044,7 @@ async fn reread_worker(shared: Arc<Shared>, shutdown: CancellationToken) {
         let result = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
-            r = shared.http.health_service(&name, 0, shared.wait, Via::Read) => r,
+            r = reread(&shared, &name, min_index) => r,
         };
         shared.refresh.done(&name);
         match result {
@@ -966,16 +1060,46 @@ async fn reread_worker(shared: Arc<Shared>, shutdown: CancellationToken) {
             }
             Err(e) => {
                 let delay = pacer.failed();
-                if pacer.failures() == 1 || pacer.failures().is_multiple_of(10) {
-                    warn!(service = %name, error = %error_chain(&e), retry_in = ?delay, "re-reading a Consul service failed");
+                match shared.poll_failures.failed() {
+                    Some(count) => warn!(
+                        service = %name,
+                        error = %error_chain(&e),
+                        failed_requests = count,
+                        retry_in = ?delay,
+                        "re-reading a Consul service failed (failures of every Consul watch since the last such line)"
+                    ),
+                    None => {
+                        debug!(service = %name, error = %error_chain(&e), "re-reading a Consul service failed")
+                    }
                 }
                 if !pacer.ready(&shutdown).await {
                     return;
                 }
-                shared.refresh.request(&name, Cause::Retry);
+                shared.refresh.request_at(&name, Cause::Retry, min_index);
             }
         }
     }
+}
+
+/// One plain read of `name`; when it is older than `min_index` (a server behind the one
+/// the check watch heard from), one blocking read that returns as soon as it caught up.
+async fn reread(
+    shared: &Shared,
+    name: &str,
+    min_index: u64,
+) -> Result<super::http::Indexed<Vec<HealthEntry>>, ConsulError> {
+    let answer = shared
+        .http
+        .health_service(name, 0, shared.wait, Via::Read)
+        .await?;
+    if min_index <= 1 || answer.index >= min_index {
+        return Ok(answer);
+    }
+    debug!(service = %name, got = answer.index, want = min_index, "a re-read is behind the change that asked for it; waiting for it");
+    shared
+        .http
+        .health_service(name, min_index - 1, CATCH_UP_WAIT, Via::Read)
+        .await
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -1004,6 +1128,7 @@ mod tests {
             refresh: RefreshQueue::default(),
             services: Mutex::default(),
             note: SourceNote::default(),
+            poll_failures: FailureLog::default(),
         }
     }
 
