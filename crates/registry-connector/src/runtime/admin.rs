@@ -91,7 +91,7 @@ fn readyz_answer(status: &SinkStatus, note: Option<String>) -> (StatusCode, Stri
         Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
     };
     if let Some(note) = note {
-        body.push_str("\n");
+        body.push('\n');
         body.push_str(&note);
     }
     body.push('\n');
