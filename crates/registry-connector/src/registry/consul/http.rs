@@ -89,6 +89,11 @@ impl ClientSettings {
             .connect_timeout(self.connect_timeout)
             .tcp_keepalive(TCP_KEEPALIVE)
             .pool_max_idle_per_host(max_idle)
+            // Consul never redirects (and a redirect would carry the token elsewhere);
+            // the watch loops retry with backoff and jitter, so reqwest's own immediate
+            // retries would only add a copy of every request in flight (10,000 long polls).
+            .redirect(reqwest::redirect::Policy::none())
+            .retry(reqwest::retry::never())
             .default_headers(self.headers.clone())
             .user_agent(concat!("registry-connector/", env!("CARGO_PKG_VERSION")));
         if !http2 {
