@@ -145,6 +145,13 @@ struct PollShards {
     max_shards: usize,
     per_shard: usize,
     shards: Mutex<Vec<(reqwest::Client, usize)>>,
+    /// Held while a new HTTP/2 connection is set up: one set-up at a time, each checked
+    /// with a plain request before any long poll is put on it, so that a start with
+    /// 10,000 services opens its 50 connections one after another instead of 50 TLS
+    /// handshakes at once with 200 requests queued behind each.
+    setup: tokio::sync::Mutex<()>,
+    /// A cheap plain request (`/v1/status/leader`) that opens a new connection.
+    warm_url: Url,
     /// Connections carrying long polls (HTTP/2: shards with a stream; HTTP/1.1: one per
     /// long poll), kept current as places are taken and given back.
     connections: prometheus_client::metrics::gauge::Gauge,
@@ -171,34 +178,64 @@ impl Drop for PollSlot {
 impl PollShards {
     /// The first shard with a free stream, a new one when all are full (first fit:
     /// 400 services over HTTP/2 use two connections, not one per shard allowed).
-    fn slot(self: &Arc<Self>) -> Result<PollSlot, ConsulError> {
-        let mut shards = lock(&self.shards);
-        let free = shards.iter().position(|(_, load)| *load < self.per_shard);
-        let shard = match free {
-            Some(i) => i,
-            None if shards.len() < self.max_shards || shards.is_empty() => {
-                let http2 = self.transport == Transport::Http2;
-                // HTTP/1.1: one pool whose idle connections are the long polls' own.
-                let client = self.settings.build(http2, usize::MAX)?;
-                shards.push((client, 0));
-                shards.len() - 1
+    async fn slot(self: &Arc<Self>) -> Result<PollSlot, ConsulError> {
+        loop {
+            if let Some(slot) = self.take_free() {
+                return Ok(slot);
             }
-            // Over budget: share the least loaded shard (the watch loop keeps the number
-            // of long polls inside the plan, so this is only a safety net).
-            None => shards
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, (_, load))| *load)
-                .map(|(i, _)| i)
-                .unwrap_or(0),
-        };
+            let _setup = self.setup.lock().await;
+            if let Some(slot) = self.take_free() {
+                return Ok(slot);
+            }
+            if lock(&self.shards).len() >= self.max_shards {
+                return Ok(self.take_least_loaded());
+            }
+            let http2 = self.transport == Transport::Http2;
+            // HTTP/1.1: one pool whose idle connections are the long polls' own.
+            let client = self.settings.build(http2, usize::MAX)?;
+            if http2 {
+                let answer = client
+                    .get(self.warm_url.clone())
+                    .timeout(PLAIN_TIMEOUT)
+                    .send()
+                    .await
+                    .map_err(|source| ConsulError::Request {
+                        path: self.warm_url.path().to_string(),
+                        source,
+                    })?;
+                let _ = answer.bytes().await;
+            }
+            lock(&self.shards).push((client, 0));
+        }
+    }
+
+    fn take_free(self: &Arc<Self>) -> Option<PollSlot> {
+        let mut shards = lock(&self.shards);
+        let shard = shards.iter().position(|(_, load)| *load < self.per_shard)?;
+        Some(self.take(&mut shards, shard))
+    }
+
+    /// Over budget: share the least loaded shard (the watch loop keeps the number of
+    /// long polls inside the plan, so this is only a safety net).
+    fn take_least_loaded(self: &Arc<Self>) -> PollSlot {
+        let mut shards = lock(&self.shards);
+        let shard = shards
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, (_, load))| *load)
+            .map(|(i, _)| i)
+            .unwrap_or(0);
+        self.take(&mut shards, shard)
+    }
+
+    fn take(self: &Arc<Self>, shards: &mut [(reqwest::Client, usize)], shard: usize) -> PollSlot {
         shards[shard].1 += 1;
-        self.publish_connections(&shards);
-        Ok(PollSlot {
+        self.publish_connections(shards);
+        PollSlot {
             shards: Arc::clone(self),
             shard,
             client: shards[shard].0.clone(),
-        })
+        }
     }
 
     fn publish_connections(&self, shards: &[(reqwest::Client, usize)]) {
@@ -262,6 +299,8 @@ impl ConsulHttp {
             max_shards: 1,
             per_shard: usize::MAX,
             shards: Mutex::new(vec![(probe.client.clone(), 0)]),
+            setup: tokio::sync::Mutex::new(()),
+            warm_url: base.clone(),
             connections: metrics.poll_connections.clone(),
         });
         Ok(Self {
@@ -304,6 +343,8 @@ impl ConsulHttp {
                 usize::MAX
             },
             shards: Mutex::new(Vec::new()),
+            setup: tokio::sync::Mutex::new(()),
+            warm_url: self.url(&["v1", "status", "leader"], 0, Duration::ZERO),
             connections: self.metrics.poll_connections.clone(),
         });
         Ok(Self {
@@ -326,8 +367,8 @@ impl ConsulHttp {
     }
 
     /// A place for one more long poll.
-    pub fn poll_slot(&self) -> Result<PollSlot, ConsulError> {
-        self.polls.slot()
+    pub async fn poll_slot(&self) -> Result<PollSlot, ConsulError> {
+        self.polls.slot().await
     }
 
     /// The URL requests go to (no secrets in it).

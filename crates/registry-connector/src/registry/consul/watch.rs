@@ -825,11 +825,18 @@ async fn watch_service(
 ) {
     let mut pacer = Pacer::new(shared.pacing);
     let slot = loop {
-        match shared.http.poll_slot() {
+        let slot = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            slot = shared.http.poll_slot() => slot,
+        };
+        match slot {
             Ok(slot) => break slot,
             Err(e) => {
                 let delay = pacer.failed();
-                warn!(error = %error_chain(&e), retry_in = ?delay, "cannot build a Consul client for a long poll");
+                if let Some(count) = shared.poll_failures.failed() {
+                    warn!(error = %error_chain(&e), failed_requests = count, retry_in = ?delay, "cannot open a Consul connection for long polls");
+                }
                 if !pacer.ready(&stop).await {
                     return;
                 }
