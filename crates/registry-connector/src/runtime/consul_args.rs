@@ -96,6 +96,12 @@ pub struct ConsulArgs {
     /// through catalog-wide watches. 0 means no limit.
     #[arg(long, env = "RC_CONSUL_MAX_CONNECTIONS", value_name = "N")]
     pub consul_max_connections: Option<usize>,
+
+    /// Long polls per HTTP/2 connection over HTTPS. Keep it below the stream limit of
+    /// whatever answers: Consul allows 250; a proxy in front of it may allow fewer
+    /// (nginx and AWS load balancers 128, HAProxy 100).
+    #[arg(long, env = "RC_CONSUL_HTTP2_STREAMS", default_value_t = crate::registry::consul::budget::STREAMS_PER_CONNECTION, value_name = "N")]
+    pub consul_http2_streams: usize,
 }
 
 impl ConsulArgs {
@@ -126,6 +132,7 @@ impl ConsulArgs {
         cfg.wait = self.consul_wait;
         cfg.max_connections =
             crate::registry::consul::MaxConnections::from_flag(self.consul_max_connections);
+        cfg.http2_streams = self.consul_http2_streams;
         cfg.metadata = shared.metadata_allow_list()?;
         Ok(cfg)
     }

@@ -22,8 +22,11 @@
 
 use std::fmt;
 
-/// Long polls per HTTP/2 connection: below Go's default `MaxConcurrentStreams` (250), so
-/// that the plain reads sharing a connection never queue behind blocking queries.
+/// Long polls per HTTP/2 connection by default: below Go's default
+/// `MaxConcurrentStreams` (250), so that the plain reads sharing a connection never queue
+/// behind blocking queries. A proxy in front of the agent may allow fewer (nginx and AWS
+/// load balancers: 128, HAProxy: 100): requests beyond the limit wait in the client, for
+/// minutes behind blocking queries, so `--consul-http2-streams` must stay below it.
 pub const STREAMS_PER_CONNECTION: usize = 200;
 
 /// Consul's default `limits.http_max_conns_per_client`, assumed when the agent does not
@@ -146,6 +149,8 @@ pub struct Plan {
     pub reads: usize,
     /// Plain reads in flight at once during the first snapshot (nothing else is open).
     pub snapshot_reads: usize,
+    /// Long polls per HTTP/2 connection.
+    pub streams: usize,
 }
 
 impl Plan {
@@ -158,6 +163,24 @@ impl Plan {
         configured: MaxConnections,
         snapshot_concurrency: usize,
     ) -> Self {
+        Self::with_streams(
+            transport,
+            agent_limit,
+            configured,
+            snapshot_concurrency,
+            STREAMS_PER_CONNECTION,
+        )
+    }
+
+    /// As [`Plan::new`] with `streams` long polls per HTTP/2 connection.
+    pub fn with_streams(
+        transport: Transport,
+        agent_limit: Option<usize>,
+        configured: MaxConnections,
+        snapshot_concurrency: usize,
+        streams: usize,
+    ) -> Self {
+        let streams = streams.max(1);
         let connections = match configured {
             MaxConnections::Fixed(n) => n.max(1),
             MaxConnections::Unlimited => usize::MAX,
@@ -178,6 +201,7 @@ impl Plan {
                 poll_connections: usize::MAX,
                 reads: STEADY_READS.min(snapshot_concurrency),
                 snapshot_reads: snapshot_concurrency,
+                streams,
             };
         }
         match transport {
@@ -188,10 +212,11 @@ impl Plan {
                 Self {
                     transport,
                     connections,
-                    long_polls: poll_connections * STREAMS_PER_CONNECTION,
+                    long_polls: poll_connections.saturating_mul(streams),
                     poll_connections,
                     reads: STEADY_READS.min(snapshot_concurrency),
                     snapshot_reads: snapshot_concurrency,
+                    streams,
                 }
             }
             Transport::Http1 => {
@@ -211,6 +236,7 @@ impl Plan {
                     snapshot_reads: snapshot_concurrency
                         .min(connections.saturating_sub(2 * watches) / 2)
                         .max(1),
+                    streams,
                 }
             }
         }
@@ -231,7 +257,7 @@ impl Plan {
     /// Long polls per connection of the poll lane.
     pub fn streams_per_connection(&self) -> usize {
         match self.transport {
-            Transport::Http2 => STREAMS_PER_CONNECTION,
+            Transport::Http2 => self.streams,
             Transport::Http1 => 1,
         }
     }
@@ -274,6 +300,15 @@ mod tests {
         assert_eq!(p.mode(10_000), WatchMode::Multiplexed);
         assert_eq!(p.mode(30_000), WatchMode::Shared);
         assert_eq!(p.descriptors_for(10_000), 50 + 2 * (8 + 2));
+    }
+
+    #[test]
+    fn fewer_streams_behind_a_proxy() {
+        let p = Plan::with_streams(Transport::Http2, Some(200), MaxConnections::Auto, 32, 100);
+        assert_eq!(p.long_polls, 95 * 100);
+        assert_eq!(p.streams_per_connection(), 100);
+        assert_eq!(p.descriptors_for(9_000), 90 + 2 * (8 + 2));
+        assert_eq!(p.mode(10_000), WatchMode::Shared);
     }
 
     #[test]

@@ -72,6 +72,9 @@ pub struct ConsulConfig {
     /// polls; over HTTP/1.1 one, and the services beyond the budget are watched through
     /// catalog-wide blocking queries instead (the shared mode).
     pub max_connections: MaxConnections,
+    /// Long polls per HTTP/2 connection (HTTPS): below the stream limit of whatever
+    /// answers (Consul: 250; a proxy in front of it may allow fewer).
+    pub http2_streams: usize,
     /// Pacing of every watch loop (minimum interval between requests, error backoff).
     pub pacing: PacerConfig,
     /// Connect timeout of one TCP (and TLS) connection.
@@ -103,6 +106,7 @@ impl ConsulConfig {
             allow_stale: true,
             initial_fetch_concurrency: 32,
             max_connections: MaxConnections::Auto,
+            http2_streams: super::budget::STREAMS_PER_CONNECTION,
             pacing: PacerConfig::default(),
             connect_timeout: Duration::from_secs(5),
             metadata: Default::default(),
@@ -138,6 +142,7 @@ impl fmt::Debug for ConsulConfig {
             .field("allow_stale", &self.allow_stale)
             .field("initial_fetch_concurrency", &self.initial_fetch_concurrency)
             .field("max_connections", &self.max_connections)
+            .field("http2_streams", &self.http2_streams)
             .field("pacing", &self.pacing)
             .field("connect_timeout", &self.connect_timeout)
             .finish()

@@ -55,6 +55,7 @@ pub struct ConsulSource {
     wait: Duration,
     pacing: crate::registry::PacerConfig,
     max_connections: MaxConnections,
+    http2_streams: usize,
     initial_concurrency: usize,
     note: SourceNote,
 }
@@ -87,6 +88,11 @@ impl ConsulSource {
                 )));
             }
         }
+        if cfg.http2_streams == 0 {
+            return Err(ConsulError::Config(
+                "--consul-http2-streams must be at least 1".into(),
+            ));
+        }
         if cfg.initial_fetch_concurrency == 0 {
             return Err(ConsulError::Config(
                 "the initial fetch concurrency must be at least 1".into(),
@@ -100,6 +106,7 @@ impl ConsulSource {
             wait: cfg.wait,
             pacing: cfg.pacing,
             max_connections: cfg.max_connections,
+            http2_streams: cfg.http2_streams,
             initial_concurrency: cfg.initial_fetch_concurrency,
             note: SourceNote::default(),
         })
@@ -159,11 +166,12 @@ impl crate::registry::RegistrySource for ConsulSource {
         let Some(facts) = probe_agent(&self.http, self.pacing, &shutdown).await else {
             return Ok(());
         };
-        let plan = Plan::new(
+        let plan = Plan::with_streams(
             facts.transport,
             facts.conns_per_client,
             self.max_connections,
             self.initial_concurrency,
+            self.http2_streams,
         );
         info!(
             transport = facts.transport.as_str(),
