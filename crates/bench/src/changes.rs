@@ -7,7 +7,10 @@
 //! stays registered and is still timed when it lands) and the next change goes to
 //! another service, so one slow change cannot stall the run; the phase ends when every
 //! change has landed or `final_wait` after the last one has passed. Changes that never
-//! landed are reported as such, never dropped from the percentiles.
+//! landed are reported as such, never dropped from the percentiles. With a `bound`, a
+//! change that took longer counts as not landed too (its real latency stays in the
+//! timeline): a connector that misses changes for minutes then costs the run at most
+//! the bound after the last change, whatever N.
 
 use std::time::{Duration, Instant};
 
@@ -35,6 +38,8 @@ pub struct ChangeOpts {
     pub phase_jitter: Duration,
     pub land_wait: Duration,
     pub final_wait: Duration,
+    /// Longest latency that counts as landed (`None`: whatever landed by the end).
+    pub bound: Option<Duration>,
 }
 
 /// One kind of change.
@@ -79,8 +84,10 @@ pub struct ChangeRun {
     pub kinds: Vec<Kind>,
     /// Wall time from the first change to the end of the phase.
     pub elapsed_s: f64,
-    /// How long an unlanded change was given at least (final_wait), seconds.
+    /// How long an unlanded change was given at least (final_wait, or the bound), seconds.
     pub final_wait_s: f64,
+    /// Changes that landed, but later than the bound (counted in `not_landed`).
+    pub landed_after_bound: usize,
     /// Mean duration of the registry write itself (part of every latency), ms.
     pub registry_write_ms: f64,
     /// Per change, in the order made: seconds since the connector started, and the
@@ -192,15 +199,25 @@ pub async fn run(
         tokio::time::sleep(gap(opts, rng)).await;
     }
     let ids: Vec<u64> = made.iter().map(|m| m.0).collect();
+    let final_wait = opts
+        .bound
+        .map_or(opts.final_wait, |b| b.min(opts.final_wait));
     tracker
-        .wait_until(Instant::now() + opts.final_wait, |t| {
+        .wait_until(Instant::now() + final_wait, |t| {
             ids.iter().all(|id| t.met(*id).is_some())
         })
         .await;
+    let bound_ms = opts.bound.map(|b| b.as_secs_f64() * 1000.0);
     let mut latencies = Vec::new();
+    let mut landed_after_bound = 0;
     for (id, t0, _) in &made {
         if let Some(at) = tracker.met(*id) {
-            latencies.push(at.saturating_duration_since(*t0).as_secs_f64() * 1000.0);
+            let ms = at.saturating_duration_since(*t0).as_secs_f64() * 1000.0;
+            if bound_ms.is_some_and(|b| ms > b) {
+                landed_after_bound += 1;
+            } else {
+                latencies.push(ms);
+            }
         }
     }
     let timeline = made
@@ -223,7 +240,8 @@ pub async fn run(
         latencies_ms: latencies,
         kinds: made.iter().map(|m| m.2).collect(),
         elapsed_s: started.elapsed().as_secs_f64(),
-        final_wait_s: opts.final_wait.as_secs_f64(),
+        final_wait_s: final_wait.as_secs_f64(),
+        landed_after_bound,
         registry_write_ms: if made.is_empty() {
             0.0
         } else {
@@ -246,6 +264,7 @@ mod tests {
             kinds: Vec::new(),
             elapsed_s: 0.0,
             final_wait_s: 0.0,
+            landed_after_bound: 0,
             registry_write_ms: 0.0,
             timeline: Vec::new(),
         }
@@ -273,6 +292,7 @@ mod tests {
             phase_jitter: Duration::ZERO,
             land_wait: Duration::ZERO,
             final_wait: Duration::ZERO,
+            bound: None,
         };
         for _ in 0..200 {
             let g = gap(&opts, &mut rng);

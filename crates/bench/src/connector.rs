@@ -1,6 +1,7 @@
 //! The connector under test: the release binary run as a separate process, its
-//! `/metrics` and `/readyz`, and its CPU time and memory. Registry-neutral: the
-//! registry's subcommand and flags come from [`crate::registry::Registry`].
+//! `/metrics` and `/readyz`, its CPU time and memory, and the connections it holds to
+//! the registry. Registry-neutral: the registry's subcommand, flags and port come from
+//! [`crate::registry::Registry`].
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -12,6 +13,10 @@ use tokio::process::{Child, Command};
 
 use crate::host::{proc_stats, ProcStats};
 use crate::metrics::Metrics;
+use crate::sockets::{self, PeakSampler};
+
+/// How often the connections to the registry are counted for their peak.
+const CONN_SAMPLE: Duration = Duration::from_millis(250);
 
 /// How one connector process is started.
 #[derive(Debug, Clone)]
@@ -27,6 +32,8 @@ pub struct Launch {
     /// Flags beyond the ones above (throughput tuning, log level).
     pub extra: Vec<String>,
     pub log: PathBuf,
+    /// The registry's port, where the connector's connections are counted.
+    pub registry_port: u16,
 }
 
 impl Launch {
@@ -62,6 +69,8 @@ pub struct Connector {
     pub args: Vec<String>,
     pub log: PathBuf,
     source: String,
+    registry_port: u16,
+    conn_peak: PeakSampler,
 }
 
 fn free_port() -> Result<SocketAddr> {
@@ -106,6 +115,8 @@ impl Connector {
             args,
             log: launch.log.clone(),
             source: launch.source.clone(),
+            registry_port: launch.registry_port,
+            conn_peak: PeakSampler::start(pid, launch.registry_port, CONN_SAMPLE),
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -172,6 +183,16 @@ impl Connector {
 
     pub fn stats(&self) -> Result<ProcStats> {
         proc_stats(self.pid)
+    }
+
+    /// TCP connections the process holds to the registry now.
+    pub fn connections(&self) -> usize {
+        sockets::count(self.pid, self.registry_port)
+    }
+
+    /// The most connections to the registry seen since the start (sampled every 250 ms).
+    pub fn connections_peak(&self) -> usize {
+        self.conn_peak.peak().max(self.connections())
     }
 
     /// Fails if the process has exited.

@@ -227,3 +227,26 @@ pub async fn run(client: &Client, ns: &str, services: &[Svc], concurrency: usize
         writes: services.len() * 3,
     })
 }
+
+/// Deletes namespace `name` and waits (bounded by `max`) until the apiserver no longer
+/// has it, so that the namespace controller's deletions are over before the next
+/// measurement. Returns the wait and whether the namespace is gone.
+pub async fn delete_namespace(client: &Client, name: &str, max: Duration) -> Result<(f64, bool)> {
+    let api = Api::<Namespace>::all(client.clone());
+    let started = Instant::now();
+    match api
+        .delete(name, &kube::api::DeleteParams::background())
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => return Ok((0.0, true)),
+        Err(e) => return Err(e).with_context(|| format!("deleting namespace {name}")),
+    }
+    while started.elapsed() < max {
+        if api.get_opt(name).await?.is_none() {
+            return Ok((started.elapsed().as_secs_f64(), true));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok((started.elapsed().as_secs_f64(), false))
+}

@@ -4,11 +4,13 @@
 //! apiserver's own write floor, change propagation, cost per change and steady state.
 //!
 //! `scripts/bench quick|full [--registry consul|eureka]` starts the environment,
-//! builds, runs this and stops the environment; see docs/benchmarks.md for the method.
+//! builds, runs this and stops the environment; `scripts/bench curve --ns ...` runs the
+//! scaling curve instead. See docs/benchmarks.md for the method.
 #![forbid(unsafe_code)]
 
 mod changes;
 mod connector;
+mod curve;
 mod floor;
 mod host;
 mod metrics;
@@ -17,6 +19,7 @@ mod plan;
 mod registry;
 mod report;
 mod results;
+mod sockets;
 mod tracker;
 mod workloads;
 
@@ -28,8 +31,9 @@ use clap::Parser;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use plan::{Overrides, Profile};
+use plan::{CurveOverrides, Overrides, Profile};
 use registry::consul::Consul;
+use registry::consul_link::{ConnectorLink, Tls};
 use registry::eureka::Eureka;
 use registry::{Kind, Registry};
 use workloads::Ctx;
@@ -47,9 +51,20 @@ struct Args {
     /// Admin kubeconfig of the environment.
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: PathBuf,
-    /// Consul HTTP address (127.0.0.1:PORT), with --registry consul.
+    /// Consul HTTP address (127.0.0.1:PORT), with --registry consul. The harness
+    /// writes through it, and the connector reads it unless --consul-tls.
     #[arg(long, env = "CONSUL_HTTP_ADDR")]
     consul_http_addr: Option<String>,
+    /// The connector reads the agent's HTTPS API (--consul-https-addr) with the test
+    /// environment's CA and client certificate ($TESTENV_DIR/pki).
+    #[arg(long)]
+    consul_tls: bool,
+    /// The same agent's HTTPS address (127.0.0.1:PORT), with --consul-tls.
+    #[arg(long, env = "CONSUL_HTTPS_ADDR")]
+    consul_https_addr: Option<String>,
+    /// The test environment's directory (for its pki/), with --consul-tls.
+    #[arg(long, env = "TESTENV_DIR")]
+    testenv_dir: Option<PathBuf>,
     /// Eureka's API base (http://127.0.0.1:PORT/eureka), with --registry eureka.
     #[arg(long, env = "EUREKA_URL")]
     eureka_url: Option<String>,
@@ -86,11 +101,11 @@ struct Args {
     /// reads it then).
     #[arg(long, alias = "consul-concurrency", default_value_t = 32)]
     load_concurrency: usize,
-    /// The connector's --consul-max-connections: above the number of services, so that
-    /// every service keeps its own long poll (the default, 180, makes services beyond
-    /// it take turns); the test environment's Consul allows 12,000 per client.
-    #[arg(long, default_value_t = 11_000)]
-    consul_max_connections: usize,
+    /// The connector's --consul-max-connections. Not given: the connector's own
+    /// default, which is what the figures are meant to show (scripts/bench starts the
+    /// agent with Consul's default limit of 200 connections per client).
+    #[arg(long)]
+    consul_max_connections: Option<usize>,
     /// The connector's --log-level.
     #[arg(long, default_value = "info")]
     connector_log_level: String,
@@ -106,6 +121,23 @@ struct Args {
     /// The command line to record in the results (scripts/bench passes its own).
     #[arg(long, default_value = "")]
     command: String,
+    /// curve: the Ns, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "400,1000,10000,30000")]
+    ns: Vec<usize>,
+    /// curve: the connector's quiet period (default: its own default, 1s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    quiet: Option<Duration>,
+    /// curve: a change that takes longer counts as not landed (default 30s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    land_bound: Option<Duration>,
+    /// curve: the window at rest (default 60s; Consul's blocking queries return every
+    /// 5 min, so 5m shows their turnover too).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    rest: Option<Duration>,
+    /// curve: skip an N whose N x M is above this (default for Eureka: 30,000, the
+    /// largest load its 256 MiB heap was seen to hold; none for Consul).
+    #[arg(long)]
+    max_instances: Option<usize>,
 }
 
 impl Args {
@@ -120,6 +152,37 @@ impl Args {
         }
     }
 
+    fn curve_overrides(&self) -> CurveOverrides {
+        CurveOverrides {
+            ns: self.ns.clone(),
+            m: self.m,
+            k: self.k,
+            quiet: self.quiet,
+            land_bound: self.land_bound,
+            rest: self.rest,
+            max_instances: self.max_instances,
+        }
+    }
+
+    /// The HTTPS side of the agent, with `--consul-tls`.
+    fn tls(&self) -> Result<Option<Tls>> {
+        if !self.consul_tls {
+            return Ok(None);
+        }
+        let addr = self
+            .consul_https_addr
+            .clone()
+            .context("--consul-tls needs --consul-https-addr (or CONSUL_HTTPS_ADDR)")?;
+        let dir = self
+            .testenv_dir
+            .as_ref()
+            .context("--consul-tls needs --testenv-dir (or TESTENV_DIR) for its pki/")?;
+        Ok(Some(Tls {
+            addr,
+            pki: dir.join("pki"),
+        }))
+    }
+
     /// The client of the registry chosen with `--registry`.
     fn registry(&self) -> Result<Registry> {
         Ok(match self.registry {
@@ -128,16 +191,36 @@ impl Args {
                     .consul_http_addr
                     .as_deref()
                     .context("--registry consul needs --consul-http-addr (or CONSUL_HTTP_ADDR)")?;
-                Registry::Consul(Consul::new(addr, self.consul_max_connections)?)
+                let link = ConnectorLink {
+                    max_connections: self.consul_max_connections,
+                    tls: self.tls()?,
+                };
+                Registry::Consul(Consul::new(addr, link)?)
             }
             Kind::Eureka => {
                 let url = self
                     .eureka_url
                     .as_deref()
                     .context("--registry eureka needs --eureka-url (or EUREKA_URL)")?;
+                if self.consul_tls {
+                    bail!("--consul-tls is for --registry consul");
+                }
                 Registry::Eureka(Eureka::new(url, self.eureka_poll_interval)?)
             }
         })
+    }
+
+    /// The name of this run's files: Consul over HTTP keeps the names it always had.
+    fn label(&self) -> String {
+        let registry = match (self.registry, self.consul_tls) {
+            (Kind::Consul, true) => "consul-tls".to_string(),
+            (other, _) => other.name().to_lowercase(),
+        };
+        match (self.profile, registry.as_str()) {
+            (Profile::Curve, r) => format!("curve-{r}"),
+            (p, "consul") => p.name().to_string(),
+            (p, r) => format!("{r}-{}", p.name()),
+        }
     }
 }
 
@@ -168,11 +251,7 @@ async fn main() -> Result<()> {
     }
     let stamp = host::utc_stamp("+%Y%m%dT%H%M%SZ");
     let profile = args.profile.name();
-    // Consul keeps the file names it always had; other registries are named.
-    let label = match args.registry {
-        Kind::Consul => profile.to_string(),
-        other => format!("{}-{profile}", other.name().to_lowercase()),
-    };
+    let label = args.label();
     let out = args.out.clone().unwrap_or_else(|| {
         root.join("target/bench")
             .join(format!("results-{label}-{stamp}.json"))
@@ -198,6 +277,9 @@ async fn main() -> Result<()> {
         namespaces: Vec::new(),
     };
     let total = Instant::now();
+    if args.profile == Profile::Curve {
+        return curve(&args, &mut ctx, &stamp, &out, total).await;
+    }
     let result = workloads::run_all(&mut ctx, profile, &stamp, &args.command).await;
     if !args.keep {
         cleanup(&ctx).await;
@@ -214,6 +296,69 @@ async fn main() -> Result<()> {
         "results in {} (connector logs in {}), {:.0} s in all",
         out.display(),
         ctx.log_dir.display(),
+        results.total_s
+    ));
+    Ok(())
+}
+
+/// The scaling curve: one row per N, the JSON rewritten after each.
+async fn curve(
+    args: &Args,
+    ctx: &mut Ctx,
+    stamp: &str,
+    out: &std::path::Path,
+    total: Instant,
+) -> Result<()> {
+    let cp = plan::curve_plan(args.registry, &args.curve_overrides());
+    let scratch = results::Results::new(args.registry, "curve", stamp, &args.command);
+    let mut results = curve::CurveResults {
+        registry: args.registry,
+        transport: ctx.registry.transport().into(),
+        started_utc: stamp.into(),
+        command: args.command.clone(),
+        git: scratch.git,
+        machine: scratch.machine,
+        agent_conn_limit: ctx.registry.conn_limit().await,
+        connector_flags: ctx.connector_flags().join(" ")
+            + &format!(
+                " --quiet-period {} --leader-elect=false (others default)",
+                humantime::format_duration(cp.quiet)
+            ),
+        params: curve::CurveParams {
+            ns: cp.ns.clone(),
+            m: cp.m,
+            k: cp.k,
+            quiet_ms: cp.quiet.as_millis() as u64,
+            land_bound_s: cp.land_bound.as_secs_f64(),
+            rest_s: cp.rest.as_secs_f64(),
+            restart_timeout_s: cp.restart_timeout.as_secs_f64(),
+            max_instances: cp.max_instances,
+            concurrency: ctx.concurrency,
+            seed: ctx.seed,
+        },
+        rows: Vec::new(),
+        total_s: 0.0,
+    };
+    say(format!(
+        "curve over {} (agent limit per client: {}), N = {:?}",
+        results.transport,
+        results
+            .agent_conn_limit
+            .map_or("n/a".into(), |v| v.to_string()),
+        cp.ns
+    ));
+    workloads::curve::run(ctx, &cp, &mut results, out).await;
+    if !args.keep {
+        cleanup(ctx).await;
+    }
+    results.total_s = total.elapsed().as_secs_f64();
+    let json = serde_json::to_string_pretty(&results).context("encoding the results")?;
+    std::fs::write(out, json).with_context(|| format!("writing {}", out.display()))?;
+    println!("{}", curve::markdown(&results));
+    say(format!(
+        "results in {} (connector logs in {}/n*), {:.0} s in all",
+        out.display(),
+        ctx.log_dir.parent().unwrap_or(&ctx.log_dir).display(),
         results.total_s
     ));
     Ok(())

@@ -1,6 +1,6 @@
-//! Workload sizes and waits: the profiles (`quick`, `full`) and the overrides of the
-//! command line, resolved once into a [`Plan`] so that the workloads read numbers, not
-//! flags. Pure.
+//! Workload sizes and waits: the profiles (`quick`, `full`, `curve`) and the overrides
+//! of the command line, resolved once into a [`Plan`] (and for the curve a
+//! [`CurvePlan`]) so that the workloads read numbers, not flags. Pure.
 
 use std::time::Duration;
 
@@ -14,6 +14,9 @@ pub enum Profile {
     Quick,
     /// N = 10,000, M = 3, K = 200, steady state 5 min.
     Full,
+    /// The scaling curve: per N of `--ns`, a fresh data set through floor, initial
+    /// sync, propagation, rest and restart; one row per N.
+    Curve,
 }
 
 impl Profile {
@@ -21,6 +24,7 @@ impl Profile {
         match self {
             Profile::Quick => "quick",
             Profile::Full => "full",
+            Profile::Curve => "curve",
         }
     }
 }
@@ -75,6 +79,65 @@ pub fn plan(profile: Profile, _registry: Kind, o: &Overrides) -> Plan {
     }
 }
 
+/// The curve's sizes and bounds, per N.
+#[derive(Debug, Clone)]
+pub struct CurvePlan {
+    pub ns: Vec<usize>,
+    pub m: usize,
+    /// Changes per N: modest, so that the largest N stays within minutes.
+    pub k: usize,
+    /// The connector's quiet period (its default, 1 s, unless overridden).
+    pub quiet: Duration,
+    /// A change that takes longer counts as not landed; also the wait after the last
+    /// change and the longest wait for pending changes before the rest window.
+    pub land_bound: Duration,
+    pub rest: Duration,
+    /// How long the restarted connector may take to be ready before it counts as not.
+    pub restart_timeout: Duration,
+    /// Ns whose N × M is above this are skipped (Eureka: what its heap was seen to hold).
+    pub max_instances: Option<usize>,
+    /// Longest wait for a deleted namespace to be gone.
+    pub namespace_gone_max: Duration,
+}
+
+/// Command-line overrides of the curve.
+#[derive(Debug, Clone, Default)]
+pub struct CurveOverrides {
+    pub ns: Vec<usize>,
+    pub m: Option<usize>,
+    pub k: Option<usize>,
+    pub quiet: Option<Duration>,
+    pub land_bound: Option<Duration>,
+    pub rest: Option<Duration>,
+    pub max_instances: Option<usize>,
+}
+
+/// The largest load of the Eureka server (one JVM, 256 MiB heap) measured to fit: the
+/// full profile's 10,000 × 3 (see BENCHMARKS.md). Larger Ns are skipped unless
+/// `--max-instances` says otherwise.
+pub const EUREKA_MAX_INSTANCES: usize = 30_000;
+
+pub fn curve_plan(registry: Kind, o: &CurveOverrides) -> CurvePlan {
+    CurvePlan {
+        ns: if o.ns.is_empty() {
+            vec![400, 1000, 10_000, 30_000]
+        } else {
+            o.ns.clone()
+        },
+        m: o.m.unwrap_or(3),
+        k: o.k.unwrap_or(50),
+        quiet: o.quiet.unwrap_or(Duration::from_secs(1)),
+        land_bound: o.land_bound.unwrap_or(Duration::from_secs(30)),
+        rest: o.rest.unwrap_or(Duration::from_secs(60)),
+        restart_timeout: Duration::from_secs(60),
+        max_instances: o.max_instances.or(match registry {
+            Kind::Eureka => Some(EUREKA_MAX_INSTANCES),
+            Kind::Consul => None,
+        }),
+        namespace_gone_max: Duration::from_secs(600),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +160,21 @@ mod tests {
         assert_eq!((f.n, f.k), (2000, 200));
         assert!(f.cost_ns.is_empty());
         assert_eq!(f.final_wait, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn curve_defaults_and_the_eureka_guard() {
+        let c = curve_plan(Kind::Consul, &CurveOverrides::default());
+        assert_eq!(c.ns, vec![400, 1000, 10_000, 30_000]);
+        assert_eq!((c.m, c.k, c.max_instances), (3, 50, None));
+        let e = curve_plan(
+            Kind::Eureka,
+            &CurveOverrides {
+                ns: vec![400],
+                ..Default::default()
+            },
+        );
+        assert_eq!(e.ns, vec![400]);
+        assert_eq!(e.max_instances, Some(EUREKA_MAX_INSTANCES));
     }
 }

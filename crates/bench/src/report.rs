@@ -138,6 +138,12 @@ pub fn markdown(r: &Results) -> String {
             i.requests.total, i.requests.failed, i.cpu_s, i.peak_rss_mib
         ),
     );
+    row(
+        &mut s,
+        "2 initial sync",
+        &format!("TCP connections to {name} at the end of the sync"),
+        i.connections.to_string(),
+    );
     if !i.requests.full_fetches.is_empty() {
         row(
             &mut s,
@@ -182,6 +188,17 @@ pub fn markdown(r: &Results) -> String {
                 pr.run.changes
             ),
         );
+        if let Some(gap) = pr.first_change_after_sync_s {
+            row(
+                &mut s,
+                "3 propagation",
+                &format!(
+                    "quiet {} ms: first change after the end of the initial sync",
+                    pr.quiet_ms
+                ),
+                format!("{gap:.2} s (no warm-up excluded)"),
+            );
+        }
         row(
             &mut s,
             "3 propagation",
@@ -308,8 +325,19 @@ pub fn markdown(r: &Results) -> String {
     row(
         &mut s,
         "5 steady state",
-        "CPU seconds in the window (per minute)",
-        format!("{:.2} ({:.3})", st.cpu_s, st.cpu_s / (st.window_s / 60.0)),
+        "CPU seconds in the window (per minute; % of a core)",
+        format!(
+            "{:.2} ({:.3}; {:.2} %)",
+            st.cpu_s,
+            st.cpu_s / (st.window_s / 60.0),
+            st.cpu_pct
+        ),
+    );
+    row(
+        &mut s,
+        "5 steady state",
+        &format!("TCP connections to {name} at rest / most over the process's life"),
+        format!("{} / {}", st.connections, st.connections_peak),
     );
     row(
         &mut s,

@@ -91,6 +91,8 @@ pub struct SyncResult {
     pub requests: Requests,
     pub cpu_s: f64,
     pub peak_rss_mib: f64,
+    /// TCP connections the connector held to the registry when the sync was complete.
+    pub connections: usize,
     /// complete / floor (Services + slices + Endpoints): the same objects.
     pub ratio_to_floor: f64,
     /// slices in place / floor (Services + slices only), the literal floor.
@@ -120,6 +122,9 @@ pub struct PropResult {
     /// Eureka: instances in the server's delta when the run started (see
     /// `Registry::delta_instances`).
     pub delta_instances_at_start: Option<usize>,
+    /// From the end of the initial sync to the first change, for the run on the
+    /// connector that did the sync (nothing is excluded as a warm-up).
+    pub first_change_after_sync_s: Option<f64>,
     pub run: ChangeRun,
 }
 
@@ -146,6 +151,7 @@ impl PropResult {
             requests_per_change: requests.total / landed,
             requests,
             delta_instances_at_start: None,
+            first_change_after_sync_s: None,
             run: run.clone(),
         }
     }
@@ -165,6 +171,12 @@ pub struct SteadyResult {
     pub rss_mib: f64,
     pub peak_rss_mib: f64,
     pub managed_services: f64,
+    /// CPU in the window as % of one core.
+    pub cpu_pct: f64,
+    /// TCP connections to the registry at the end of the window, and the most seen
+    /// over the connector's life.
+    pub connections: usize,
+    pub connections_peak: usize,
 }
 
 #[derive(Debug, Default, Serialize)]

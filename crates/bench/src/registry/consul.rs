@@ -6,6 +6,10 @@
 //! documentation range, so removing a data set is three node deregistrations and no
 //! address is ever contacted. Health is a passing (or critical) check entry registered
 //! in the same call: nothing runs an active check.
+//!
+//! The connector reads the agent over plain HTTP or over its HTTPS API (see
+//! [`ConnectorLink`]); the harness's own writes always go over plain HTTP (what they
+//! cost does not depend on the connector's transport).
 
 use std::time::{Duration, Instant};
 
@@ -14,14 +18,32 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::consul_link::{port_of, ConnectorLink};
 use super::DataSets;
 use crate::model::{Instance, Service, PORT, RANGES};
 
 /// The per-client connection limit of the Consul agent (`limits.http_max_conns_per_client`,
 /// 200 by default) counts every connection from 127.0.0.1: the connector's long polls
-/// and the harness's own. The harness therefore keeps at most a couple of connections
-/// open while a connector runs.
-const IDLE_CONNECTIONS: usize = 2;
+/// and the harness's own. The harness keeps one connection of its own open for the
+/// whole run (the reserve, see [`Consul::new`]): the agent may be full of a stopped
+/// connector's long polls, and the call that ends them must still get through.
+const IDLE_CONNECTIONS: usize = 1;
+/// How often the reserve connection is used, so that it stays open.
+const RESERVE_PING: Duration = Duration::from_secs(5);
+/// Idle connections of the bulk clients are closed at once.
+const BULK_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Calls in flight while a stopped connector's long polls may still hold most of the
+/// agent's per-client limit (see [`Consul::release`]): bulk loads, when no connector
+/// has run on the data set, use the caller's concurrency.
+const CONCURRENCY_NEAR_LIMIT: usize = 4;
+
+/// How long one harness call is retried while the agent refuses it at the connection
+/// level (its per-client limit resets a connection beyond it) or answers 429: past
+/// Consul's longest blocking wait (5 min), after which a stopped connector's long polls
+/// have ended by themselves.
+const RETRY_FOR: Duration = Duration::from_secs(330);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 const NODE_SUFFIXES: [&str; 3] = ["a", "b", "c"];
 
@@ -39,10 +61,23 @@ pub struct ConnRelease {
 pub struct Consul {
     base: String,
     port: u16,
+    /// One connection, kept open (the reserve).
     http: reqwest::Client,
-    /// The connector's `--consul-max-connections`.
-    max_connections: usize,
+    reserve: tokio::task::JoinHandle<()>,
+    link: ConnectorLink,
     sets: DataSets,
+}
+
+impl Drop for Consul {
+    fn drop(&mut self) {
+        self.reserve.abort();
+    }
+}
+
+/// Whether a failed call may be the agent refusing one more connection from this
+/// address (reset, closed before the answer, timed out): anything but an HTTP status.
+fn refused(e: &reqwest::Error) -> bool {
+    e.status().is_none()
 }
 
 fn node_name(set: &str, node: usize) -> String {
@@ -57,18 +92,38 @@ fn node_of(inst: &Instance) -> usize {
     inst.j % RANGES.len()
 }
 
-fn client(idle: usize) -> Result<reqwest::Client> {
+/// A client keeping at most `idle` idle connections, for `idle_timeout` (`None`: for
+/// as long as the agent keeps them).
+fn client(idle: usize, idle_timeout: Option<Duration>) -> Result<reqwest::Client> {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(idle)
+        .pool_idle_timeout(idle_timeout)
         .no_proxy()
         .build()
         .context("building the Consul HTTP client")
 }
 
+/// A bulk client: its connections close as soon as it is done.
+fn bulk() -> Result<reqwest::Client> {
+    client(0, Some(BULK_IDLE_TIMEOUT))
+}
+
+/// Uses the reserve connection every [`RESERVE_PING`] so that neither side drops it.
+fn keep_reserve(http: reqwest::Client, base: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let _ = http.get(format!("{base}/v1/status/leader")).send().await;
+            tokio::time::sleep(RESERVE_PING).await;
+        }
+    })
+}
+
 impl Consul {
-    /// `addr` is `127.0.0.1:PORT` (or an http URL on the loopback).
-    pub fn new(addr: &str, max_connections: usize) -> Result<Self> {
+    /// `addr` is `127.0.0.1:PORT` (or an http URL on the loopback) of the plain HTTP
+    /// API, which the harness writes through. Starts the task that keeps the reserve
+    /// connection open (must run inside the Tokio runtime).
+    pub fn new(addr: &str, link: ConnectorLink) -> Result<Self> {
         let base = if addr.starts_with("http://") || addr.starts_with("https://") {
             addr.trim_end_matches('/').to_string()
         } else {
@@ -77,55 +132,109 @@ impl Consul {
         if !(base.starts_with("http://127.") || base.starts_with("http://localhost")) {
             bail!("the benchmark only talks to a Consul agent on the loopback, not {base}");
         }
-        let port = base
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.trim_end_matches('/').parse().ok())
-            .context("no port in the Consul address")?;
+        let port = port_of(&base)?;
+        link.check()?;
+        let http = client(IDLE_CONNECTIONS, None)?;
         Ok(Self {
+            reserve: keep_reserve(http.clone(), base.clone()),
             base,
             port,
-            http: client(IDLE_CONNECTIONS)?,
-            max_connections,
+            http,
+            link,
             sets: DataSets::default(),
         })
     }
 
+    /// Whether the connectors read the agent over HTTPS.
+    pub fn tls(&self) -> bool {
+        self.link.tls.is_some()
+    }
+
+    /// The port the connectors connect to (HTTP or HTTPS API).
+    pub fn connector_port(&self) -> u16 {
+        match &self.link.tls {
+            Some(tls) => tls.port().unwrap_or(self.port),
+            None => self.port,
+        }
+    }
+
     /// The connector's flags that make it read this agent and only data set `set`.
     pub fn selection_flags(&self, set: &str) -> Vec<String> {
-        vec![
-            "--consul-http-addr".into(),
-            self.base.trim_start_matches("http://").to_string(),
-            "--filter-tag".into(),
-            set.into(),
-        ]
+        let mut flags = match &self.link.tls {
+            Some(tls) => tls.flags(),
+            None => vec![
+                "--consul-http-addr".into(),
+                self.base.trim_start_matches("http://").to_string(),
+            ],
+        };
+        flags.extend(["--filter-tag".into(), set.into()]);
+        flags
     }
 
-    /// Consul-specific tuning of every connector: `--consul-max-connections` above the
-    /// number of services lets every watched service keep its own long poll.
+    /// Consul-specific tuning of every connector: none unless the harness was given
+    /// `--consul-max-connections` (the figures are those of the connector's own budget).
     pub fn tuning_flags(&self) -> Vec<String> {
-        vec![
-            "--consul-max-connections".into(),
-            self.max_connections.to_string(),
-        ]
+        match self.link.max_connections {
+            Some(n) => vec!["--consul-max-connections".into(), n.to_string()],
+            None => Vec::new(),
+        }
     }
 
-    async fn put_with(&self, http: &reqwest::Client, path: &str, body: &Value) -> Result<()> {
-        let resp = http
-            .put(format!("{}{}", self.base, path))
-            .json(body)
+    /// The agent's `limits.http_max_conns_per_client`, from `GET /v1/agent/self`.
+    pub async fn conn_limit(&self) -> Result<u64> {
+        let v: Value = self
+            .http
+            .get(format!("{}/v1/agent/self", self.base))
             .send()
             .await
-            .with_context(|| format!("PUT {path}"))?;
-        let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        if !status.is_success() {
-            bail!("PUT {path}: {status}: {text}");
+            .context("GET /v1/agent/self")?
+            .error_for_status()
+            .context("GET /v1/agent/self")?
+            .json()
+            .await
+            .context("decoding GET /v1/agent/self")?;
+        v["DebugConfig"]["HTTPMaxConnsPerClient"]
+            .as_u64()
+            .context("no DebugConfig.HTTPMaxConnsPerClient in /v1/agent/self")
+    }
+
+    /// One PUT, retried (for at most [`RETRY_FOR`], with backoff) while the agent
+    /// refuses the connection or answers 429: a stopped connector's long polls may fill
+    /// its per-client limit.
+    async fn put_with(&self, http: &reqwest::Client, path: &str, body: &Value) -> Result<()> {
+        let deadline = Instant::now() + RETRY_FOR;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let last = Instant::now() + backoff > deadline;
+            let resp = match http
+                .put(format!("{}{}", self.base, path))
+                .json(body)
+                .send()
+                .await
+            {
+                Ok(r) => r,
+                Err(e) if !last && refused(&e) => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+                Err(e) => return Err(e).with_context(|| format!("PUT {path}")),
+            };
+            let status = resp.status();
+            let text = resp.text().await.unwrap_or_default();
+            if status == reqwest::StatusCode::TOO_MANY_REQUESTS && !last {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+            if !status.is_success() {
+                bail!("PUT {path}: {status}: {text}");
+            }
+            if text.trim() == "false" {
+                bail!("PUT {path}: Consul answered false");
+            }
+            return Ok(());
         }
-        if text.trim() == "false" {
-            bail!("PUT {path}: Consul answered false");
-        }
-        Ok(())
     }
 
     /// Registers (or re-registers) one instance with its check, in one catalog call.
@@ -203,7 +312,7 @@ impl Consul {
     /// closed before a connector starts.
     pub async fn register_all(&self, services: &[Service], concurrency: usize) -> Result<()> {
         self.sets.add(services);
-        let bulk = client(0)?;
+        let bulk = bulk()?;
         let calls = services
             .iter()
             .flat_map(|s| s.instances.iter().map(move |i| (s, i)));
@@ -225,13 +334,13 @@ impl Consul {
     /// and the next connector on 127.0.0.1 may be refused meanwhile; touching every
     /// service ends them.
     async fn touch_all(&self, services: &[Service], concurrency: usize) -> Result<()> {
-        let bulk = client(0)?;
+        let bulk = bulk()?;
         futures::stream::iter(services.iter().filter(|s| !s.instances.is_empty()))
             .map(|s| {
                 let inst = &s.instances[0];
                 self.check_with(&bulk, s, inst, inst.ready, "touched")
             })
-            .buffer_unordered(concurrency.max(1))
+            .buffer_unordered(concurrency.clamp(1, CONCURRENCY_NEAR_LIMIT))
             .try_collect::<Vec<()>>()
             .await?;
         if let Some(s) = services.first() {
@@ -306,10 +415,14 @@ impl Consul {
         Ok(())
     }
 
-    /// Server-side TCP connections of the Consul agent's HTTP port that are open or
-    /// half-closed (ESTABLISHED, CLOSE_WAIT): what its per-client limit counts.
-    fn open_connections(&self) -> usize {
-        let port = format!(":{:04X}", self.port);
+    /// Server-side TCP connections of the Consul agent's HTTP (and, with TLS, HTTPS)
+    /// port that are open or half-closed (ESTABLISHED, CLOSE_WAIT): what its per-client
+    /// limit counts.
+    pub fn open_connections(&self) -> usize {
+        let mut ports = vec![format!(":{:04X}", self.port)];
+        if self.link.tls.is_some() {
+            ports.push(format!(":{:04X}", self.connector_port()));
+        }
         ["/proc/net/tcp", "/proc/net/tcp6"]
             .iter()
             .filter_map(|f| std::fs::read_to_string(f).ok())
@@ -319,7 +432,7 @@ impl Consul {
                     .filter(|l| {
                         let cols: Vec<&str> = l.split_whitespace().collect();
                         cols.len() > 3
-                            && cols[1].ends_with(&port)
+                            && ports.iter().any(|p| cols[1].ends_with(p.as_str()))
                             && (cols[3] == "01" || cols[3] == "08")
                     })
                     .count()

@@ -108,6 +108,16 @@ impl Eureka {
         })
     }
 
+    /// The server's port (where the connector's connections go).
+    pub fn port(&self) -> u16 {
+        self.url
+            .trim_start_matches("http://")
+            .split(['/', ':'])
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(80)
+    }
+
     /// The connector's flags that make it read this server and only data set `set`.
     pub fn selection_flags(&self, set: &str) -> Vec<String> {
         vec![
@@ -213,6 +223,12 @@ impl Eureka {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_of_the_url() {
+        let e = Eureka::new("http://127.0.0.1:40456/eureka", Duration::from_secs(1)).unwrap();
+        assert_eq!(e.port(), 40456);
+    }
 
     #[test]
     fn registration_carries_the_set_a_long_lease_and_the_status() {

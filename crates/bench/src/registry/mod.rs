@@ -5,6 +5,7 @@
 //! abandoned long polls, Eureka's poll interval) behind the same few calls.
 
 pub mod consul;
+pub mod consul_link;
 pub mod eureka;
 
 use std::sync::Mutex;
@@ -70,6 +71,51 @@ impl Registry {
         match self {
             Registry::Consul(_) => "consul",
             Registry::Eureka(_) => "eureka",
+        }
+    }
+
+    /// The TCP port the connector reads the registry on (Consul's HTTP or HTTPS API,
+    /// Eureka's server): where its connections are counted.
+    pub fn connector_port(&self) -> u16 {
+        match self {
+            Registry::Consul(c) => c.connector_port(),
+            Registry::Eureka(e) => e.port(),
+        }
+    }
+
+    /// How the connector reaches the registry, for the report (`Consul`, `Consul over
+    /// HTTPS`, `Eureka`).
+    pub fn transport(&self) -> &'static str {
+        match self {
+            Registry::Consul(c) if c.tls() => "Consul over HTTPS",
+            Registry::Consul(_) => "Consul over HTTP",
+            Registry::Eureka(_) => "Eureka over HTTP",
+        }
+    }
+
+    /// Consul only: the agent's per-client connection limit. A side figure: a failure
+    /// to read it is reported and yields `None`.
+    pub async fn conn_limit(&self) -> Option<u64> {
+        match self {
+            Registry::Consul(c) => match c.conn_limit().await {
+                Ok(n) => Some(n),
+                Err(err) => {
+                    crate::say(format!(
+                        "reading the agent's connection limit failed: {err:#}"
+                    ));
+                    None
+                }
+            },
+            Registry::Eureka(_) => None,
+        }
+    }
+
+    /// Consul only: connections the agent holds on the connectors' ports (the
+    /// harness's own included), what its per-client limit counts.
+    pub fn agent_connections(&self) -> Option<usize> {
+        match self {
+            Registry::Consul(c) => Some(c.open_connections()),
+            Registry::Eureka(_) => None,
         }
     }
 

@@ -4,9 +4,11 @@
 //! Order: the floor, the initial sync (connector A, quiet 1 s), propagation on A,
 //! a restart (connector B, quiet 100 ms, same namespace), propagation on B, the steady
 //! state on B, then the cost-per-change runs on their own data sets. Registry-neutral:
-//! everything registry-specific goes through [`Registry`].
+//! everything registry-specific goes through [`Registry`]. The scaling curve
+//! ([`curve`]) reuses the floor and the initial sync, once per N.
 
 mod cost;
+pub mod curve;
 mod initial;
 mod propagation;
 mod steady;
@@ -76,6 +78,7 @@ impl Ctx {
             quiet_period: quiet,
             extra: self.connector_flags(),
             log: self.log_dir.join(log),
+            registry_port: self.registry.connector_port(),
         }
     }
 
@@ -100,6 +103,7 @@ impl Ctx {
             phase_jitter: self.registry.read_delay(),
             land_wait: quiet + self.registry.read_delay() + self.plan.land_slack,
             final_wait,
+            bound: None,
         }
     }
 
@@ -196,7 +200,7 @@ pub async fn run_all(ctx: &mut Ctx, profile: &str, stamp: &str, command: &str) -
         + " --leader-elect=false (others default: legacy Endpoints on, --max-period 5s)";
 
     initial::floor(ctx, &mut results).await?;
-    let (mut synced, a) = initial::initial_sync(ctx, &mut results).await?;
+    let (mut synced, a) = initial::initial_sync(ctx, &mut results, Duration::from_secs(1)).await?;
     let b = propagation::both(ctx, &mut results, &mut synced, a).await?;
     steady::run(ctx, &mut results, &synced, b).await?;
     // The watches end before the data set goes, so that they do not time its removal.

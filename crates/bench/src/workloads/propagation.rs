@@ -23,7 +23,7 @@ pub async fn both(
     synced: &mut Synced,
     a: Connector,
 ) -> Result<Connector> {
-    let r = one(ctx, &a, synced, Duration::from_secs(1)).await?;
+    let r = one(ctx, &a, synced, Duration::from_secs(1), true).await?;
     results.propagation.push(r);
     a.stop().await?;
     ctx.connector_stopped(
@@ -52,18 +52,21 @@ pub async fn both(
         "restart on a synced namespace: ready after {ready:.2} s, {} writes",
         mb.writes()
     ));
-    let r = one(ctx, &b, synced, quiet).await?;
+    let r = one(ctx, &b, synced, quiet, false).await?;
     results.propagation.push(r);
     Ok(b)
 }
 
 /// One propagation run against `connector` (started with `quiet` as its quiet period):
-/// K changes, and the connector's counters before and after.
+/// K changes, and the connector's counters before and after. `after_sync`: the
+/// connector is the one that did the initial sync, and the gap from its end to the
+/// first change is recorded.
 async fn one(
     ctx: &mut Ctx,
     connector: &Connector,
     synced: &mut Synced,
     quiet: Duration,
+    after_sync: bool,
 ) -> Result<PropResult> {
     let opts = ctx.change_opts(ctx.plan.k, quiet, ctx.plan.final_wait);
     say(format!(
@@ -73,6 +76,7 @@ async fn one(
     ));
     let delta_at_start = ctx.registry.delta_instances().await;
     let before = connector.metrics().await?;
+    let gap = synced.synced_at.elapsed().as_secs_f64();
     let run = changes::run(
         &ctx.registry,
         &synced.slices,
@@ -93,6 +97,7 @@ async fn one(
         &after,
     );
     result.delta_instances_at_start = delta_at_start;
+    result.first_change_after_sync_s = after_sync.then_some(gap);
     say(prop_line(&result));
     Ok(result)
 }

@@ -52,7 +52,8 @@ pub async fn run(
     idle(&mut b, ctx.plan.steady).await?;
     let m1 = b.metrics().await?;
     let s1 = b.stats()?;
-    let minutes = ts.elapsed().as_secs_f64() / 60.0;
+    let window_s = ts.elapsed().as_secs_f64();
+    let minutes = window_s / 60.0;
     results.apiserver_requests_steady = delta(&api0, &apiserver_requests(&ctx.client).await);
     let requests = Requests::between(&m0, &m1);
     results.steady = SteadyResult {
@@ -68,14 +69,19 @@ pub async fn run(
         rss_mib: s1.rss_mib,
         peak_rss_mib: s1.peak_rss_mib,
         managed_services: m1.managed_services(),
+        cpu_pct: (s1.cpu_seconds - s0.cpu_seconds) / window_s * 100.0,
+        connections: b.connections(),
+        connections_peak: b.connections_peak(),
     };
     say(format!(
-        "steady state: {} writes, {:.1} {} requests/min, {:.2} CPU s, peak RSS {:.1} MiB",
+        "steady state: {} writes, {:.1} {} requests/min, {:.2} CPU s, peak RSS {:.1} MiB, {} connections (peak {})",
         results.steady.writes,
         results.steady.requests_per_min,
         ctx.registry.name(),
         results.steady.cpu_s,
-        results.steady.peak_rss_mib
+        results.steady.peak_rss_mib,
+        results.steady.connections,
+        results.steady.connections_peak
     ));
     b.stop().await?;
     Ok(())
