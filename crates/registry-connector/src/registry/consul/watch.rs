@@ -1211,6 +1211,30 @@ mod tests {
     }
 
     #[test]
+    fn failures_are_summed_between_log_lines() {
+        let log = FailureLog::default();
+        assert_eq!(log.failed(), Some(1));
+        assert_eq!(log.failed(), None);
+        assert_eq!(log.failed(), None);
+        // Due again: the line carries every failure since the last one.
+        lock(&log.state).1 = Some(Instant::now() - FAILURE_LOG_EVERY);
+        assert_eq!(log.failed(), Some(3));
+    }
+
+    #[test]
+    fn waits_go_short_then_spread_then_steady() {
+        let configured = Duration::from_secs(300);
+        let first = WaitStep::First.wait(configured);
+        assert!(first >= FIRST_WAIT && first <= FIRST_WAIT + Duration::from_secs(5));
+        let spread = WaitStep::Spread.wait(configured);
+        assert!(spread >= configured / 2 && spread <= configured, "{spread:?}");
+        assert_eq!(WaitStep::Steady.wait(configured), configured);
+        assert_eq!(WaitStep::First.next(), WaitStep::Spread);
+        assert_eq!(WaitStep::Spread.next(), WaitStep::Steady);
+        assert_eq!(WaitStep::Steady.next(), WaitStep::Steady);
+    }
+
+    #[test]
     fn tag_hashes_follow_the_tags() {
         assert_eq!(tags_hash(&["a".into()]), tags_hash(&["a".into()]));
         assert_ne!(
