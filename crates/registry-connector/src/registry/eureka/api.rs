@@ -224,6 +224,127 @@ pub fn decode_applications(body: &[u8]) -> Result<Applications, serde_json::Erro
     serde_json::from_slice::<Envelope>(body).map(|e| e.applications)
 }
 
+/// What the last delta held, entry by entry: a hash of each instance entry's raw text
+/// (with its application). Right after a mass registration every delta repeats every
+/// change of the server's last three minutes (30,000 instances at 10,000 applications),
+/// and decoding them all again at each poll made the poll's work, not its interval,
+/// bound the latency. An entry whose exact text the last delta already carried was
+/// applied then (a delta entry is the instance's current state), so it is skipped
+/// without being decoded. Reset by every full read.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeltaMemo {
+    entries: std::collections::HashSet<u64>,
+}
+
+impl DeltaMemo {
+    fn key(app: &str, raw: &str) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        app.hash(&mut hasher);
+        raw.hash(&mut hasher);
+        hasher.finish()
+    }
+
+    /// Entries remembered.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// A delta decoded against the last one: only its new entries, and the memo of all of
+/// them for the next.
+#[derive(Debug)]
+pub struct DecodedDelta {
+    pub applications: Applications,
+    pub memo: DeltaMemo,
+    /// Entries skipped because the last delta carried them unchanged.
+    pub skipped: usize,
+}
+
+#[derive(Deserialize)]
+struct RawEnvelope<'a> {
+    #[serde(borrow)]
+    applications: RawApplications<'a>,
+}
+
+#[derive(Deserialize)]
+struct RawApplications<'a> {
+    #[serde(
+        rename = "apps__hashcode",
+        default,
+        deserialize_with = "lenient_string"
+    )]
+    apps_hashcode: Option<String>,
+    #[serde(rename = "application", default, borrow)]
+    applications: Option<&'a serde_json::value::RawValue>,
+}
+
+#[derive(Deserialize)]
+struct RawApplication<'a> {
+    #[serde(default)]
+    name: String,
+    #[serde(rename = "instance", default, borrow)]
+    instances: Option<&'a serde_json::value::RawValue>,
+}
+
+/// The elements of a raw list, a raw single object standing for a list of one, or none.
+fn raw_elements<'a, T: Deserialize<'a>>(
+    raw: Option<&'a serde_json::value::RawValue>,
+) -> Result<Vec<T>, serde_json::Error> {
+    let Some(raw) = raw else {
+        return Ok(Vec::new());
+    };
+    let text = raw.get().trim_start();
+    if text.starts_with('[') {
+        serde_json::from_str(raw.get())
+    } else if text.starts_with('{') {
+        Ok(vec![serde_json::from_str(raw.get())?])
+    } else {
+        Ok(Vec::new())
+    }
+}
+
+/// Decodes a `GET /apps/delta` body, skipping the entries `last` already held (see
+/// [`DeltaMemo`]). The result equals [`decode_applications`] minus those entries.
+pub fn decode_delta(body: &[u8], last: &DeltaMemo) -> Result<DecodedDelta, serde_json::Error> {
+    let envelope: RawEnvelope<'_> = serde_json::from_slice(body)?;
+    let raw_apps: Vec<RawApplication<'_>> = raw_elements(envelope.applications.applications)?;
+    let mut memo = DeltaMemo::default();
+    let mut skipped = 0;
+    let mut applications = Vec::with_capacity(raw_apps.len());
+    for app in raw_apps {
+        let raw_instances: Vec<&serde_json::value::RawValue> = raw_elements(app.instances)?;
+        let mut instances = Vec::new();
+        for raw in raw_instances {
+            let key = DeltaMemo::key(&app.name, raw.get());
+            memo.entries.insert(key);
+            if last.entries.contains(&key) {
+                skipped += 1;
+                continue;
+            }
+            instances.push(serde_json::from_str::<Instance>(raw.get())?);
+        }
+        if !instances.is_empty() {
+            applications.push(Application {
+                name: app.name,
+                instances,
+            });
+        }
+    }
+    Ok(DecodedDelta {
+        applications: Applications {
+            apps_hashcode: envelope.applications.apps_hashcode,
+            applications,
+        },
+        memo,
+        skipped,
+    })
+}
+
 /// A list, a single element standing for a list of one, or null. Streams the elements
 /// (a visitor, not an intermediate `Value` tree): the application and instance lists
 /// hold the whole registry, which can be tens of megabytes.

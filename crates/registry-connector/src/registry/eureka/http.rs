@@ -123,23 +123,36 @@ impl EurekaHttp {
 
     /// `GET apps/`: the whole registry.
     pub async fn apps(&self) -> Result<Applications, EurekaError> {
-        self.get(Endpoint::Apps, &["apps", ""]).await
+        self.get(Endpoint::Apps, &["apps", ""], api::decode_applications)
+            .await
     }
 
     /// `GET apps/delta`: the changes of the last few minutes, and the hash code of the
     /// server's whole registry.
     pub async fn delta(&self) -> Result<Applications, EurekaError> {
-        self.get(Endpoint::Delta, &["apps", "delta"]).await
+        self.get(Endpoint::Delta, &["apps", "delta"], api::decode_applications)
+            .await
     }
 
-    async fn get(
+    /// `GET /apps/delta`, decoding only the entries that `last` did not hold.
+    pub async fn delta_since(&self, last: &api::DeltaMemo) -> Result<api::DecodedDelta, EurekaError> {
+        self.get(Endpoint::Delta, &["apps", "delta"], |body| {
+            api::decode_delta(body, last)
+        })
+        .await
+    }
+
+    async fn get<T>(
         &self,
         endpoint: Endpoint,
         segments: &[&str],
-    ) -> Result<Applications, EurekaError> {
+        decode: impl FnOnce(&[u8]) -> Result<T, serde_json::Error>,
+    ) -> Result<T, EurekaError> {
         let index = self.peer();
         let url = join(&self.urls[index], segments);
-        let result = self.fetch(url, self.credentials[index].as_ref()).await;
+        let result = self
+            .fetch(url, self.credentials[index].as_ref(), decode)
+            .await;
         self.metrics.record(endpoint, result.is_ok());
         // A refused delta is not this peer failing: the full read that follows asks the
         // same peer whether it serves `/apps` (deltas off) or refuses everything.
@@ -160,11 +173,12 @@ impl EurekaHttp {
         result
     }
 
-    async fn fetch(
+    async fn fetch<T>(
         &self,
         url: Url,
         credentials: Option<&Credentials>,
-    ) -> Result<Applications, EurekaError> {
+        decode: impl FnOnce(&[u8]) -> Result<T, serde_json::Error>,
+    ) -> Result<T, EurekaError> {
         let shown = url.to_string();
         let mut request = self
             .client
@@ -188,7 +202,7 @@ impl EurekaHttp {
                 body: crate::registry::error_body(&body),
             });
         }
-        api::decode_applications(&body).map_err(|source| EurekaError::Decode { url: shown, source })
+        decode(&body).map_err(|source| EurekaError::Decode { url: shown, source })
     }
 }
 

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::api::{ActionType, Applications, Instance, Status};
+use super::api::{ActionType, Applications, DeltaMemo, Instance, Status};
 
 /// Instances of one application, by instance id.
 pub type AppInstances = BTreeMap<String, Instance>;
@@ -20,6 +20,9 @@ pub struct Mirror {
     /// Instances without an id (neither `instanceId` nor `hostName`): they cannot be
     /// tracked by deltas, so they are counted and left out.
     unkeyed: usize,
+    /// The entries of the last delta applied to this copy (empty after a full read, so
+    /// that the first delta after it is applied whole).
+    delta_memo: DeltaMemo,
 }
 
 impl Mirror {
@@ -55,6 +58,16 @@ impl Mirror {
             }
         }
         changed
+    }
+
+    /// What the last delta applied held (see [`DeltaMemo`]).
+    pub fn delta_memo(&self) -> &DeltaMemo {
+        &self.delta_memo
+    }
+
+    /// Remembers the entries of the delta just applied.
+    pub fn remember_delta(&mut self, memo: DeltaMemo) {
+        self.delta_memo = memo;
     }
 
     /// Eureka's reconcile hash code of this copy: `<STATUS>_<count>_` for each status

@@ -202,7 +202,16 @@ impl Poller {
     }
 
     async fn delta(&self, mirror: &mut Mirror) -> Result<FetchOutcome, EurekaError> {
-        let delta = self.http.delta().await?;
+        let decoded = self.http.delta_since(mirror.delta_memo()).await?;
+        let delta = decoded.applications;
+        if decoded.skipped > 0 {
+            debug!(
+                skipped = decoded.skipped,
+                decoded = delta.applications.iter().map(|a| a.instances.len()).sum::<usize>(),
+                "Eureka delta: entries the last delta already carried were not decoded again"
+            );
+        }
+        mirror.remember_delta(decoded.memo);
         let changed = mirror.apply_delta(&delta);
         let ours = mirror.reconcile_hash();
         let theirs = delta.apps_hashcode.unwrap_or_default();
