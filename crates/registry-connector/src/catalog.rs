@@ -11,6 +11,11 @@
 //! map to one Kubernetes name are reported, not merged. The winner is chosen
 //! deterministically (the registry name that already is the Kubernetes name, else the
 //! smallest), so it does not flap with arrival order.
+//!
+//! It holds every published service for the life of the process, so it keeps them in a
+//! compact form ([`stored`]) and builds a `MicroSvcMeta` only when one is asked for.
+
+mod stored;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -20,6 +25,7 @@ use tracing::warn;
 
 use crate::model::{MicroSvcMeta, MicroSvcName};
 use crate::naming::kube_service_name;
+use stored::StoredMeta;
 
 /// Answers "what are this service's instances, ports and protocols" from the watched
 /// cache: the seed's `Aggregator`, keyed by the Kubernetes service name.
@@ -45,15 +51,17 @@ pub struct NameCollision {
 }
 
 /// The registry services that claim one Kubernetes name, sorted by registry name, without
-/// duplicates. Nearly always exactly one: a vector of one costs one allocation the size of
-/// one service, where a `BTreeMap` node reserves room for eleven (about 1.5 KB per
-/// service, most of the catalog's own memory at 10,000 services).
+/// duplicates, each in its compact stored form. Nearly always exactly one: a vector of one
+/// costs one allocation the size of one service, where a `BTreeMap` node reserves room
+/// for eleven (about 1.5 KB per service, most of the catalog's own memory at 10,000
+/// services).
 #[derive(Debug, Default)]
-struct Claims(Vec<MicroSvcMeta>);
+struct Claims(Vec<StoredMeta>);
 
 impl Claims {
     /// Adds `meta`, or replaces the claim of the same registry name.
     fn insert(&mut self, meta: MicroSvcMeta) {
+        let meta = StoredMeta::new(meta);
         match self
             .0
             .binary_search_by(|m| m.registry_name.cmp(&meta.registry_name))
@@ -78,7 +86,7 @@ impl Claims {
         self.0.is_empty()
     }
 
-    fn iter(&self) -> impl Iterator<Item = &MicroSvcMeta> {
+    fn iter(&self) -> impl Iterator<Item = &StoredMeta> {
         self.0.iter()
     }
 }
@@ -93,7 +101,7 @@ struct State {
 }
 
 impl State {
-    fn published(&self, kube_name: &str) -> Option<&MicroSvcMeta> {
+    fn published(&self, kube_name: &str) -> Option<&StoredMeta> {
         let claims = self.claims.get(kube_name)?;
         claims
             .iter()
@@ -102,9 +110,11 @@ impl State {
     }
 
     /// Updates the endpoint total after `kube_name`'s published meta changed from `before`.
-    fn recount(&mut self, before: Option<&MicroSvcMeta>, kube_name: &str) {
-        let was = before.map_or(0, |m| m.endpoints.len());
-        let now = self.published(kube_name).map_or(0, |m| m.endpoints.len());
+    fn recount(&mut self, before: Option<&StoredMeta>, kube_name: &str) {
+        let was = before.map_or(0, StoredMeta::endpoint_count);
+        let now = self
+            .published(kube_name)
+            .map_or(0, StoredMeta::endpoint_count);
         self.endpoints = (self.endpoints + now).saturating_sub(was);
     }
 
@@ -170,7 +180,7 @@ impl Catalog {
             .claims
             .keys()
             .filter_map(|name| state.published(name))
-            .map(|meta| meta.endpoints.len())
+            .map(StoredMeta::endpoint_count)
             .sum();
         let names: BTreeSet<String> = before
             .into_iter()
@@ -290,7 +300,7 @@ impl Catalog {
 
 impl Aggregator for Catalog {
     fn aggregate(&self, kube_name: &str) -> Option<MicroSvcMeta> {
-        self.lock().published(kube_name).cloned()
+        self.lock().published(kube_name).map(StoredMeta::to_meta)
     }
 }
 
@@ -450,7 +460,7 @@ mod tests {
         claims.insert(svc("b", &["192.0.2.1"]));
         let names: Vec<&str> = claims.iter().map(|m| m.registry_name.as_str()).collect();
         assert_eq!(names, ["a", "b"]);
-        assert_eq!(claims.0[1].endpoints.len(), 1, "the same name replaces");
+        assert_eq!(claims.0[1].endpoint_count(), 1, "the same name replaces");
         claims.remove(&MicroSvcName("a".into()));
         assert_eq!(claims.len(), 1);
     }
