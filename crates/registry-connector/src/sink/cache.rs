@@ -10,8 +10,8 @@
 //! between the old and new content are reported as changed.
 //!
 //! The cache holds no whole object: every event's object is projected at once into a
-//! [`Cached`] entry (name, UID, resourceVersion, ownership, the fingerprint of our fields
-//! and the few facts a reconcile reads; see [`super::project`]) and dropped, so a relist
+//! [`Cached`] entry (name, UID, ownership, the fingerprint of our fields and the few
+//! facts a reconcile reads; see [`super::project`]) and dropped, so a relist
 //! buffers projections, not objects.
 //!
 //! Every event reports the affected service name, which is how drift (someone editing
@@ -242,12 +242,7 @@ fn remove_entry<K: Project>(index: &mut Index<K>, service: &str, name: &str) {
 
 fn changed_services<K: Project>(old: &Index<K>, new: &Index<K>) -> Vec<String> {
     let differs = |a: Option<&Vec<Entry<K>>>, b: Option<&Vec<Entry<K>>>| match (a, b) {
-        (Some(a), Some(b)) => {
-            a.len() != b.len()
-                || a.iter()
-                    .zip(b)
-                    .any(|(x, y)| x.name != y.name || x.resource_version != y.resource_version)
-        }
+        (Some(a), Some(b)) => a.len() != b.len() || a.iter().zip(b).any(|(x, y)| x != y),
         (None, None) => false,
         _ => true,
     };
@@ -354,7 +349,6 @@ mod tests {
         edited.endpoints.clear();
         cache.apply(&mut relist, Event::Apply(edited.clone()));
         let one = cache.get_named("a", "a-1").expect("cached");
-        assert_eq!(one.resource_version.as_deref(), Some("5"));
         assert_eq!(one.fingerprint, edited.fingerprint());
         assert_eq!(cache.get("a").len(), 2);
 

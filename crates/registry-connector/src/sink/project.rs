@@ -7,8 +7,11 @@
 //! because something reads it:
 //!
 //! - `name`, `uid`: deletes carry the UID as precondition; the Service's UID is the owner
-//!   of its slices and Endpoints; Events name the object.
-//! - `resource_version`: a relist reports exactly the services whose objects changed.
+//!   of its slices and Endpoints; Events name the object. A UID in the apiserver's
+//!   canonical form is kept as its 16 bytes ([`Uid`]).
+//! - no resourceVersion: updates read the object first and use the version they read,
+//!   and a relist compares projections (a change that leaves the projection as it was
+//!   needs no reconcile).
 //! - `owned`: both ownership labels with our values; nothing else is ever reused or
 //!   deleted (the watches are label-selected on them, so it is true unless a label
 //!   selector and [`crate::labels::is_owned`] ever disagree).
@@ -44,8 +47,7 @@ use crate::slicing::{slice_addresses, ExistingSlice};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Cached<F> {
     pub name: Box<str>,
-    pub uid: Option<Box<str>>,
-    pub resource_version: Option<Box<str>>,
+    pub uid: Option<Uid>,
     pub owned: bool,
     pub fingerprint: Fingerprint,
     pub facts: F,
@@ -53,14 +55,68 @@ pub struct Cached<F> {
 
 impl<F> Cached<F> {
     pub fn uid(&self) -> Option<String> {
-        self.uid.as_deref().map(str::to_owned)
+        self.uid.as_ref().map(Uid::to_string)
+    }
+}
+
+/// An object's UID. The apiserver's are lowercase hyphenated UUIDs, kept as their 16
+/// bytes instead of a 36-character string (bytes, not a `u128`, whose 16-byte alignment
+/// would pad every entry); anything else is kept as it came.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Uid {
+    Uuid([u8; 16]),
+    Other(Box<str>),
+}
+
+impl Uid {
+    pub fn new(text: &str) -> Self {
+        Self::parse_uuid(text)
+            .map(Uid::Uuid)
+            .unwrap_or_else(|| Uid::Other(text.into()))
+    }
+
+    /// The value of `8-4-4-4-12` lowercase hex digits, only when printing it gives back
+    /// exactly `text` (so the round trip is lossless).
+    fn parse_uuid(text: &str) -> Option<[u8; 16]> {
+        let groups: Vec<&str> = text.split('-').collect();
+        let lengths: Vec<usize> = groups.iter().map(|g| g.len()).collect();
+        if lengths != [8, 4, 4, 4, 12]
+            || !text
+                .bytes()
+                .all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return None;
+        }
+        u128::from_str_radix(&groups.concat(), 16)
+            .ok()
+            .map(u128::to_be_bytes)
+    }
+}
+
+impl std::fmt::Display for Uid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Uid::Uuid(bytes) => {
+                let hex = format!("{:032x}", u128::from_be_bytes(*bytes));
+                write!(
+                    f,
+                    "{}-{}-{}-{}-{}",
+                    &hex[..8],
+                    &hex[8..12],
+                    &hex[12..16],
+                    &hex[16..20],
+                    &hex[20..]
+                )
+            }
+            Uid::Other(text) => f.write_str(text),
+        }
     }
 }
 
 /// A kind the sink caches: how to file it and what else to keep of it.
 pub trait Project: Resource<DynamicType = ()> + Owned {
     /// What the reconcile reads of this kind beyond the common fields.
-    type Facts: std::fmt::Debug + Send + Sync + 'static;
+    type Facts: std::fmt::Debug + PartialEq + Send + Sync + 'static;
 
     /// The service the object belongs to.
     fn service_key(&self) -> Option<String>;
@@ -77,8 +133,7 @@ pub fn project<K: Project>(obj: &K, connector_id: &str) -> Cached<K::Facts> {
     let meta = obj.meta();
     Cached {
         name: obj.name_any().into_boxed_str(),
-        uid: meta.uid.as_deref().map(Box::from),
-        resource_version: meta.resource_version.as_deref().map(Box::from),
+        uid: meta.uid.as_deref().map(Uid::new),
         owned: is_owned(meta, connector_id),
         fingerprint: obj.fingerprint(),
         facts: obj.facts(),
@@ -191,7 +246,6 @@ mod tests {
         let cached = project(&s, "c1");
         assert_eq!(&*cached.name, "a-v4-abc123-0");
         assert_eq!(cached.uid(), Some("u-1".to_string()));
-        assert_eq!(cached.resource_version.as_deref(), Some("7"));
         assert!(cached.owned);
         assert_eq!(cached.fingerprint, s.fingerprint());
         let addresses: Vec<String> = cached
@@ -204,5 +258,35 @@ mod tests {
         assert_eq!(s.service_key().as_deref(), Some("a"));
 
         assert!(!project(&s, "c2").owned, "another instance's slice");
+    }
+
+    #[test]
+    fn uuids_are_kept_as_numbers_and_print_back_exactly() {
+        let canonical = "6f1c0b2e-3d4a-4b5c-8d9e-0a1b2c3d4e5f";
+        let uid = Uid::new(canonical);
+        assert!(matches!(uid, Uid::Uuid(_)));
+        assert_eq!(uid.to_string(), canonical);
+        let leading_zeros = "00000000-0000-4000-8000-000000000001";
+        assert_eq!(Uid::new(leading_zeros).to_string(), leading_zeros);
+        for other in [
+            "6F1C0B2E-3D4A-4B5C-8D9E-0A1B2C3D4E5F",
+            "6f1c0b2e3d4a4b5c8d9e0a1b2c3d4e5f",
+            "6f1c0b2e-3d4a-4b5c-8d9e-0a1b2c3d4e5",
+            "+f1c0b2e-3d4a-4b5c-8d9e-0a1b2c3d4e5f",
+            "u-1",
+            "",
+        ] {
+            let uid = Uid::new(other);
+            assert!(matches!(uid, Uid::Other(_)), "{other}");
+            assert_eq!(uid.to_string(), other);
+        }
+    }
+
+    #[test]
+    fn an_entry_stays_small() {
+        assert!(
+            std::mem::size_of::<Option<Uid>>() <= 24,
+            "a tag and 16 bytes"
+        );
     }
 }
