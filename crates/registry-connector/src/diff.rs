@@ -10,56 +10,132 @@
 //! no meaning are compared as sets. A `false` answer means "write the desired object";
 //! [`service_needs_recreate`] and [`endpoint_slice_needs_recreate`] say when that write has
 //! to be a delete and create because the apiserver refuses the change in place.
+//!
+//! The normalisation happens in one place per kind: the object's *owned content* (private
+//! `*_content` functions). Two objects match when their owned contents are equal, and a
+//! [`Fingerprint`] is a hash of the owned content. That is what lets the sink's caches keep
+//! eight bytes per object instead of the object (see `sink::project`): the fingerprint of a
+//! live object, taken when its watch event arrives, equals the fingerprint of the rendered
+//! object exactly when [`Owned::matches`] would say they match.
+//!
+//! Labels and annotations belong to the owned content only for the keys we set on that
+//! kind: the ones its renderer always sets, the conditional annotations
+//! ([`CONDITIONAL_ANNOTATIONS`], which must be absent when we do not set them), and on a
+//! Service the registry-metadata keys its own `connector.flomesh.io/metadata-keys`
+//! annotation lists. Restricting both sides to those keys makes "every desired entry is
+//! on the live object and no stale conditional one is" an equality, so it can be hashed.
 
+use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
 
 use k8s_openapi::api::core::v1::{Endpoints, Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::labels::CONDITIONAL_ANNOTATIONS;
+use crate::labels::{
+    parse_metadata_keys, CLOUD_SERVICE_INHERITED_FROM_ANNOTATION, CLOUD_SOURCED_SERVICE_LABEL,
+    CONDITIONAL_ANNOTATIONS, CONNECTOR_INSTANCE_LABEL, ENDPOINTSLICE_MANAGED_BY_LABEL,
+    MANAGED_BY_LABEL, MESH_SERVICE_SYNC_ANNOTATION, METADATA_KEYS_ANNOTATION, SERVICE_NAME_LABEL,
+    SKIP_MIRROR_LABEL,
+};
 use crate::render::service::{CLUSTER_IP_NONE, TYPE_CLUSTER_IP, TYPE_EXTERNAL_NAME};
 use crate::render::PORT_PROTOCOL;
+
+/// A hash of an object's owned content. Equal contents give equal fingerprints; different
+/// contents give different ones except with probability 2⁻⁶⁴ per comparison (SipHash over
+/// the normalised fields), which would at worst leave one edited object unrepaired until
+/// its next change. Only ever compared within one process, so the hash function need not
+/// be stable across builds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Fingerprint(u64);
+
+impl Fingerprint {
+    fn of(content: &impl Hash) -> Self {
+        let mut hasher = DefaultHasher::new();
+        content.hash(&mut hasher);
+        Self(hasher.finish())
+    }
+}
+
+/// The kinds the sink writes, compared on the fields we own.
+pub trait Owned {
+    /// Whether `live` already has everything `self` (the desired object) sets.
+    fn matches(&self, live: &Self) -> bool;
+    /// The hash of the owned content: `a.fingerprint() == b.fingerprint()` exactly when
+    /// `a.matches(b)` (up to hash collisions).
+    fn fingerprint(&self) -> Fingerprint;
+}
+
+impl Owned for Service {
+    fn matches(&self, live: &Self) -> bool {
+        service_matches(self, live)
+    }
+    fn fingerprint(&self) -> Fingerprint {
+        Fingerprint::of(&service_content(self))
+    }
+}
+
+impl Owned for EndpointSlice {
+    fn matches(&self, live: &Self) -> bool {
+        endpoint_slice_matches(self, live)
+    }
+    fn fingerprint(&self) -> Fingerprint {
+        Fingerprint::of(&slice_content(self))
+    }
+}
+
+impl Owned for Endpoints {
+    fn matches(&self, live: &Self) -> bool {
+        endpoints_matches(self, live)
+    }
+    fn fingerprint(&self) -> Fingerprint {
+        Fingerprint::of(&endpoints_content(self))
+    }
+}
 
 /// Whether the live Service has everything the desired one sets: our labels and
 /// annotations with equal values, the same type, the same headlessness, the same
 /// `externalName`, the same ports (as a set of name, port, protocol, appProtocol,
 /// targetPort) and no selector.
 pub fn service_matches(desired: &Service, live: &Service) -> bool {
-    let default_spec = ServiceSpec::default();
-    let d = desired.spec.as_ref().unwrap_or(&default_spec);
-    let l = live.spec.as_ref().unwrap_or(&default_spec);
-    metadata_matches(&desired.metadata, &live.metadata, CONDITIONAL_ANNOTATIONS)
-        && service_type(d) == service_type(l)
-        && is_headless(d) == is_headless(l)
-        && non_empty(&d.external_name) == non_empty(&l.external_name)
-        && service_ports(d) == service_ports(l)
-        && selector(d) == selector(l)
+    service_content(desired) == service_content(live)
+}
+
+/// What [`service_needs_recreate`] needs to know of the live Service; small enough to
+/// keep in the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceShape {
+    pub external_name: bool,
+    pub headless: bool,
+}
+
+impl ServiceShape {
+    pub fn of(service: &Service) -> Self {
+        let default_spec = ServiceSpec::default();
+        let spec = service.spec.as_ref().unwrap_or(&default_spec);
+        Self {
+            external_name: service_type(spec) == TYPE_EXTERNAL_NAME,
+            headless: is_headless(spec),
+        }
+    }
 }
 
 /// Whether the desired Service can only replace the live one by deleting and recreating
 /// it: the apiserver never changes a ClusterIP Service between headless (`clusterIP:
 /// None`) and an allocated virtual IP in place. Changes to or from ExternalName are
 /// allowed in place (the apiserver clears or allocates the IP itself).
-pub fn service_needs_recreate(desired: &Service, live: &Service) -> bool {
-    let default_spec = ServiceSpec::default();
-    let d = desired.spec.as_ref().unwrap_or(&default_spec);
-    let l = live.spec.as_ref().unwrap_or(&default_spec);
-    service_type(d) != TYPE_EXTERNAL_NAME
-        && service_type(l) != TYPE_EXTERNAL_NAME
-        && is_headless(d) != is_headless(l)
+pub fn service_needs_recreate(desired: &Service, live: ServiceShape) -> bool {
+    let desired = ServiceShape::of(desired);
+    !desired.external_name && !live.external_name && desired.headless != live.headless
 }
 
 /// Whether the live EndpointSlice has everything the desired one sets: our labels, the
 /// same `addressType`, the same ports and endpoints (each as a set; an endpoint compared by
 /// addresses, conditions and zone) and owner references to the same uids.
 pub fn endpoint_slice_matches(desired: &EndpointSlice, live: &EndpointSlice) -> bool {
-    metadata_matches(&desired.metadata, &live.metadata, &[])
-        && owner_uids(&desired.metadata) == owner_uids(&live.metadata)
-        && desired.address_type == live.address_type
-        && slice_ports(desired) == slice_ports(live)
-        && slice_endpoints(desired) == slice_endpoints(live)
+    slice_content(desired) == slice_content(live)
 }
 
 /// Whether the desired EndpointSlice can only replace the live one by deleting and
@@ -74,37 +150,177 @@ pub fn endpoint_slice_needs_recreate(desired: &EndpointSlice, live: &EndpointSli
 /// (port set, address, ready) they describe, so a different split into subsets or order of
 /// addresses is not a difference.
 pub fn endpoints_matches(desired: &Endpoints, live: &Endpoints) -> bool {
-    metadata_matches(&desired.metadata, &live.metadata, CONDITIONAL_ANNOTATIONS)
-        && owner_uids(&desired.metadata) == owner_uids(&live.metadata)
-        && endpoints_addresses(desired) == endpoints_addresses(live)
+    endpoints_content(desired) == endpoints_content(live)
 }
 
-/// Every desired label and annotation is on the live object with the same value, and each
-/// of `conditional_annotations` the desired object lacks is absent from the live one.
-fn metadata_matches(
-    desired: &ObjectMeta,
-    live: &ObjectMeta,
+/// Label keys every rendered object carries (`render::base_labels`).
+const BASE_LABELS: [&str; 3] = [
+    MANAGED_BY_LABEL,
+    CONNECTOR_INSTANCE_LABEL,
+    CLOUD_SOURCED_SERVICE_LABEL,
+];
+
+/// The label and annotation keys one kind's renderer sets on every object, besides the
+/// conditional annotations and (on Services) the listed registry-metadata keys. A key
+/// here that the renderer did not always set would never match (the writer keeps labels
+/// it does not own), so this lists exactly what the renderers set; a unit test checks
+/// each renderer against it.
+struct OwnedKeys {
+    labels: &'static [&'static str],
+    annotations: &'static [&'static str],
+    /// Whether the object's metadata-keys annotation adds keys (Services only).
+    metadata_keys: bool,
+}
+
+const SERVICE_KEYS: OwnedKeys = OwnedKeys {
+    labels: &BASE_LABELS,
+    annotations: &[
+        MESH_SERVICE_SYNC_ANNOTATION,
+        CLOUD_SERVICE_INHERITED_FROM_ANNOTATION,
+    ],
+    metadata_keys: true,
+};
+
+const SLICE_KEYS: OwnedKeys = OwnedKeys {
+    labels: &[
+        MANAGED_BY_LABEL,
+        CONNECTOR_INSTANCE_LABEL,
+        CLOUD_SOURCED_SERVICE_LABEL,
+        SERVICE_NAME_LABEL,
+        ENDPOINTSLICE_MANAGED_BY_LABEL,
+    ],
+    annotations: &[],
+    metadata_keys: false,
+};
+
+const ENDPOINTS_KEYS: OwnedKeys = OwnedKeys {
+    labels: &[
+        MANAGED_BY_LABEL,
+        CONNECTOR_INSTANCE_LABEL,
+        CLOUD_SOURCED_SERVICE_LABEL,
+        SERVICE_NAME_LABEL,
+        SKIP_MIRROR_LABEL,
+    ],
+    annotations: &[],
+    metadata_keys: false,
+};
+
+/// Our labels and annotations of one object, restricted to the keys we set on its kind.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct MetaContent<'a> {
+    labels: BTreeMap<&'a str, &'a str>,
+    annotations: BTreeMap<&'a str, &'a str>,
+}
+
+fn meta_content<'a>(
+    meta: &'a ObjectMeta,
+    keys: &OwnedKeys,
     conditional_annotations: &[&str],
-) -> bool {
-    let empty = BTreeMap::new();
-    let live_annotations = live.annotations.as_ref().unwrap_or(&empty);
-    let desired_annotations = desired.annotations.as_ref().unwrap_or(&empty);
-    contains_all(desired.labels.as_ref(), live.labels.as_ref())
-        && contains_all(desired.annotations.as_ref(), live.annotations.as_ref())
-        && conditional_annotations
-            .iter()
-            .filter(|key| !desired_annotations.contains_key(**key))
-            .all(|key| !live_annotations.contains_key(*key))
+) -> MetaContent<'a> {
+    let (tracked_labels, tracked_annotations) = if keys.metadata_keys {
+        meta.annotations
+            .as_ref()
+            .and_then(|a| a.get(METADATA_KEYS_ANNOTATION))
+            .map(|v| parse_metadata_keys(v))
+            .unwrap_or_default()
+    } else {
+        Default::default()
+    };
+    let restrict = |map: &'a Option<BTreeMap<String, String>>,
+                    fixed: &[&str],
+                    conditional: &[&str],
+                    tracked: &[String]| {
+        map.iter()
+            .flatten()
+            .filter(|(key, _)| {
+                let key = key.as_str();
+                fixed.contains(&key)
+                    || conditional.contains(&key)
+                    || tracked.iter().any(|t| t == key)
+            })
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect()
+    };
+    MetaContent {
+        labels: restrict(&meta.labels, keys.labels, &[], &tracked_labels),
+        annotations: restrict(
+            &meta.annotations,
+            keys.annotations,
+            conditional_annotations,
+            &tracked_annotations,
+        ),
+    }
 }
 
-fn contains_all(
-    desired: Option<&BTreeMap<String, String>>,
-    live: Option<&BTreeMap<String, String>>,
-) -> bool {
-    desired
-        .into_iter()
-        .flatten()
-        .all(|(k, v)| live.and_then(|l| l.get(k)) == Some(v))
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct ServiceContent<'a> {
+    meta: MetaContent<'a>,
+    type_: &'a str,
+    headless: bool,
+    external_name: Option<&'a str>,
+    ports: BTreeSet<ServicePortKey<'a>>,
+    selector: Option<&'a BTreeMap<String, String>>,
+}
+
+fn service_content(service: &Service) -> ServiceContent<'_> {
+    let meta = meta_content(&service.metadata, &SERVICE_KEYS, CONDITIONAL_ANNOTATIONS);
+    match service.spec.as_ref() {
+        Some(spec) => ServiceContent {
+            meta,
+            type_: service_type(spec),
+            headless: is_headless(spec),
+            external_name: non_empty(&spec.external_name),
+            ports: service_ports(spec),
+            selector: selector(spec),
+        },
+        // What an empty spec normalises to.
+        None => ServiceContent {
+            meta,
+            type_: TYPE_CLUSTER_IP,
+            headless: false,
+            external_name: None,
+            ports: BTreeSet::new(),
+            selector: None,
+        },
+    }
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct SliceContent<'a> {
+    meta: MetaContent<'a>,
+    owners: BTreeSet<&'a str>,
+    address_type: &'a str,
+    ports: BTreeSet<PortKey<'a>>,
+    endpoints: BTreeSet<EndpointKey<'a>>,
+}
+
+fn slice_content(slice: &EndpointSlice) -> SliceContent<'_> {
+    SliceContent {
+        meta: meta_content(&slice.metadata, &SLICE_KEYS, &[]),
+        owners: owner_uids(&slice.metadata),
+        address_type: &slice.address_type,
+        ports: slice_ports(slice),
+        endpoints: slice_endpoints(slice),
+    }
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct EndpointsContent<'a> {
+    meta: MetaContent<'a>,
+    owners: BTreeSet<&'a str>,
+    addresses: BTreeSet<AddressKey<'a>>,
+}
+
+fn endpoints_content(endpoints: &Endpoints) -> EndpointsContent<'_> {
+    EndpointsContent {
+        meta: meta_content(
+            &endpoints.metadata,
+            &ENDPOINTS_KEYS,
+            CONDITIONAL_ANNOTATIONS,
+        ),
+        owners: owner_uids(&endpoints.metadata),
+        addresses: endpoints_addresses(endpoints),
+    }
 }
 
 fn owner_uids(meta: &ObjectMeta) -> BTreeSet<&str> {
@@ -133,7 +349,7 @@ fn is_headless(spec: &ServiceSpec) -> bool {
 }
 
 /// A port's `targetPort`, comparable.
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Target<'a> {
     Number(i32),
     Name(&'a str),
@@ -252,6 +468,19 @@ mod tests {
     use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, OwnerReference};
 
+    /// The comparison, checked two ways: the owned contents are equal exactly when the
+    /// fingerprints are. Every case below therefore also says whether a change moves
+    /// the fingerprint (fields we own) or not (fields others own, apiserver defaults).
+    fn same<K: Owned>(desired: &K, live: &K) -> bool {
+        let matches = desired.matches(live);
+        assert_eq!(
+            matches,
+            desired.fingerprint() == live.fingerprint(),
+            "matches and fingerprints disagree"
+        );
+        matches
+    }
+
     fn instances() -> Vec<MicroEndpoint> {
         vec![
             ep("10.0.0.1", &[(8080, "http"), (9090, "grpc")], true),
@@ -321,14 +550,11 @@ mod tests {
             ServiceMode::ExternalName,
         ] {
             let desired = service(mode);
-            assert!(service_matches(&desired, &desired), "{mode}");
-            assert!(
-                service_matches(&desired, &as_stored(desired.clone())),
-                "{mode}"
-            );
+            assert!(same(&desired, &desired), "{mode}");
+            assert!(same(&desired, &as_stored(desired.clone())), "{mode}");
             assert!(!service_needs_recreate(
                 &desired,
-                &as_stored(desired.clone())
+                ServiceShape::of(&as_stored(desired.clone()))
             ));
         }
     }
@@ -342,12 +568,9 @@ mod tests {
                 p.target_port = None;
             }
         });
-        assert!(service_matches(&desired, &live));
+        assert!(same(&desired, &live));
         let live = edit_spec(&desired, |s| s.type_ = None);
-        assert!(
-            service_matches(&desired, &live),
-            "type defaults to ClusterIP"
-        );
+        assert!(same(&desired, &live), "type defaults to ClusterIP");
     }
 
     #[test]
@@ -359,18 +582,15 @@ mod tests {
             .insert("version".into(), "1".into());
         let tracked = desired_service(&cfg(ServiceMode::Headless), "orders", &with_metadata);
         let live = as_stored(tracked.clone());
-        assert!(service_matches(&tracked, &live));
+        assert!(same(&tracked, &live));
         let plain = service(ServiceMode::Headless);
-        assert!(
-            !service_matches(&plain, &live),
-            "the tracked label must be removed"
-        );
+        assert!(!same(&plain, &live), "the tracked label must be removed");
         with_metadata
             .metadata
             .labels
             .insert("version".into(), "2".into());
         let changed = desired_service(&cfg(ServiceMode::Headless), "orders", &with_metadata);
-        assert!(!service_matches(&changed, &live));
+        assert!(!same(&changed, &live));
     }
 
     #[test]
@@ -458,7 +678,7 @@ mod tests {
         cases.push(("no labels", no_labels));
 
         for (what, case) in cases {
-            assert!(!service_matches(&desired, &case), "{what} should mismatch");
+            assert!(!same(&desired, &case), "{what} should mismatch");
         }
     }
 
@@ -466,9 +686,9 @@ mod tests {
     fn external_name_target_mismatch() {
         let desired = service(ServiceMode::ExternalName);
         let live = edit_spec(&desired, |s| s.external_name = Some("other.consul".into()));
-        assert!(!service_matches(&desired, &live));
+        assert!(!same(&desired, &live));
         let live = edit_spec(&desired, |s| s.type_ = Some("ClusterIP".into()));
-        assert!(!service_matches(&desired, &live));
+        assert!(!same(&desired, &live));
     }
 
     #[test]
@@ -476,19 +696,27 @@ mod tests {
         let headless = as_stored(service(ServiceMode::Headless));
         let cluster_ip = as_stored(service(ServiceMode::ClusterIp));
         let external = as_stored(service(ServiceMode::ExternalName));
+        let (headless_shape, cluster_ip_shape, external_shape) = (
+            ServiceShape::of(&headless),
+            ServiceShape::of(&cluster_ip),
+            ServiceShape::of(&external),
+        );
         let desired_headless = service(ServiceMode::Headless);
         let desired_cluster_ip = service(ServiceMode::ClusterIp);
         let desired_external = service(ServiceMode::ExternalName);
 
-        assert!(service_needs_recreate(&desired_headless, &cluster_ip));
-        assert!(service_needs_recreate(&desired_cluster_ip, &headless));
-        assert!(!service_needs_recreate(&desired_headless, &headless));
-        assert!(!service_needs_recreate(&desired_cluster_ip, &cluster_ip));
-        assert!(!service_needs_recreate(&desired_external, &headless));
-        assert!(!service_needs_recreate(&desired_external, &cluster_ip));
-        assert!(!service_needs_recreate(&desired_headless, &external));
-        assert!(!service_needs_recreate(&desired_cluster_ip, &external));
-        assert!(!service_matches(&desired_cluster_ip, &headless));
+        assert!(service_needs_recreate(&desired_headless, cluster_ip_shape));
+        assert!(service_needs_recreate(&desired_cluster_ip, headless_shape));
+        assert!(!service_needs_recreate(&desired_headless, headless_shape));
+        assert!(!service_needs_recreate(
+            &desired_cluster_ip,
+            cluster_ip_shape
+        ));
+        assert!(!service_needs_recreate(&desired_external, headless_shape));
+        assert!(!service_needs_recreate(&desired_external, cluster_ip_shape));
+        assert!(!service_needs_recreate(&desired_headless, external_shape));
+        assert!(!service_needs_recreate(&desired_cluster_ip, external_shape));
+        assert!(!same(&desired_cluster_ip, &headless));
     }
 
     fn slice() -> EndpointSlice {
@@ -530,11 +758,8 @@ mod tests {
     #[test]
     fn slice_matches_itself_and_its_stored_form() {
         let desired = slice();
-        assert!(endpoint_slice_matches(&desired, &desired));
-        assert!(endpoint_slice_matches(
-            &desired,
-            &slice_as_stored(desired.clone())
-        ));
+        assert!(same(&desired, &desired));
+        assert!(same(&desired, &slice_as_stored(desired.clone())));
         assert!(!endpoint_slice_needs_recreate(&desired, &desired));
     }
 
@@ -545,7 +770,7 @@ mod tests {
         for p in live.ports.iter_mut().flatten() {
             p.protocol = None;
         }
-        assert!(endpoint_slice_matches(&desired, &live));
+        assert!(same(&desired, &live));
 
         let mut unnamed_desired = desired.clone();
         for p in unnamed_desired.ports.iter_mut().flatten() {
@@ -555,13 +780,13 @@ mod tests {
         for p in defaulted.ports.iter_mut().flatten() {
             p.name = Some(String::new());
         }
-        assert!(endpoint_slice_matches(&unnamed_desired, &defaulted));
+        assert!(same(&unnamed_desired, &defaulted));
 
         let mut empty_ports = desired.clone();
         empty_ports.ports = None;
         let mut stored_empty = empty_ports.clone();
         stored_empty.ports = Some(Vec::new());
-        assert!(endpoint_slice_matches(&empty_ports, &stored_empty));
+        assert!(same(&empty_ports, &stored_empty));
     }
 
     #[test]
@@ -660,10 +885,7 @@ mod tests {
         cases.push(("service-name label", c));
 
         for (what, case) in cases {
-            assert!(
-                !endpoint_slice_matches(&desired, &case),
-                "{what} should mismatch"
-            );
+            assert!(!same(&desired, &case), "{what} should mismatch");
         }
     }
 
@@ -680,7 +902,7 @@ mod tests {
             o.block_owner_deletion = None;
             o.name = "renamed".into();
         }
-        assert!(endpoint_slice_matches(&desired, &live));
+        assert!(same(&desired, &live));
     }
 
     fn endpoints() -> Endpoints {
@@ -696,7 +918,7 @@ mod tests {
     #[test]
     fn endpoints_match_regardless_of_subset_layout() {
         let desired = endpoints();
-        assert!(endpoints_matches(&desired, &desired));
+        assert!(same(&desired, &desired));
 
         // The same addresses, split one subset per address, in reverse order, with the
         // protocol defaulted and an annotation someone else added.
@@ -736,7 +958,7 @@ mod tests {
                 "t".into(),
             );
         live.metadata.resource_version = Some("9".into());
-        assert!(endpoints_matches(&desired, &live));
+        assert!(same(&desired, &live));
     }
 
     #[test]
@@ -750,7 +972,7 @@ mod tests {
         .expect("legacy endpoints on");
         let mut live = desired.clone();
         live.subsets = Some(Vec::new());
-        assert!(endpoints_matches(&desired, &live));
+        assert!(same(&desired, &live));
     }
 
     #[test]
@@ -822,10 +1044,7 @@ mod tests {
         cases.push(("no subsets", c));
 
         for (what, case) in cases {
-            assert!(
-                !endpoints_matches(&desired, &case),
-                "{what} should mismatch"
-            );
+            assert!(!same(&desired, &case), "{what} should mismatch");
         }
     }
 
@@ -841,8 +1060,167 @@ mod tests {
                 "truncated".into(),
             );
         let mut live = desired.clone();
-        assert!(endpoints_matches(&desired, &live));
+        assert!(same(&desired, &live));
         live.metadata.annotations = None;
-        assert!(!endpoints_matches(&desired, &live));
+        assert!(!same(&desired, &live));
+    }
+
+    /// Registry metadata copied onto the Service, and more than 1000 addresses so that the
+    /// Endpoints carry the over-capacity annotation: every conditional key is set.
+    fn everything_rendered() -> (Service, EndpointSlice, Endpoints) {
+        let mut m = meta(
+            (0..1001)
+                .map(|i| {
+                    ep(
+                        &format!("10.1.{}.{}", i / 200, i % 200 + 1),
+                        &[(8080, "http")],
+                        i % 2 == 0,
+                    )
+                })
+                .collect(),
+        );
+        m.metadata.labels.insert("version".into(), "1".into());
+        m.metadata.annotations.insert("owner".into(), "jane".into());
+        let c = cfg(ServiceMode::Headless);
+        let svc = desired_service(&c, "orders", &m);
+        let owner = owner_reference(&service_with_uid("orders", "u-1"));
+        let slice = plan_endpoint_slices(&c, "orders", &m, &[], owner.clone())
+            .desired
+            .remove(0);
+        let eps = desired_endpoints(&c, "orders", &m, owner).expect("legacy endpoints on");
+        (svc, slice, eps)
+    }
+
+    #[test]
+    fn every_key_the_renderers_set_is_owned_content() {
+        let (svc, slice, eps) = everything_rendered();
+        let len = |m: &Option<BTreeMap<String, String>>| m.as_ref().map_or(0, BTreeMap::len);
+        let content = service_content(&svc);
+        assert_eq!(content.meta.labels.len(), len(&svc.metadata.labels));
+        assert_eq!(
+            content.meta.annotations.len(),
+            len(&svc.metadata.annotations)
+        );
+        assert!(content.meta.labels.contains_key("version"));
+        assert!(content.meta.annotations.contains_key("owner"));
+        let content = slice_content(&slice);
+        assert_eq!(content.meta.labels.len(), len(&slice.metadata.labels));
+        assert_eq!(len(&slice.metadata.annotations), 0);
+        let content = endpoints_content(&eps);
+        assert_eq!(content.meta.labels.len(), len(&eps.metadata.labels));
+        assert_eq!(
+            content.meta.annotations.len(),
+            len(&eps.metadata.annotations)
+        );
+        assert!(content
+            .meta
+            .annotations
+            .contains_key(ENDPOINTS_OVER_CAPACITY_ANNOTATION));
+    }
+
+    #[test]
+    fn fingerprints_change_with_every_rendered_value() {
+        let (svc, slice, eps) = everything_rendered();
+        let relabel = |meta: &ObjectMeta| {
+            let field = |m: &mut ObjectMeta, label: bool| {
+                if label {
+                    m.labels.get_or_insert_with(BTreeMap::new).clone()
+                } else {
+                    m.annotations.get_or_insert_with(BTreeMap::new).clone()
+                }
+            };
+            let mut variants = Vec::new();
+            for label in [true, false] {
+                let keys: Vec<String> = field(&mut meta.clone(), label).into_keys().collect();
+                for key in keys {
+                    let what = if label { "label" } else { "annotation" };
+                    for removed in [false, true] {
+                        let mut edited = meta.clone();
+                        let mut map = field(&mut edited, label);
+                        if removed {
+                            map.remove(&key);
+                        } else if let Some(v) = map.get_mut(&key) {
+                            v.push('x');
+                        }
+                        if label {
+                            edited.labels = Some(map);
+                        } else {
+                            edited.annotations = Some(map);
+                        }
+                        variants.push((format!("{what} {key} (removed: {removed})"), edited));
+                    }
+                }
+            }
+            variants
+        };
+        for (what, meta) in relabel(&svc.metadata) {
+            let case = Service {
+                metadata: meta,
+                ..svc.clone()
+            };
+            assert_ne!(svc.fingerprint(), case.fingerprint(), "Service {what}");
+        }
+        for (what, meta) in relabel(&slice.metadata) {
+            let case = EndpointSlice {
+                metadata: meta,
+                ..slice.clone()
+            };
+            assert_ne!(slice.fingerprint(), case.fingerprint(), "slice {what}");
+        }
+        for (what, meta) in relabel(&eps.metadata) {
+            let case = Endpoints {
+                metadata: meta,
+                ..eps.clone()
+            };
+            assert_ne!(eps.fingerprint(), case.fingerprint(), "Endpoints {what}");
+        }
+        // Spec, ports, endpoints and subsets: the mismatch tests above run every case
+        // through `same`, which checks the fingerprint as well.
+    }
+
+    #[test]
+    fn fingerprints_ignore_what_others_own() {
+        let (svc, slice, eps) = everything_rendered();
+        let bookkeeping = |meta: &mut ObjectMeta| {
+            meta.resource_version = Some("99".into());
+            meta.uid = Some("other-uid".into());
+            meta.generation = Some(7);
+            meta.managed_fields = Some(vec![ManagedFieldsEntry::default()]);
+            meta.finalizers = Some(vec!["example.com/keep".into()]);
+            meta.labels
+                .get_or_insert_with(BTreeMap::new)
+                .insert("team".into(), "payments".into());
+            meta.annotations
+                .get_or_insert_with(BTreeMap::new)
+                .insert("mesh.example/inject".into(), "true".into());
+        };
+
+        let mut live = as_stored(svc.clone());
+        bookkeeping(&mut live.metadata);
+        if let Some(spec) = live.spec.as_mut() {
+            spec.publish_not_ready_addresses = Some(true);
+            spec.session_affinity = Some("ClientIP".into());
+        }
+        assert_eq!(svc.fingerprint(), live.fingerprint(), "Service");
+
+        let mut live = slice_as_stored(slice.clone());
+        bookkeeping(&mut live.metadata);
+        for e in &mut live.endpoints {
+            e.hostname = Some("h".into());
+            e.node_name = Some("n".into());
+        }
+        assert_eq!(slice.fingerprint(), live.fingerprint(), "EndpointSlice");
+
+        let mut live = eps.clone();
+        bookkeeping(&mut live.metadata);
+        for subset in live.subsets.iter_mut().flatten() {
+            for a in subset.addresses.iter_mut().flatten() {
+                a.hostname = Some("h".into());
+            }
+            if let Some(ports) = subset.ports.as_mut() {
+                ports.reverse();
+            }
+        }
+        assert_eq!(eps.fingerprint(), live.fingerprint(), "Endpoints");
     }
 }

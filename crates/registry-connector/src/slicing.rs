@@ -17,7 +17,7 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
 use crate::labels::{
-    is_owned, ENDPOINTSLICE_CONTROLLER_NAME, ENDPOINTSLICE_MANAGED_BY_LABEL, SERVICE_NAME_LABEL,
+    ENDPOINTSLICE_CONTROLLER_NAME, ENDPOINTSLICE_MANAGED_BY_LABEL, SERVICE_NAME_LABEL,
 };
 use crate::model::{AddressFamily, MicroEndpoint, MicroEndpointAddr, MicroSvcMeta, MicroSvcPort};
 use crate::naming::short_hash;
@@ -31,6 +31,28 @@ const GROUP_HASH_LEN: usize = 6;
 /// Hex digits used instead when two port sets of one family share the short hash, so that
 /// their names (and the grouping of existing slices by name) stay apart.
 const GROUP_HASH_LEN_ON_COLLISION: usize = 16;
+
+/// What the planner needs to know of one existing EndpointSlice: its name, whether it is
+/// ours, and its endpoints' addresses in the order the slice lists them. The sink's cache
+/// keeps exactly this of each slice (see `sink::project`), not the slice.
+#[derive(Clone, Copy, Debug)]
+pub struct ExistingSlice<'a> {
+    pub name: &'a str,
+    /// Both ownership labels with our values ([`crate::labels::is_owned`]).
+    pub owned: bool,
+    pub addresses: &'a [MicroEndpointAddr],
+}
+
+/// The addresses of a slice's endpoints, in order; addresses that do not parse are left
+/// out (they cannot be one of ours, so they never keep an endpoint in place).
+pub fn slice_addresses(slice: &EndpointSlice) -> Vec<MicroEndpointAddr> {
+    slice
+        .endpoints
+        .iter()
+        .flat_map(|e| e.addresses.iter())
+        .filter_map(|text| text.parse().ok())
+        .collect()
+}
 
 /// What the sink should make true for one service's EndpointSlices.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -67,17 +89,14 @@ pub fn plan_endpoint_slices(
     cfg: &RenderConfig,
     kube_name: &str,
     meta: &MicroSvcMeta,
-    existing: &[EndpointSlice],
+    existing: &[ExistingSlice<'_>],
     owner: Option<OwnerReference>,
 ) -> SlicePlan {
-    let owned: Vec<&EndpointSlice> = existing
-        .iter()
-        .filter(|s| is_owned(&s.metadata, &cfg.connector_id))
-        .collect();
+    let owned: Vec<&ExistingSlice<'_>> = existing.iter().filter(|s| s.owned).collect();
     let foreign_names: BTreeSet<&str> = existing
         .iter()
-        .filter(|s| !is_owned(&s.metadata, &cfg.connector_id))
-        .filter_map(|s| s.metadata.name.as_deref())
+        .filter(|s| !s.owned)
+        .map(|s| s.name)
         .collect();
 
     let groups = if cfg.service_mode.has_endpoints() {
@@ -96,7 +115,7 @@ pub fn plan_endpoint_slices(
             .cloned()
             .unwrap_or_else(|| port_set_hash(port_set, GROUP_HASH_LEN));
         let prefix = format!("{kube_name}-{}-{tag}-", family.tag());
-        let existing_slots: BTreeMap<usize, &EndpointSlice> = owned
+        let existing_slots: BTreeMap<usize, &ExistingSlice<'_>> = owned
             .iter()
             .filter_map(|s| slice_index(s, &prefix).map(|i| (i, *s)))
             .collect();
@@ -140,7 +159,7 @@ pub fn plan_endpoint_slices(
         .collect();
     let mut delete: Vec<String> = owned
         .iter()
-        .filter_map(|s| s.metadata.name.as_deref())
+        .map(|s| s.name)
         .filter(|name| !wanted.contains(name))
         .map(str::to_owned)
         .collect();
@@ -182,8 +201,8 @@ fn port_set_hash(port_set: &BTreeSet<MicroSvcPort>, len: usize) -> String {
 }
 
 /// The index of a slice named `<prefix><index>`, with `index` in canonical decimal form.
-fn slice_index(slice: &EndpointSlice, prefix: &str) -> Option<usize> {
-    let rest = slice.metadata.name.as_deref()?.strip_prefix(prefix)?;
+fn slice_index(slice: &ExistingSlice<'_>, prefix: &str) -> Option<usize> {
+    let rest = slice.name.strip_prefix(prefix)?;
     let canonical = !rest.is_empty()
         && rest.bytes().all(|b| b.is_ascii_digit())
         && (rest == "0" || !rest.starts_with('0'));
@@ -198,7 +217,7 @@ fn slice_index(slice: &EndpointSlice, prefix: &str) -> Option<usize> {
 /// [`plan_endpoint_slices`]. Returns only non-empty slices, each with sorted addresses.
 fn place(
     members: &BTreeMap<MicroEndpointAddr, MicroEndpoint>,
-    existing: &BTreeMap<usize, &EndpointSlice>,
+    existing: &BTreeMap<usize, &ExistingSlice<'_>>,
     is_free: impl Fn(usize) -> bool,
     capacity: usize,
 ) -> BTreeMap<usize, Vec<MicroEndpointAddr>> {
@@ -208,12 +227,9 @@ fn place(
     let mut slots: BTreeMap<usize, Vec<MicroEndpointAddr>> = BTreeMap::new();
     for (index, slice) in existing {
         let mut kept = Vec::new();
-        for text in slice.endpoints.iter().flat_map(|e| e.addresses.iter()) {
-            let Ok(addr) = text.parse::<MicroEndpointAddr>() else {
-                continue;
-            };
-            if kept.len() < capacity && unplaced.remove(&addr) {
-                kept.push(addr);
+        for addr in slice.addresses {
+            if kept.len() < capacity && unplaced.remove(addr) {
+                kept.push(*addr);
             }
         }
         slots.insert(*index, kept);
@@ -313,8 +329,37 @@ mod tests {
             .collect()
     }
 
+    /// The planner fed with what the sink's cache keeps of `existing`.
+    fn plan_with(
+        c: &RenderConfig,
+        kube_name: &str,
+        m: &MicroSvcMeta,
+        existing: &[EndpointSlice],
+        owner: Option<OwnerReference>,
+    ) -> SlicePlan {
+        let kept: Vec<(String, bool, Vec<MicroEndpointAddr>)> = existing
+            .iter()
+            .map(|s| {
+                (
+                    s.metadata.name.clone().unwrap_or_default(),
+                    crate::labels::is_owned(&s.metadata, &c.connector_id),
+                    slice_addresses(s),
+                )
+            })
+            .collect();
+        let views: Vec<ExistingSlice<'_>> = kept
+            .iter()
+            .map(|(name, owned, addresses)| ExistingSlice {
+                name,
+                owned: *owned,
+                addresses,
+            })
+            .collect();
+        plan_endpoint_slices(c, kube_name, m, &views, owner)
+    }
+
     fn plan(m: &MicroSvcMeta, existing: &[EndpointSlice]) -> SlicePlan {
-        plan_endpoint_slices(&cfg(ServiceMode::Headless), NAME, m, existing, None)
+        plan_with(&cfg(ServiceMode::Headless), NAME, m, existing, None)
     }
 
     fn names(slices: &[EndpointSlice]) -> Vec<String> {
@@ -380,7 +425,7 @@ mod tests {
             zoned,
         ]);
         let owner = owner_reference(&service_with_uid(NAME, "u-1"));
-        let p = plan_endpoint_slices(&cfg(ServiceMode::Headless), NAME, &m, &[], owner.clone());
+        let p = plan_with(&cfg(ServiceMode::Headless), NAME, &m, &[], owner.clone());
         assert_eq!(p.desired.len(), 1);
         let s = &p.desired[0];
         assert_eq!(s.address_type, "IPv4");
@@ -661,7 +706,7 @@ mod tests {
         let before = plan(&meta(v4_endpoints(0..250, true)), &[]);
         let mut small = cfg(ServiceMode::Headless);
         small.max_endpoints_per_slice = 50;
-        let after = plan_endpoint_slices(
+        let after = plan_with(
             &small,
             NAME,
             &meta(v4_endpoints(0..250, true)),
@@ -678,7 +723,7 @@ mod tests {
     fn capacity_zero_is_treated_as_one() {
         let mut c = cfg(ServiceMode::Headless);
         c.max_endpoints_per_slice = 0;
-        let p = plan_endpoint_slices(&c, NAME, &meta(v4_endpoints(0..3, true)), &[], None);
+        let p = plan_with(&c, NAME, &meta(v4_endpoints(0..3, true)), &[], None);
         assert_eq!(sizes(&p.desired), [1, 1, 1]);
     }
 
@@ -686,7 +731,7 @@ mod tests {
     fn external_name_deletes_everything() {
         let m = meta(v4_endpoints(0..5, true));
         let before = plan(&m, &[]);
-        let p = plan_endpoint_slices(
+        let p = plan_with(
             &cfg(ServiceMode::ExternalName),
             NAME,
             &m,
@@ -779,7 +824,7 @@ mod tests {
     #[test]
     fn slice_names_are_bounded() {
         let long = "a".repeat(63);
-        let p = plan_endpoint_slices(
+        let p = plan_with(
             &cfg(ServiceMode::Headless),
             &long,
             &meta(v4_endpoints(0..1, true)),

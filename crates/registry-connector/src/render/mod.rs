@@ -28,7 +28,7 @@ use crate::model::{
 use crate::naming::{app_protocol, port_name};
 
 pub use endpoints::desired_endpoints;
-pub use service::{desired_service, desired_service_with_live};
+pub use service::{desired_service, desired_service_with_live, LiveService};
 
 /// Endpoints per EndpointSlice unless configured otherwise; the same default as the
 /// built-in EndpointSlice controller (`--max-endpoints-per-slice`).
@@ -150,13 +150,23 @@ impl FromStr for ServiceMode {
 /// does not grant, and because nothing is gained by making a foreground deletion of the
 /// Service wait for its slices.
 pub fn owner_reference(service: &Service) -> Option<OwnerReference> {
-    let name = service.metadata.name.clone().filter(|n| !n.is_empty())?;
-    let uid = service.metadata.uid.clone().filter(|u| !u.is_empty())?;
+    owner_reference_to(
+        service.metadata.name.as_deref()?,
+        service.metadata.uid.as_deref()?,
+    )
+}
+
+/// [`owner_reference`] for the Service `name` with `uid`, when only those are known (the
+/// sink's cache keeps no whole Service).
+pub fn owner_reference_to(name: &str, uid: &str) -> Option<OwnerReference> {
+    if name.is_empty() || uid.is_empty() {
+        return None;
+    }
     Some(OwnerReference {
         api_version: "v1".to_owned(),
         kind: "Service".to_owned(),
-        name,
-        uid,
+        name: name.to_owned(),
+        uid: uid.to_owned(),
         controller: Some(false),
         block_owner_deletion: Some(false),
     })

@@ -18,6 +18,7 @@ use super::{
 };
 use crate::labels::{
     metadata_keys_value, parse_metadata_keys, CLOUD_SERVICE_INHERITED_FROM_ANNOTATION,
+    CLOUD_SOURCED_SERVICE_LABEL, CONNECTOR_INSTANCE_LABEL, MANAGED_BY_LABEL,
     MESH_SERVICE_SYNC_ANNOTATION, METADATA_KEYS_ANNOTATION,
 };
 use crate::model::MicroSvcMeta;
@@ -45,6 +46,63 @@ pub fn desired_service(cfg: &RenderConfig, kube_name: &str, meta: &MicroSvcMeta)
     desired_service_with_live(cfg, kube_name, meta, None)
 }
 
+/// What rendering needs to know of the live Service, kept in the sink's cache instead
+/// of the Service itself (see `sink::project`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LiveService {
+    /// Label keys the live Service carries that are not ours (neither set by every
+    /// render nor listed in its metadata-keys annotation): registry metadata never takes
+    /// them over. Usually empty, so nothing is allocated.
+    taken_labels: Box<[Box<str>]>,
+    /// The same for annotation keys.
+    taken_annotations: Box<[Box<str>]>,
+    /// The live ports, reduced to the fields we own, when the Service has a virtual IP
+    /// (see [`desired_service_with_live`]); empty otherwise.
+    virtual_ip_ports: Vec<ServicePort>,
+}
+
+impl LiveService {
+    /// The projection of a live Service.
+    pub fn of(live: &Service) -> Self {
+        let (ours_labels, ours_annotations) = live
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(METADATA_KEYS_ANNOTATION))
+            .map(|v| parse_metadata_keys(v))
+            .unwrap_or_default();
+        // Keys every render sets are never copied from registry metadata (`copy_absent`
+        // skips them), so whether the live Service has them does not matter.
+        let taken = |map: Option<&BTreeMap<String, String>>, ours: &[String], always: &[&str]| {
+            map.into_iter()
+                .flat_map(BTreeMap::keys)
+                .filter(|key| !always.contains(&key.as_str()) && !ours.contains(key))
+                .map(|key| Box::from(key.as_str()))
+                .collect()
+        };
+        Self {
+            taken_labels: taken(
+                live.metadata.labels.as_ref(),
+                &ours_labels,
+                &[
+                    MANAGED_BY_LABEL,
+                    CONNECTOR_INSTANCE_LABEL,
+                    CLOUD_SOURCED_SERVICE_LABEL,
+                ],
+            ),
+            taken_annotations: taken(
+                live.metadata.annotations.as_ref(),
+                &ours_annotations,
+                &[
+                    MESH_SERVICE_SYNC_ANNOTATION,
+                    CLOUD_SERVICE_INHERITED_FROM_ANNOTATION,
+                ],
+            ),
+            virtual_ip_ports: live_virtual_ip_ports(live),
+        }
+    }
+}
+
 /// Like [`desired_service`], but when ClusterIp mode finds no ports and the live Service
 /// already has a virtual IP and ports, keeps the live ports instead of falling back to
 /// headless. Without this, a service whose instances all disappear for a moment would
@@ -55,7 +113,7 @@ pub fn desired_service_with_live(
     cfg: &RenderConfig,
     kube_name: &str,
     meta: &MicroSvcMeta,
-    live: Option<&Service>,
+    live: Option<&LiveService>,
 ) -> Service {
     let service_ports = meta.ports();
     let all_ports = service_ports.keys().copied().collect();
@@ -69,7 +127,7 @@ pub fn desired_service_with_live(
         ServiceMode::Headless => make_headless(&mut spec),
         ServiceMode::ClusterIp => {
             if ports.is_empty() {
-                match live.map(live_virtual_ip_ports).unwrap_or_default() {
+                match live.map(|l| l.virtual_ip_ports.clone()).unwrap_or_default() {
                     kept if kept.is_empty() => make_headless(&mut spec),
                     kept => {
                         ports = kept;
@@ -119,7 +177,7 @@ pub fn desired_service_with_live(
 /// so never later removes, somebody else's label or annotation.
 fn metadata_not_foreign(
     meta: &MicroSvcMeta,
-    live: Option<&Service>,
+    live: Option<&LiveService>,
 ) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
     let Some(live) = live else {
         return (
@@ -127,35 +185,16 @@ fn metadata_not_foreign(
             meta.metadata.annotations.clone(),
         );
     };
-    let (ours_labels, ours_annotations) = live
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(METADATA_KEYS_ANNOTATION))
-        .map(|v| parse_metadata_keys(v))
-        .unwrap_or_default();
-    let keep = |wanted: &BTreeMap<String, String>,
-                live_map: Option<&BTreeMap<String, String>>,
-                ours: &[String]| {
+    let keep = |wanted: &BTreeMap<String, String>, taken: &[Box<str>]| {
         wanted
             .iter()
-            .filter(|(key, _)| {
-                ours.contains(key) || !live_map.is_some_and(|m| m.contains_key(*key))
-            })
+            .filter(|(key, _)| !taken.iter().any(|t| **t == ***key))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     };
     (
-        keep(
-            &meta.metadata.labels,
-            live.metadata.labels.as_ref(),
-            &ours_labels,
-        ),
-        keep(
-            &meta.metadata.annotations,
-            live.metadata.annotations.as_ref(),
-            &ours_annotations,
-        ),
+        keep(&meta.metadata.labels, &live.taken_labels),
+        keep(&meta.metadata.annotations, &live.taken_annotations),
     )
 }
 
@@ -364,8 +403,12 @@ mod tests {
                 crate::labels::METADATA_KEYS_ANNOTATION.into(),
                 "labels=version;annotations=".into(),
             );
-        let next =
-            desired_service_with_live(&cfg(ServiceMode::Headless), "orders", &m, Some(&live));
+        let next = desired_service_with_live(
+            &cfg(ServiceMode::Headless),
+            "orders",
+            &m,
+            Some(&LiveService::of(&live)),
+        );
         let labels = next.metadata.labels.unwrap_or_default();
         assert_eq!(labels.get("version").map(String::as_str), Some("2"));
         assert_eq!(labels.get("team"), None, "theirs, not rendered");
@@ -425,7 +468,7 @@ mod tests {
             s.session_affinity = Some("None".into());
         }
         let empty = meta(Vec::new());
-        let svc = desired_service_with_live(&cfg, "orders", &empty, Some(&live));
+        let svc = desired_service_with_live(&cfg, "orders", &empty, Some(&LiveService::of(&live)));
         assert_eq!(spec(&svc).cluster_ip, None);
         assert_eq!(spec(&svc).type_.as_deref(), Some("ClusterIP"));
         assert_eq!(
@@ -439,11 +482,21 @@ mod tests {
             "orders",
             &with_ports,
         );
-        let svc = desired_service_with_live(&cfg, "orders", &empty, Some(&headless_live));
+        let svc = desired_service_with_live(
+            &cfg,
+            "orders",
+            &empty,
+            Some(&LiveService::of(&headless_live)),
+        );
         assert_eq!(spec(&svc).cluster_ip.as_deref(), Some("None"));
 
         // With ports known, the live Service does not matter.
-        let svc = desired_service_with_live(&cfg, "orders", &with_ports, Some(&headless_live));
+        let svc = desired_service_with_live(
+            &cfg,
+            "orders",
+            &with_ports,
+            Some(&LiveService::of(&headless_live)),
+        );
         assert_eq!(spec(&svc).cluster_ip, None);
     }
 

@@ -205,7 +205,11 @@ where
     let stop = CancellationToken::new();
     let (catalog, events) = Catalog::new();
     let catalog = Arc::new(catalog);
-    let plan = Plan::default();
+    let plan = if diff {
+        Plan::with_changes()
+    } else {
+        Plan::default()
+    };
     let sink =
         Sink::new(client, args.sink_config(), catalog.clone(), events).with_plan(plan.clone());
     let handle = sink.handle();

@@ -9,38 +9,57 @@
 //! content atomically when it is complete, and the services whose objects differ
 //! between the old and new content are reported as changed.
 //!
+//! The cache holds no whole object: every event's object is projected at once into a
+//! [`Cached`] entry (name, UID, ownership, the fingerprint of our fields and the few
+//! facts a reconcile reads; see [`super::project`]) and dropped, so a relist
+//! buffers projections, not objects.
+//!
 //! Every event reports the affected service name, which is how drift (someone editing
 //! or deleting a managed object) reaches the reconcile queue.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
-use kube::{Api, Resource, ResourceExt};
+use kube::Api;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::coalescer::Coalescer;
+use super::project::{project, Cached, Project};
 
-/// Objects of one kind, by service name, then object name.
-type Index<K> = HashMap<String, BTreeMap<String, Arc<K>>>;
+/// One cached object, shared with the reconciles that read it.
+pub type Entry<K> = Arc<Cached<<K as Project>::Facts>>;
 
-/// The index plus, per object name, the service it is filed under (so that a relabelled
-/// object is moved without scanning every service).
-struct Indexed<K> {
+/// Objects of one kind, by service name; each service's objects sorted by name (most
+/// services have one object of each kind, so a vector beats a map here).
+type Index<K> = HashMap<String, Vec<Entry<K>>>;
+
+/// The index plus, for kinds not filed under their own name (slices), the service each
+/// object is filed under, so that a relabelled object is moved without scanning every
+/// service.
+struct Indexed<K: Project> {
     by_service: Index<K>,
-    service_of_object: HashMap<String, String>,
+    service_of_object: HashMap<Box<str>, Box<str>>,
 }
 
-impl<K> Indexed<K> {
+impl<K: Project> Indexed<K> {
     fn from_index(by_service: Index<K>) -> Self {
-        let service_of_object = by_service
-            .iter()
-            .flat_map(|(svc, objs)| objs.keys().map(move |name| (name.clone(), svc.clone())))
-            .collect();
+        let service_of_object = if K::FILED_BY_OWN_NAME {
+            HashMap::new()
+        } else {
+            by_service
+                .iter()
+                .flat_map(|(svc, objs)| {
+                    objs.iter()
+                        .map(move |o| (o.name.clone(), svc.as_str().into()))
+                })
+                .collect()
+        };
         Self {
             by_service,
             service_of_object,
@@ -48,44 +67,68 @@ impl<K> Indexed<K> {
     }
 }
 
-/// How an object names the service it belongs to.
-pub type ServiceKeyFn<K> = fn(&K) -> Option<String>;
-
 /// One kind's cache.
-pub struct ObjectCache<K> {
+pub struct ObjectCache<K: Project> {
     index: RwLock<Indexed<K>>,
-    service_of: ServiceKeyFn<K>,
+    /// The namespace watched, for references to cached objects.
+    namespace: String,
+    /// Whose ownership labels make an object ours.
+    connector_id: String,
     ready: watch::Sender<bool>,
 }
 
-struct Relist<K> {
+struct Relist<K: Project> {
     buffer: Option<Index<K>>,
+}
+
+impl<K: Project> Relist<K> {
+    fn new() -> Self {
+        Self { buffer: None }
+    }
 }
 
 impl<K> ObjectCache<K>
 where
-    K: Resource + Clone + Send + Sync + 'static,
+    K: Project + Send + Sync + 'static,
 {
-    pub fn new(service_of: ServiceKeyFn<K>) -> Self {
+    pub fn new(namespace: impl Into<String>, connector_id: impl Into<String>) -> Self {
         Self {
             index: RwLock::new(Indexed::from_index(HashMap::new())),
-            service_of,
+            namespace: namespace.into(),
+            connector_id: connector_id.into(),
             ready: watch::channel(false).0,
         }
     }
 
-    /// The objects cached for one service.
-    pub fn get(&self, service: &str) -> Vec<Arc<K>> {
+    /// The objects cached for one service, sorted by name.
+    pub fn get(&self, service: &str) -> Vec<Entry<K>> {
         self.read()
             .by_service
             .get(service)
-            .map(|objs| objs.values().cloned().collect())
+            .cloned()
             .unwrap_or_default()
     }
 
     /// One object by service and object name.
-    pub fn get_named(&self, service: &str, name: &str) -> Option<Arc<K>> {
-        self.read().by_service.get(service)?.get(name).cloned()
+    pub fn get_named(&self, service: &str, name: &str) -> Option<Entry<K>> {
+        let index = self.read();
+        let objs = index.by_service.get(service)?;
+        objs.binary_search_by(|o| (*o.name).cmp(name))
+            .ok()
+            .map(|i| objs[i].clone())
+    }
+
+    /// A reference to one cached object, for an Event about it.
+    pub fn reference(&self, service: &str, name: &str) -> Option<ObjectReference> {
+        let cached = self.get_named(service, name)?;
+        Some(ObjectReference {
+            api_version: Some(K::api_version(&()).into_owned()),
+            kind: Some(K::kind(&()).into_owned()),
+            name: Some(cached.name.to_string()),
+            namespace: Some(self.namespace.clone()),
+            uid: cached.uid(),
+            ..ObjectReference::default()
+        })
     }
 
     /// Every service name with at least one cached object.
@@ -114,30 +157,27 @@ where
         *self.ready.borrow()
     }
 
-    /// Applies one watcher event; returns the service names it affects.
+    /// Applies one watcher event; returns the service names it affects. The event's
+    /// object is projected and dropped here.
     fn apply(&self, relist: &mut Relist<K>, event: Event<K>) -> Vec<String> {
         match event {
-            Event::Apply(obj) => self.upsert(obj).into_iter().collect(),
+            Event::Apply(obj) => self.upsert(&obj).into_iter().collect(),
             Event::Delete(obj) => self.remove(&obj).into_iter().collect(),
             Event::Init => {
                 relist.buffer = Some(HashMap::new());
                 Vec::new()
             }
             Event::InitApply(obj) => {
-                if let (Some(buffer), Some(service)) =
-                    (relist.buffer.as_mut(), (self.service_of)(&obj))
-                {
-                    buffer
-                        .entry(service)
-                        .or_default()
-                        .insert(obj.name_any(), Arc::new(strip(obj)));
+                if let (Some(buffer), Some(service)) = (relist.buffer.as_mut(), obj.service_key()) {
+                    let cached = Arc::new(project(&obj, &self.connector_id));
+                    insert_sorted(buffer.entry(service).or_default(), cached);
                 }
                 Vec::new()
             }
             Event::InitDone => {
                 let fresh = relist.buffer.take().unwrap_or_default();
                 let mut index = self.write();
-                let changed = changed_services(&index.by_service, &fresh);
+                let changed = changed_services::<K>(&index.by_service, &fresh);
                 *index = Indexed::from_index(fresh);
                 drop(index);
                 self.ready.send_replace(true);
@@ -146,33 +186,31 @@ where
         }
     }
 
-    fn upsert(&self, obj: K) -> Option<String> {
-        let service = (self.service_of)(&obj)?;
-        let name = obj.name_any();
+    fn upsert(&self, obj: &K) -> Option<String> {
+        let service = obj.service_key()?;
+        let cached = Arc::new(project(obj, &self.connector_id));
         let mut index = self.write();
-        // An object moves between services only by a relabel: drop its stale entry.
-        if let Some(previous) = index
-            .service_of_object
-            .insert(name.clone(), service.clone())
-        {
-            if previous != service {
-                remove_entry(&mut index.by_service, &previous, &name);
+        if !K::FILED_BY_OWN_NAME {
+            // An object moves between services only by a relabel: drop its stale entry.
+            if let Some(previous) = index
+                .service_of_object
+                .insert(cached.name.clone(), service.as_str().into())
+            {
+                if *previous != *service {
+                    remove_entry::<K>(&mut index.by_service, &previous, &cached.name);
+                }
             }
         }
-        index
-            .by_service
-            .entry(service.clone())
-            .or_default()
-            .insert(name, Arc::new(strip(obj)));
+        insert_sorted(index.by_service.entry(service.clone()).or_default(), cached);
         Some(service)
     }
 
     fn remove(&self, obj: &K) -> Option<String> {
-        let service = (self.service_of)(obj)?;
-        let name = obj.name_any();
+        let service = obj.service_key()?;
+        let name = obj.meta().name.as_deref().unwrap_or_default();
         let mut index = self.write();
-        index.service_of_object.remove(&name);
-        remove_entry(&mut index.by_service, &service, &name);
+        index.service_of_object.remove(name);
+        remove_entry::<K>(&mut index.by_service, &service, name);
         Some(service)
     }
 
@@ -185,34 +223,29 @@ where
     }
 }
 
-fn remove_entry<K>(index: &mut Index<K>, service: &str, name: &str) {
+/// Inserts or replaces (by name) one entry of a service's sorted list.
+fn insert_sorted<F>(objs: &mut Vec<Arc<Cached<F>>>, cached: Arc<Cached<F>>) {
+    match objs.binary_search_by(|o| o.name.cmp(&cached.name)) {
+        Ok(i) => objs[i] = cached,
+        Err(i) => objs.insert(i, cached),
+    }
+}
+
+fn remove_entry<K: Project>(index: &mut Index<K>, service: &str, name: &str) {
     if let Some(objs) = index.get_mut(service) {
-        objs.remove(name);
+        objs.retain(|o| &*o.name != name);
         if objs.is_empty() {
             index.remove(service);
         }
     }
 }
 
-/// Drops `managedFields`: they are most of an object's size and the sink never reads
-/// them, so memory stays proportional to what we manage.
-fn strip<K: Resource>(mut obj: K) -> K {
-    obj.meta_mut().managed_fields = None;
-    obj
-}
-
-fn changed_services<K: Resource>(old: &Index<K>, new: &Index<K>) -> Vec<String> {
-    let version = |o: &Arc<K>| o.meta().resource_version.clone();
-    let differs =
-        |a: Option<&BTreeMap<String, Arc<K>>>, b: Option<&BTreeMap<String, Arc<K>>>| match (a, b) {
-            (Some(a), Some(b)) => {
-                a.len() != b.len()
-                    || a.iter()
-                        .any(|(name, o)| b.get(name).map(version) != Some(version(o)))
-            }
-            (None, None) => false,
-            _ => true,
-        };
+fn changed_services<K: Project>(old: &Index<K>, new: &Index<K>) -> Vec<String> {
+    let differs = |a: Option<&Vec<Entry<K>>>, b: Option<&Vec<Entry<K>>>| match (a, b) {
+        (Some(a), Some(b)) => a.len() != b.len() || a.iter().zip(b).any(|(x, y)| x != y),
+        (None, None) => false,
+        _ => true,
+    };
     let mut names: Vec<String> = old
         .keys()
         .chain(new.keys())
@@ -233,18 +266,12 @@ pub async fn run_cache<K>(
     cache: Arc<ObjectCache<K>>,
     changes: Arc<Coalescer>,
 ) where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Project + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     let config = watcher::Config::default().labels(&selector);
     let stream = watcher(api, config).default_backoff();
     futures::pin_mut!(stream);
-    let mut relist = Relist { buffer: None };
+    let mut relist = Relist::new();
     while let Some(event) = stream.next().await {
         match event {
             Ok(event) => {
@@ -264,55 +291,67 @@ pub async fn run_cache<K>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use crate::diff::Owned;
+    use crate::labels::owner_labels;
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
     use kube::api::ObjectMeta;
 
     fn slice(service: &str, name: &str, rv: &str) -> EndpointSlice {
+        let mut labels = owner_labels("c1");
+        labels.insert("kubernetes.io/service-name".into(), service.into());
         EndpointSlice {
             metadata: ObjectMeta {
                 name: Some(name.into()),
+                uid: Some(format!("uid-{name}")),
                 resource_version: Some(rv.into()),
-                labels: Some(
-                    [(
-                        "kubernetes.io/service-name".to_string(),
-                        service.to_string(),
-                    )]
-                    .into(),
-                ),
+                labels: Some(labels),
                 managed_fields: Some(vec![Default::default()]),
                 ..Default::default()
             },
             address_type: "IPv4".into(),
-            endpoints: vec![],
+            endpoints: vec![Endpoint {
+                addresses: vec!["192.0.2.1".into()],
+                ..Default::default()
+            }],
             ports: None,
         }
     }
 
-    fn service_of(s: &EndpointSlice) -> Option<String> {
-        s.metadata
-            .labels
-            .as_ref()?
-            .get("kubernetes.io/service-name")
-            .cloned()
+    fn cache() -> ObjectCache<EndpointSlice> {
+        ObjectCache::new("ns", "c1")
     }
 
     #[test]
     fn events_are_indexed_by_service_and_report_it() {
-        let cache = ObjectCache::new(service_of as ServiceKeyFn<EndpointSlice>);
-        let mut relist = Relist { buffer: None };
-        assert_eq!(
-            cache.apply(&mut relist, Event::Apply(slice("a", "a-1", "1"))),
-            vec!["a"]
-        );
+        let cache = cache();
+        let mut relist = Relist::new();
         assert_eq!(
             cache.apply(&mut relist, Event::Apply(slice("a", "a-2", "2"))),
             vec!["a"]
         );
-        assert_eq!(cache.get("a").len(), 2);
-        assert!(
-            cache.get("a")[0].metadata.managed_fields.is_none(),
-            "managedFields dropped"
+        assert_eq!(
+            cache.apply(&mut relist, Event::Apply(slice("a", "a-1", "1"))),
+            vec!["a"]
         );
+        let names: Vec<String> = cache.get("a").iter().map(|o| o.name.to_string()).collect();
+        assert_eq!(names, ["a-1", "a-2"], "sorted by name");
+        let one = cache.get_named("a", "a-1").expect("cached");
+        assert_eq!(one.uid(), Some("uid-a-1".to_string()));
+        assert!(one.owned);
+        assert_eq!(one.facts.addresses.len(), 1);
+        let reference = cache.reference("a", "a-1").expect("reference");
+        assert_eq!(reference.kind.as_deref(), Some("EndpointSlice"));
+        assert_eq!(reference.namespace.as_deref(), Some("ns"));
+        assert_eq!(reference.uid.as_deref(), Some("uid-a-1"));
+
+        // A newer version replaces the entry.
+        let mut edited = slice("a", "a-1", "5");
+        edited.endpoints.clear();
+        cache.apply(&mut relist, Event::Apply(edited.clone()));
+        let one = cache.get_named("a", "a-1").expect("cached");
+        assert_eq!(one.fingerprint, edited.fingerprint());
+        assert_eq!(cache.get("a").len(), 2);
+
         assert_eq!(
             cache.apply(&mut relist, Event::Delete(slice("a", "a-1", "3"))),
             vec!["a"]
@@ -324,8 +363,8 @@ mod tests {
 
     #[test]
     fn a_relist_swaps_atomically_and_reports_only_differences() {
-        let cache = ObjectCache::new(service_of as ServiceKeyFn<EndpointSlice>);
-        let mut relist = Relist { buffer: None };
+        let cache = cache();
+        let mut relist = Relist::new();
         for ev in [
             Event::Init,
             Event::InitApply(slice("a", "a-1", "1")),
@@ -348,8 +387,8 @@ mod tests {
 
     #[test]
     fn a_relabelled_object_moves_between_services() {
-        let cache = ObjectCache::new(service_of as ServiceKeyFn<EndpointSlice>);
-        let mut relist = Relist { buffer: None };
+        let cache = cache();
+        let mut relist = Relist::new();
         cache.apply(&mut relist, Event::Apply(slice("a", "x", "1")));
         cache.apply(&mut relist, Event::Apply(slice("b", "x", "2")));
         assert!(!cache.contains("a"));

@@ -7,7 +7,7 @@
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::{Client, Resource};
+use kube::Client;
 use tracing::debug;
 
 /// The controller name events are reported under.
@@ -108,9 +108,4 @@ impl Events {
             }
         });
     }
-}
-
-/// A reference to a cached or fetched object, for an event's `regarding`.
-pub fn reference<K: Resource<DynamicType = ()>>(obj: &K) -> ObjectReference {
-    obj.object_ref(&())
 }

@@ -66,11 +66,19 @@ pub struct WriteLabels {
     pub result: Outcome,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: Kind,
+}
+
 /// Counters and gauges of the Kubernetes side.
 #[derive(Debug)]
 pub struct SinkMetrics {
     /// Kubernetes writes by kind, verb and result.
     pub writes: Family<WriteLabels, Counter>,
+    /// Reads of one object by kind: the caches keep no whole objects, so an update
+    /// reads the live object first (as does a create conflict, and `--diff`).
+    pub reads: Family<KindLabels, Counter>,
     /// Reconciles of one service, and those that failed.
     pub reconciles: Counter,
     pub reconcile_failures: Counter,
@@ -93,6 +101,7 @@ impl Default for SinkMetrics {
     fn default() -> Self {
         Self {
             writes: Family::default(),
+            reads: Family::default(),
             reconciles: Counter::default(),
             reconcile_failures: Counter::default(),
             reconcile_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
@@ -123,6 +132,11 @@ impl SinkMetrics {
             "kubernetes_writes",
             "Kubernetes API writes by kind, verb and result",
             self.writes.clone(),
+        );
+        registry.register(
+            "kubernetes_reads",
+            "Kubernetes API reads of one object (before an update, after a create conflict), by kind",
+            self.reads.clone(),
         );
         registry.register(
             "reconciles",
@@ -175,6 +189,10 @@ impl SinkMetrics {
         self.writes
             .get_or_create(&WriteLabels { kind, verb, result })
             .inc();
+    }
+
+    pub fn record_read(&self, kind: Kind) {
+        self.reads.get_or_create(&KindLabels { kind }).inc();
     }
 
     /// Writes of one kind that the apiserver accepted.

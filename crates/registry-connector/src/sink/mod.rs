@@ -17,6 +17,7 @@ pub mod events;
 pub mod guard;
 pub mod metrics;
 pub mod plan;
+pub mod project;
 pub mod purge;
 pub mod reconcile;
 mod work;
@@ -39,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::catalog::{Catalog, CatalogEvent};
-use crate::labels::{owner_selector, SERVICE_NAME_LABEL};
+use crate::labels::owner_selector;
 use crate::render::RenderConfig;
 use backoff::{BackoffPolicy, RetryQueue};
 use cache::{run_cache, ObjectCache};
@@ -162,14 +163,6 @@ pub struct Sink {
     _always_leader: Option<watch::Sender<bool>>,
 }
 
-fn service_label<K: kube::Resource>(obj: &K) -> Option<String> {
-    obj.meta().labels.as_ref()?.get(SERVICE_NAME_LABEL).cloned()
-}
-
-fn own_name<K: kube::Resource>(obj: &K) -> Option<String> {
-    obj.meta().name.clone()
-}
-
 impl Sink {
     pub fn new(
         client: Client,
@@ -247,11 +240,10 @@ impl Sink {
         let selector = owner_selector(&cfg.render.connector_id);
         let changes = Arc::new(Coalescer::new(cfg.quiet_period, cfg.max_period));
 
-        let services = Arc::new(ObjectCache::<Service>::new(own_name::<Service>));
-        let slices = Arc::new(ObjectCache::<EndpointSlice>::new(
-            service_label::<EndpointSlice>,
-        ));
-        let endpoints = Arc::new(ObjectCache::<Endpoints>::new(own_name::<Endpoints>));
+        let id = &cfg.render.connector_id;
+        let services = Arc::new(ObjectCache::<Service>::new(&ns, id));
+        let slices = Arc::new(ObjectCache::<EndpointSlice>::new(&ns, id));
+        let endpoints = Arc::new(ObjectCache::<Endpoints>::new(&ns, id));
         let watchers = CancellationToken::new();
         for task in [
             tokio::spawn(run_cache(

@@ -1,7 +1,7 @@
 //! Dry runs: the writes a sync would make, recorded instead of sent.
 //!
-//! In plan mode the [`super::writer::Writer`] records each create, update (server-side
-//! apply or replace) and delete with the fields it would change, and answers as if the
+//! In plan mode the [`super::writer::Writer`] records each create, update and delete
+//! (with `--diff`, each update with the fields it would change) and answers as if the
 //! apiserver had accepted it; the reconcile logic runs unchanged, so the plan is exactly
 //! what a real run would do first.
 
@@ -35,16 +35,40 @@ impl fmt::Display for PlannedWrite {
 
 /// The recorded plan, shared between the writer and whoever prints it.
 #[derive(Debug, Clone, Default)]
-pub struct Plan(Arc<Mutex<Vec<PlannedWrite>>>);
+pub struct Plan {
+    writes: Arc<Mutex<Vec<PlannedWrite>>>,
+    /// Whether updates list the fields that would change (`--diff`). The caches keep no
+    /// whole objects, so each listed update costs a read of the live object.
+    changes: bool,
+}
 
 impl Plan {
+    /// A plan whose updates list the fields that would change.
+    pub fn with_changes() -> Self {
+        Self {
+            changes: true,
+            ..Self::default()
+        }
+    }
+
+    pub fn shows_changes(&self) -> bool {
+        self.changes
+    }
+
     pub fn record(&self, write: PlannedWrite) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(write);
+        self.writes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(write);
     }
 
     /// The writes, in a stable order (kind, name, verb).
     pub fn writes(&self) -> Vec<PlannedWrite> {
-        let mut writes = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut writes = self
+            .writes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         writes.sort_by(|a, b| {
             (a.kind.as_str(), &a.name, a.verb.as_str()).cmp(&(
                 b.kind.as_str(),

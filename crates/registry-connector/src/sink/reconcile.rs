@@ -8,17 +8,16 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Endpoints, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::ResourceExt;
-
 use super::cache::ObjectCache;
 use super::metrics::Kind;
+use super::project::Project;
 use super::writer::{WriteError, Writer};
 use crate::catalog::Aggregator;
 use crate::diff;
 use crate::render::{self, RenderConfig};
-use crate::slicing::plan_endpoint_slices;
+use crate::slicing::{plan_endpoint_slices, ExistingSlice};
+use k8s_openapi::api::core::v1::{Endpoints, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 /// Everything a reconcile reads and writes.
 pub struct ReconcileContext {
@@ -66,10 +65,10 @@ impl ReconcileContext {
             &self.render,
             name,
             meta,
-            live_svc.as_deref(),
+            live_svc.as_ref().map(|live| &live.facts.live),
         );
         let live_svc = match live_svc {
-            Some(live) if diff::service_needs_recreate(&desired_svc, &live) => {
+            Some(live) if diff::service_needs_recreate(&desired_svc, live.facts.shape) => {
                 // clusterIP cannot change in place (headless <-> virtual IP).
                 self.writer
                     .delete::<Service>(Kind::Service, name, live.uid())
@@ -81,38 +80,26 @@ impl ReconcileContext {
         };
         let svc = self
             .writer
-            .ensure(
-                Kind::Service,
-                &desired_svc,
-                live_svc.as_deref(),
-                diff::service_matches,
-            )
+            .ensure(Kind::Service, &desired_svc, live_svc.as_deref())
             .await?;
         writes += usize::from(svc.wrote());
-        let owner = render::owner_reference(svc.object());
+        let owner = svc
+            .uid()
+            .and_then(|uid| render::owner_reference_to(name, uid));
 
-        let live_slices: Vec<EndpointSlice> = self
-            .slices
-            .get(name)
-            .iter()
-            .map(|s| EndpointSlice::clone(s))
-            .collect();
-        let plan = plan_endpoint_slices(&self.render, name, meta, &live_slices, owner.clone());
+        let live_slices = self.slices.get(name);
+        let existing: Vec<ExistingSlice<'_>> = live_slices.iter().map(|s| s.existing()).collect();
+        let plan = plan_endpoint_slices(&self.render, name, meta, &existing, owner.clone());
 
         // Once the Service exists, its slices and Endpoints do not depend on each other:
         // write them concurrently (one round trip per service instead of one per object).
         let slice_writes = plan.desired.iter().map(|desired| {
             let live = live_slices
                 .iter()
-                .find(|s| s.name_any() == desired.name_any());
+                .find(|s| Some(&*s.name) == desired.metadata.name.as_deref());
             async move {
                 self.writer
-                    .ensure(
-                        Kind::EndpointSlice,
-                        desired,
-                        live,
-                        diff::endpoint_slice_matches,
-                    )
+                    .ensure(Kind::EndpointSlice, desired, live.map(|l| &**l))
                     .await
                     .map(|e| usize::from(e.wrote()))
             }
@@ -120,7 +107,7 @@ impl ReconcileContext {
         let slice_deletes = plan.delete.iter().map(|stale| {
             let uid = live_slices
                 .iter()
-                .find(|s| s.name_any() == *stale)
+                .find(|s| *s.name == **stale)
                 .and_then(|s| s.uid());
             async move {
                 self.writer
@@ -149,12 +136,7 @@ impl ReconcileContext {
         match render::endpoints::desired_endpoints(&self.render, name, meta, owner) {
             Some(desired) => self
                 .writer
-                .ensure(
-                    Kind::Endpoints,
-                    &desired,
-                    live.as_deref(),
-                    diff::endpoints_matches,
-                )
+                .ensure(Kind::Endpoints, &desired, live.as_deref())
                 .await
                 .map(|e| usize::from(e.wrote())),
             None => match live {
@@ -184,7 +166,7 @@ impl ReconcileContext {
     }
 
     /// Deletes the cached objects of one kind for `name`; returns how many.
-    async fn delete_cached<K: super::writer::Object + Send + Sync + 'static>(
+    async fn delete_cached<K: super::writer::Object + Project + Send + Sync + 'static>(
         &self,
         kind: Kind,
         cache: &ObjectCache<K>,
@@ -192,9 +174,7 @@ impl ReconcileContext {
     ) -> Result<usize, WriteError> {
         let objs = cache.get(name);
         for obj in &objs {
-            self.writer
-                .delete::<K>(kind, &obj.name_any(), obj.uid())
-                .await?;
+            self.writer.delete::<K>(kind, &obj.name, obj.uid()).await?;
         }
         Ok(objs.len())
     }

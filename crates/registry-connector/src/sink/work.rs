@@ -106,12 +106,8 @@ impl LoopState {
             GuardDecision::Hold { since, recheck_at } => {
                 if !was_holding {
                     for name in names.iter().take(events::MAX_HELD_EVENTS) {
-                        if let Some(svc) = self.ctx.services.get_named(name, name) {
-                            self.events.deletion_held(
-                                events::reference(svc.as_ref()),
-                                managed.len(),
-                                orphans,
-                            );
+                        if let Some(svc) = self.ctx.services.reference(name, name) {
+                            self.events.deletion_held(svc, managed.len(), orphans);
                         }
                     }
                     warn!(
@@ -218,12 +214,8 @@ impl LoopState {
                     if attempts == events::FAILURES_BEFORE_EVENT
                         || (attempts > events::FAILURES_BEFORE_EVENT && attempts.is_multiple_of(10))
                     {
-                        if let Some(svc) = self.ctx.services.get_named(&name, &name) {
-                            self.events.sync_failing(
-                                events::reference(svc.as_ref()),
-                                attempts,
-                                &error_chain(&err),
-                            );
+                        if let Some(svc) = self.ctx.services.reference(&name, &name) {
+                            self.events.sync_failing(svc, attempts, &error_chain(&err));
                         }
                     }
                     warn!(service = %name, error = %error_chain(&err), attempts, retry_in = ?delay, "reconcile failed; will retry");

@@ -6,11 +6,14 @@
 //!   409 AlreadyExists instead of adopting an object someone else made; the object is
 //!   then read back, updated if it is ours (our cache was only behind) or reported as a
 //!   clash and left untouched if it is not;
-//! - an object in our cache (hence carrying our labels) is updated with a PUT of the
-//!   live object with our content laid over it (see [`overlay`]), with the live
-//!   resourceVersion as precondition: what we own is restored exactly (extra ports
-//!   someone added are removed), labels and annotations others added are kept, and a
-//!   concurrent change makes the write fail and retry instead of being lost;
+//! - an object in our cache whose fingerprint differs from the desired one is read
+//!   (the cache keeps only a projection, see `sink::project`), checked for our labels
+//!   again, and updated with a PUT of the live object with our content laid over it
+//!   (see [`overlay`]), with the resourceVersion just read as precondition: what we own
+//!   is restored exactly (extra ports someone added are removed), labels and
+//!   annotations others added are kept, and a concurrent change makes the write fail
+//!   and retry instead of being lost. When the read shows the object already matches
+//!   (the cache was behind), nothing is written;
 //! - deletes carry a UID precondition, so only the object we saw (ours) is deleted.
 //!
 //! Why not server-side apply: objects are created with POST (to never adopt), and
@@ -32,6 +35,8 @@ use tracing::{debug, warn};
 
 use super::metrics::{Kind, Outcome, SinkMetrics, Verb};
 use super::plan::{changed_fields, Plan, PlannedWrite};
+use super::project::Cached;
+use crate::diff::Owned;
 use crate::labels::{is_owned, FIELD_MANAGER};
 
 /// What the writer can write: a namespaced built-in kind (Service, EndpointSlice,
@@ -97,24 +102,31 @@ impl WriteError {
     }
 }
 
-/// What `ensure` did.
-#[derive(Debug)]
-pub enum Ensured<K> {
-    /// The live object already matched; no API call was made.
-    Unchanged(K),
-    /// The object was created or updated; this is the apiserver's answer.
-    Written(K),
+/// What `ensure` did, with the UID of the object now in place (a Service's UID is the
+/// owner of its slices and Endpoints).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ensured {
+    /// The live object already matched; nothing was written.
+    Unchanged { uid: Option<String> },
+    /// The object was created or updated.
+    Written { uid: Option<String> },
 }
 
-impl<K> Ensured<K> {
-    pub fn object(&self) -> &K {
+impl Ensured {
+    pub fn uid(&self) -> Option<&str> {
         match self {
-            Ensured::Unchanged(k) | Ensured::Written(k) => k,
+            Ensured::Unchanged { uid } | Ensured::Written { uid } => uid.as_deref(),
         }
     }
 
     pub fn wrote(&self) -> bool {
-        matches!(self, Ensured::Written(_))
+        matches!(self, Ensured::Written { .. })
+    }
+
+    fn written<K: Resource>(obj: K) -> Self {
+        Ensured::Written {
+            uid: obj.meta().uid.clone(),
+        }
     }
 }
 
@@ -161,13 +173,9 @@ impl Writer {
     /// lease stops writing at once, even in the middle of a reconcile.
     async fn permit(&self, kind: Kind, name: &str) -> Result<(), WriteError> {
         self.limiter.until_ready().await;
-        if *self.leader.borrow() {
-            Ok(())
-        } else {
-            Err(WriteError::NotLeader {
-                kind,
-                name: name.to_string(),
-            })
+        match self.not_leader(kind, name) {
+            Some(err) => Err(err),
+            None => Ok(()),
         }
     }
 
@@ -178,34 +186,93 @@ impl Writer {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 
-    /// Makes the live object match `desired`, writing only when `matches` says it
-    /// does not.
-    pub async fn ensure<K>(
+    /// Makes the live object match `desired`, writing only when the cached fingerprint
+    /// of `live` differs from `desired`'s.
+    ///
+    /// The cache keeps no whole object, and an update is a PUT of the live object with
+    /// our fields laid over it, so a difference first reads the object: if it already
+    /// matches (the cache was behind) nothing is written, if it is gone it is created,
+    /// otherwise it is updated with the resourceVersion just read as precondition.
+    pub async fn ensure<K, F>(
         &self,
         kind: Kind,
         desired: &K,
-        live: Option<&K>,
-        matches: fn(&K, &K) -> bool,
-    ) -> Result<Ensured<K>, WriteError>
+        live: Option<&Cached<F>>,
+    ) -> Result<Ensured, WriteError>
     where
-        K: Object,
+        K: Object + Owned,
     {
         if let Some(plan) = &self.plan {
-            return Ok(plan_ensure(plan, kind, desired, live, matches));
+            return Ok(self.plan_ensure(plan, kind, desired, live).await);
         }
         match live {
-            Some(live) if matches(desired, live) => Ok(Ensured::Unchanged(live.clone())),
-            Some(live) => self.update(kind, desired, live).await.map(Ensured::Written),
+            Some(live) if live.fingerprint == desired.fingerprint() => {
+                Ok(Ensured::Unchanged { uid: live.uid() })
+            }
+            Some(_) => self.refresh_and_update(kind, desired).await,
             None => self
                 .create_or_adopt(kind, desired)
                 .await
-                .map(Ensured::Written),
+                .map(Ensured::written),
         }
+    }
+
+    /// Reads the live object and updates it unless it already matches.
+    async fn refresh_and_update<K>(&self, kind: Kind, desired: &K) -> Result<Ensured, WriteError>
+    where
+        K: Object + Owned,
+    {
+        let name = desired.name_any();
+        // A standby must not even read on the way to a write it may not make.
+        if let Some(err) = self.not_leader(kind, &name) {
+            return Err(err);
+        }
+        match self.read::<K>(kind, &name, Verb::Update).await? {
+            Some(live) if is_owned(live.meta(), &self.connector_id) && desired.matches(&live) => {
+                Ok(Ensured::Unchanged {
+                    uid: live.meta().uid.clone(),
+                })
+            }
+            Some(live) => self
+                .update(kind, desired, &live)
+                .await
+                .map(Ensured::written),
+            // Deleted since the cache saw it.
+            None => self
+                .create_or_adopt(kind, desired)
+                .await
+                .map(Ensured::written),
+        }
+    }
+
+    /// One GET, counted; `None` when the object does not exist.
+    async fn read<K>(&self, kind: Kind, name: &str, verb: Verb) -> Result<Option<K>, WriteError>
+    where
+        K: Object,
+    {
+        self.metrics.record_read(kind);
+        self.api::<K>()
+            .get_opt(name)
+            .await
+            .map_err(|source| WriteError::Api {
+                kind,
+                verb,
+                name: name.to_string(),
+                source,
+            })
+    }
+
+    /// The error to answer with when this process may not write (it lost the lease).
+    fn not_leader(&self, kind: Kind, name: &str) -> Option<WriteError> {
+        (!*self.leader.borrow()).then(|| WriteError::NotLeader {
+            kind,
+            name: name.to_string(),
+        })
     }
 
     async fn create_or_adopt<K>(&self, kind: Kind, desired: &K) -> Result<K, WriteError>
     where
-        K: Object,
+        K: Object + Owned,
     {
         let name = desired.name_any();
         self.permit(kind, &name).await?;
@@ -223,20 +290,15 @@ impl Writer {
             Err(kube::Error::Api(status)) if status.code == 409 => {
                 self.metrics
                     .record_write(kind, Verb::Create, Outcome::Conflict);
-                let existing =
-                    self.api::<K>()
-                        .get_opt(&name)
-                        .await
-                        .map_err(|source| WriteError::Api {
-                            kind,
-                            verb: Verb::Create,
-                            name: name.clone(),
-                            source,
-                        })?;
+                let existing = self.read::<K>(kind, &name, Verb::Create).await?;
                 match existing {
+                    // Ours, and our cache had not seen it yet.
                     Some(obj) if is_owned(obj.meta(), &self.connector_id) => {
-                        // Ours, and our cache had not seen it yet.
-                        self.update(kind, desired, &obj).await
+                        if desired.matches(&obj) {
+                            Ok(obj)
+                        } else {
+                            self.update(kind, desired, &obj).await
+                        }
                     }
                     Some(foreign) => {
                         self.metrics.name_clashes.inc();
@@ -317,6 +379,58 @@ impl Writer {
         }
     }
 
+    /// A dry run's `ensure`: record what would be written and answer as the apiserver
+    /// would (keeping the live object's UID, so owner references render as they would
+    /// for real). With [`Plan::with_changes`] an update reads the live object to list
+    /// the fields that would change; that read is the only API call a dry run makes
+    /// besides the watches.
+    async fn plan_ensure<K, F>(
+        &self,
+        plan: &Plan,
+        kind: Kind,
+        desired: &K,
+        live: Option<&Cached<F>>,
+    ) -> Ensured
+    where
+        K: Object + Owned,
+    {
+        let name = desired.name_any();
+        match live {
+            Some(live) if live.fingerprint == desired.fingerprint() => {
+                Ensured::Unchanged { uid: live.uid() }
+            }
+            Some(live) => {
+                let changes = if plan.shows_changes() {
+                    match self.read::<K>(kind, &name, Verb::Update).await {
+                        Ok(Some(obj)) => changed_fields(&to_json(desired), &to_json(&obj)),
+                        Ok(None) => vec!["(deleted meanwhile: would be created)".to_string()],
+                        Err(err) => vec![format!("(could not read the live object: {err})")],
+                    }
+                } else {
+                    Vec::new()
+                };
+                plan.record(PlannedWrite {
+                    verb: Verb::Update,
+                    kind,
+                    name,
+                    changes,
+                });
+                Ensured::Written { uid: live.uid() }
+            }
+            None => {
+                plan.record(PlannedWrite {
+                    verb: Verb::Create,
+                    kind,
+                    name: name.clone(),
+                    changes: Vec::new(),
+                });
+                Ensured::Written {
+                    uid: Some(format!("dry-run-{name}")),
+                }
+            }
+        }
+    }
+
     /// Deletes the object `name` only if it still has `uid` (the object we cached,
     /// which carries our labels). Already gone, or replaced by another object: nothing
     /// to do.
@@ -382,44 +496,8 @@ impl Writer {
     }
 }
 
-/// A dry run's `ensure`: record what would be written and answer as the apiserver would
-/// (keeping the live object's UID, so owner references render as they would for real).
-fn plan_ensure<K>(
-    plan: &Plan,
-    kind: Kind,
-    desired: &K,
-    live: Option<&K>,
-    matches: fn(&K, &K) -> bool,
-) -> Ensured<K>
-where
-    K: Resource + Clone + Serialize,
-{
-    let to_json = |k: &K| serde_json::to_value(k).unwrap_or(serde_json::Value::Null);
-    match live {
-        Some(live) if matches(desired, live) => Ensured::Unchanged(live.clone()),
-        Some(live) => {
-            plan.record(PlannedWrite {
-                verb: Verb::Update,
-                kind,
-                name: desired.name_any(),
-                changes: changed_fields(&to_json(desired), &to_json(live)),
-            });
-            let mut answer = desired.clone();
-            answer.meta_mut().uid = live.meta().uid.clone();
-            Ensured::Written(answer)
-        }
-        None => {
-            plan.record(PlannedWrite {
-                verb: Verb::Create,
-                kind,
-                name: desired.name_any(),
-                changes: Vec::new(),
-            });
-            let mut answer = desired.clone();
-            answer.meta_mut().uid = Some(format!("dry-run-{}", desired.name_any()));
-            Ensured::Written(answer)
-        }
-    }
+fn to_json<K: Serialize>(obj: &K) -> serde_json::Value {
+    serde_json::to_value(obj).unwrap_or(serde_json::Value::Null)
 }
 
 /// The object to PUT: `live` with `desired`'s content laid over it.
