@@ -1227,7 +1227,10 @@ mod tests {
         let first = WaitStep::First.wait(configured);
         assert!(first >= FIRST_WAIT && first <= FIRST_WAIT + Duration::from_secs(5));
         let spread = WaitStep::Spread.wait(configured);
-        assert!(spread >= configured / 2 && spread <= configured, "{spread:?}");
+        assert!(
+            spread >= configured / 2 && spread <= configured,
+            "{spread:?}"
+        );
         assert_eq!(WaitStep::Steady.wait(configured), configured);
         assert_eq!(WaitStep::First.next(), WaitStep::Spread);
         assert_eq!(WaitStep::Spread.next(), WaitStep::Steady);

@@ -437,6 +437,62 @@ fn metadata_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Stri
 mod tests {
     use super::*;
 
+    const DELTA: &str = r#"{"applications":{"versions__delta":"3","apps__hashcode":"UP_3_",
+        "application":[
+          {"name":"ORDERS","instance":[
+            {"instanceId":"o-1","app":"ORDERS","ipAddr":"192.0.2.1","status":"UP","port":{"$":8080,"@enabled":"true"},"actionType":"ADDED"},
+            {"instanceId":"o-2","app":"ORDERS","ipAddr":"192.0.2.2","status":"UP","port":{"$":8080,"@enabled":"true"},"actionType":"ADDED"}]},
+          {"name":"BILLING","instance":
+            {"instanceId":"b-1","app":"BILLING","ipAddr":"192.0.2.3","status":"UP","port":{"$":9090,"@enabled":"true"},"actionType":"MODIFIED"}}]}}"#;
+
+    #[test]
+    fn a_delta_decodes_like_a_full_answer_the_first_time() {
+        let plain = decode_applications(DELTA.as_bytes()).expect("decodes");
+        let first = decode_delta(DELTA.as_bytes(), &DeltaMemo::default()).expect("decodes");
+        assert_eq!(first.applications, plain);
+        assert_eq!(first.skipped, 0);
+        assert_eq!(first.memo.len(), 3);
+    }
+
+    #[test]
+    fn entries_the_last_delta_carried_are_skipped() {
+        let first = decode_delta(DELTA.as_bytes(), &DeltaMemo::default()).expect("decodes");
+        let again = decode_delta(DELTA.as_bytes(), &first.memo).expect("decodes");
+        assert_eq!(again.skipped, 3);
+        assert!(again.applications.applications.is_empty());
+        assert_eq!(again.applications.apps_hashcode.as_deref(), Some("UP_3_"));
+        // One entry changes (o-2 goes DOWN): only it is decoded.
+        let changed = DELTA.replacen(
+            r#""ipAddr":"192.0.2.2","status":"UP""#,
+            r#""ipAddr":"192.0.2.2","status":"DOWN""#,
+            1,
+        );
+        let next = decode_delta(changed.as_bytes(), &again.memo).expect("decodes");
+        assert_eq!(next.skipped, 2);
+        assert_eq!(next.applications.applications.len(), 1);
+        let only = &next.applications.applications[0];
+        assert_eq!((only.name.as_str(), only.instances.len()), ("ORDERS", 1));
+        assert_eq!(only.instances[0].instance_id.as_deref(), Some("o-2"));
+        // An entry of the same text under another application is not the same entry.
+        let moved = DELTA.replace(r#""name":"BILLING""#, r#""name":"PAYMENTS""#);
+        let other = decode_delta(moved.as_bytes(), &first.memo).expect("decodes");
+        assert_eq!(other.skipped, 2);
+    }
+
+    #[test]
+    fn empty_and_null_deltas() {
+        for body in [
+            r#"{"applications":{"apps__hashcode":"","application":[]}}"#,
+            r#"{"applications":{"apps__hashcode":"","application":null}}"#,
+            r#"{"applications":{"apps__hashcode":""}}"#,
+        ] {
+            let d = decode_delta(body.as_bytes(), &DeltaMemo::default()).expect(body);
+            assert!(d.applications.applications.is_empty(), "{body}");
+            assert!(d.memo.is_empty());
+        }
+        assert!(decode_delta(b"<xml/>", &DeltaMemo::default()).is_err());
+    }
+
     /// A `GET /apps` answer as the Spring Cloud Netflix Eureka server of the test
     /// environment writes it (trimmed to two instances).
     const FULL: &str = r#"{"applications":{"versions__delta":"1","apps__hashcode":"OUT_OF_SERVICE_1_UP_1_","application":[{"name":"ORDERS","instance":[

@@ -130,12 +130,19 @@ impl EurekaHttp {
     /// `GET apps/delta`: the changes of the last few minutes, and the hash code of the
     /// server's whole registry.
     pub async fn delta(&self) -> Result<Applications, EurekaError> {
-        self.get(Endpoint::Delta, &["apps", "delta"], api::decode_applications)
-            .await
+        self.get(
+            Endpoint::Delta,
+            &["apps", "delta"],
+            api::decode_applications,
+        )
+        .await
     }
 
     /// `GET /apps/delta`, decoding only the entries that `last` did not hold.
-    pub async fn delta_since(&self, last: &api::DeltaMemo) -> Result<api::DecodedDelta, EurekaError> {
+    pub async fn delta_since(
+        &self,
+        last: &api::DeltaMemo,
+    ) -> Result<api::DecodedDelta, EurekaError> {
         self.get(Endpoint::Delta, &["apps", "delta"], |body| {
             api::decode_delta(body, last)
         })

@@ -207,7 +207,11 @@ impl Poller {
         if decoded.skipped > 0 {
             debug!(
                 skipped = decoded.skipped,
-                decoded = delta.applications.iter().map(|a| a.instances.len()).sum::<usize>(),
+                decoded = delta
+                    .applications
+                    .iter()
+                    .map(|a| a.instances.len())
+                    .sum::<usize>(),
                 "Eureka delta: entries the last delta already carried were not decoded again"
             );
         }
