@@ -20,7 +20,7 @@ pub mod reported;
 pub mod skip;
 pub mod tls;
 
-pub use pacer::{Pacer, PacerConfig};
+pub use pacer::{retry_until_ok, Pacer, PacerConfig};
 pub use skip::SkipReason;
 
 use std::future::Future;

@@ -55,6 +55,39 @@ impl PacerConfig {
     }
 }
 
+/// Runs `attempt` until it succeeds, paced by `config` (backoff with jitter between
+/// failures), handing each error and the delay before the next try to `on_error`.
+/// `None` when `shutdown` comes first. For the reads a source cannot go on without (the
+/// first list, the first snapshot of each service, a probe of the registry).
+pub async fn retry_until_ok<T, E, Fut>(
+    config: PacerConfig,
+    shutdown: &CancellationToken,
+    mut attempt: impl FnMut() -> Fut,
+    mut on_error: impl FnMut(&E, Duration),
+) -> Option<T>
+where
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut pacer = Pacer::new(config);
+    loop {
+        if !pacer.ready(shutdown).await {
+            return None;
+        }
+        let result = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return None,
+            r = attempt() => r,
+        };
+        match result {
+            Ok(value) => return Some(value),
+            Err(e) => {
+                let delay = pacer.failed();
+                on_error(&e, delay);
+            }
+        }
+    }
+}
+
 /// The state of one watch loop's pacing. Call [`Pacer::ready`] before each request and
 /// [`Pacer::succeeded`] or [`Pacer::failed`] after it.
 #[derive(Debug)]

@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
 use crate::catalog::Catalog;
-use crate::registry::{error_chain, Pacer, SourceNote};
+use crate::registry::{error_chain, retry_until_ok, SourceNote};
 
 pub use budget::{MaxConnections, Plan, Transport, WatchMode};
 pub use config::ConsulConfig;
@@ -213,36 +213,26 @@ async fn probe_agent(
     pacing: crate::registry::PacerConfig,
     shutdown: &CancellationToken,
 ) -> Option<http::AgentFacts> {
-    let mut pacer = Pacer::new(pacing);
-    loop {
-        if !pacer.ready(shutdown).await {
-            return None;
-        }
-        let result = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return None,
-            r = http.agent_facts() => r,
-        };
-        match result {
-            Ok(facts) => {
-                if facts.conns_per_client.is_none() {
-                    info!(
-                        assumed = budget::CONSUL_DEFAULT_CONNS_PER_CLIENT,
-                        "the Consul agent did not tell its limits.http_max_conns_per_client (the token lacks agent:read?); assuming Consul's default"
-                    );
-                }
-                return Some(facts);
-            }
-            Err(e) => {
-                let delay = pacer.failed();
-                warn!(
-                    error = %error_chain(&e),
-                    retry_in = ?delay,
-                    "waiting for Consul: cannot reach the agent (nothing is published or deleted until it answers)"
-                );
-            }
-        }
+    let facts = retry_until_ok(
+        pacing,
+        shutdown,
+        || http.agent_facts(),
+        |e, delay| {
+            warn!(
+                error = %error_chain(e),
+                retry_in = ?delay,
+                "waiting for Consul: cannot reach the agent (nothing is published or deleted until it answers)"
+            );
+        },
+    )
+    .await?;
+    if facts.conns_per_client.is_none() {
+        info!(
+            assumed = budget::CONSUL_DEFAULT_CONNS_PER_CLIENT,
+            "the Consul agent did not tell its limits.http_max_conns_per_client (the token lacks agent:read?); assuming Consul's default, which may be more than the agent allows"
+        );
     }
+    Some(facts)
 }
 
 #[cfg(test)]

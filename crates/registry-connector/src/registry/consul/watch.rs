@@ -36,7 +36,7 @@ use crate::catalog::Catalog;
 use crate::model::{MicroSvcMeta, MicroSvcName};
 use crate::registry::metadata::MetadataIssue;
 use crate::registry::reported::Reported;
-use crate::registry::{error_chain, Pacer, PacerConfig, SourceNote};
+use crate::registry::{error_chain, retry_until_ok, Pacer, PacerConfig, SourceNote};
 
 use super::api::{next_index, CatalogServices, HealthEntry};
 use super::budget::{Plan, WatchMode};
@@ -646,28 +646,20 @@ struct Initial {
 /// Lists the services, fetches every selected one (bounded concurrency, each retried
 /// until it answers), and hands the catalog one complete snapshot. `None` on shutdown.
 async fn initial_snapshot(shared: &Arc<Shared>, shutdown: &CancellationToken) -> Option<Initial> {
-    let mut pacer = Pacer::new(shared.pacing);
-    let (index, list) = loop {
-        if !pacer.ready(shutdown).await {
-            return None;
-        }
-        let result = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return None,
-            r = shared.http.catalog_services(0, shared.wait) => r,
-        };
-        match result {
-            Ok(services) => break (next_index(0, services.index), services.value),
-            Err(e) => {
-                let delay = pacer.failed();
-                warn!(
-                    error = %error_chain(&e),
-                    retry_in = ?delay,
-                    "waiting for Consul: cannot list services (nothing is published or deleted until it answers)"
-                );
-            }
-        }
-    };
+    let services = retry_until_ok(
+        shared.pacing,
+        shutdown,
+        || shared.http.catalog_services(0, shared.wait),
+        |e, delay| {
+            warn!(
+                error = %error_chain(e),
+                retry_in = ?delay,
+                "waiting for Consul: cannot list services (nothing is published or deleted until it answers)"
+            );
+        },
+    )
+    .await?;
+    let (index, list) = (next_index(0, services.index), services.value);
     let selected = shared.selection.selected(&list);
     let tags: HashMap<String, u64> = selected
         .iter()
@@ -735,24 +727,16 @@ async fn fetch_until_ok(
     name: &str,
     shutdown: &CancellationToken,
 ) -> Option<(u64, Vec<HealthEntry>)> {
-    let mut pacer = Pacer::new(shared.pacing);
-    loop {
-        if !pacer.ready(shutdown).await {
-            return None;
-        }
-        let result = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return None,
-            r = shared.http.health_service(name, 0, shared.wait, Via::Read) => r,
-        };
-        match result {
-            Ok(answer) => return Some((next_index(0, answer.index), answer.value)),
-            Err(e) => {
-                let delay = pacer.failed();
-                warn!(service = %name, error = %error_chain(&e), retry_in = ?delay, "cannot read a Consul service");
-            }
-        }
-    }
+    let answer = retry_until_ok(
+        shared.pacing,
+        shutdown,
+        || shared.http.health_service(name, 0, shared.wait, Via::Read),
+        |e, delay| {
+            warn!(service = %name, error = %error_chain(e), retry_in = ?delay, "cannot read a Consul service");
+        },
+    )
+    .await?;
+    Some((next_index(0, answer.index), answer.value))
 }
 
 /// The check table once (the check watch's starting point), retried until it answers.
@@ -760,28 +744,18 @@ async fn read_checks_until_ok(
     shared: &Shared,
     shutdown: &CancellationToken,
 ) -> Option<(u64, CheckIndex)> {
-    let mut pacer = Pacer::new(shared.pacing);
-    loop {
-        if !pacer.ready(shutdown).await {
-            return None;
-        }
-        let result = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return None,
-            r = shared.http.health_state(0, shared.wait) => r,
-        };
-        match result {
-            Ok(answer) => {
-                let mut checks = CheckIndex::default();
-                checks.update(&answer.value);
-                return Some((next_index(0, answer.index), checks));
-            }
-            Err(e) => {
-                let delay = pacer.failed();
-                warn!(error = %error_chain(&e), retry_in = ?delay, "cannot read Consul's check state");
-            }
-        }
-    }
+    let answer = retry_until_ok(
+        shared.pacing,
+        shutdown,
+        || shared.http.health_state(0, shared.wait),
+        |e, delay| {
+            warn!(error = %error_chain(e), retry_in = ?delay, "cannot read Consul's check state");
+        },
+    )
+    .await?;
+    let mut checks = CheckIndex::default();
+    checks.update(&answer.value);
+    Some((next_index(0, answer.index), checks))
 }
 
 /// The wait of a long poll's next blocking query: short for the first (see
