@@ -221,6 +221,7 @@ async fn one_new_instance_rewrites_one_slice_and_a_resync_writes_nothing() -> Re
     let before = versions(&h.wait_for_endpoint_count("big", 250).await?);
     h.sink.wait_for(|s| s.initial_sync_done).await;
     let writes_before = h.sink.metrics.successful_writes(Kind::EndpointSlice);
+    let endpoints_before = h.sink.metrics.successful_writes(Kind::Endpoints);
 
     h.catalog.upsert(svc("big", many(251)));
     let after = versions(&h.wait_for_endpoint_count("big", 251).await?);
@@ -240,6 +241,12 @@ async fn one_new_instance_rewrites_one_slice_and_a_resync_writes_nothing() -> Re
         1
     );
 
+    // The legacy Endpoints follow the slice in the same reconcile: wait for that write
+    // too, so that it is not taken for a resync's.
+    wait_for("the Endpoints update", WAIT, || async {
+        (h.sink.metrics.successful_writes(Kind::Endpoints) > endpoints_before).then_some(())
+    })
+    .await?;
     // Resyncs (every second here) compare everything again and write nothing.
     let total = h.sink.metrics.total_successful_writes();
     let reconciles = h.sink.metrics.reconciles.get();
