@@ -431,7 +431,8 @@ impl Engine {
         if !inserted {
             return;
         }
-        if self.polls.len() < self.shared.plan.long_polls {
+        // Places of long polls still draining are taken until their request returns.
+        if self.polls.len() + self.draining.len() < self.shared.plan.long_polls {
             self.spawn_poller(name, 0, false);
         } else {
             self.shared.refresh.request(&name, Cause::List);
