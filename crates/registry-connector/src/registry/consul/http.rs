@@ -437,19 +437,24 @@ impl ConsulHttp {
         result
     }
 
+    /// Where a catalog-wide query goes: a blocking one on the watches lane (it holds its
+    /// connection for minutes), a plain one on the bounded reads lane.
+    fn catalog_lane(&self, index: u64) -> &Lane {
+        if index > 0 {
+            &self.watches
+        } else {
+            &self.reads
+        }
+    }
+
     /// `/v1/catalog/services`, blocking when `index > 0`.
     pub async fn catalog_services(
         &self,
         index: u64,
         wait: Duration,
     ) -> Result<Indexed<CatalogServices>, ConsulError> {
-        let lane = if index > 0 {
-            &self.watches
-        } else {
-            &self.reads
-        };
         self.get(
-            lane,
+            self.catalog_lane(index),
             Endpoint::CatalogServices,
             &["v1", "catalog", "services"],
             index,
@@ -466,13 +471,8 @@ impl ConsulHttp {
         index: u64,
         wait: Duration,
     ) -> Result<Indexed<Vec<CheckState>>, ConsulError> {
-        let lane = if index > 0 {
-            &self.watches
-        } else {
-            &self.reads
-        };
         self.get(
-            lane,
+            self.catalog_lane(index),
             Endpoint::HealthState,
             &["v1", "health", "state", "any"],
             index,

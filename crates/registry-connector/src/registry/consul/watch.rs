@@ -465,8 +465,14 @@ impl Engine {
     /// Hands free long polls to services without one (check-less first), starts or stops
     /// the shared watch, and updates the mode, its metrics and the readiness note.
     fn settle(&mut self, baseline: Option<(u64, CheckIndex)>) {
-        let free = self.shared.plan.long_polls.saturating_sub(self.polls.len());
-        if free > 0 {
+        // A draining long poll holds its place until its request returns.
+        self.draining.retain(|p| !p.handle.is_finished());
+        let taken = self.polls.len() + self.draining.len();
+        let free = self.shared.plan.long_polls.saturating_sub(taken);
+        let total = lock(&self.shared.services).len();
+        // Only when some service has no long poll: with all of them polled (every
+        // service over HTTP/2) a list answer must not walk 10,000 services.
+        if free > 0 && total > self.polls.len() {
             let mut candidates: Vec<(bool, String, u64)> = lock(&self.shared.services)
                 .iter()
                 .filter(|(name, _)| !self.polls.contains_key(*name))
@@ -480,7 +486,6 @@ impl Engine {
                 self.spawn_poller(name, index, index > 1);
             }
         }
-        let total = lock(&self.shared.services).len();
         let shared_count = total.saturating_sub(self.polls.len());
         if shared_count > 0 && self.shared_watch.is_none() {
             self.shared_watch = Some(start_shared_watch(
