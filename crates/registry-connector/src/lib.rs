@@ -8,6 +8,7 @@
 
 pub mod catalog;
 pub mod diff;
+pub mod export;
 pub mod labels;
 pub mod model;
 pub mod naming;
