@@ -48,6 +48,11 @@ pub trait RegistryWriter: Send + Sync + 'static {
     /// and a check operation).
     fn cost(&self, write: &Write) -> usize;
 
+    /// Puts a desired instance in the form the registry stores and [`RegistryWriter::read`]
+    /// returns (Eureka upper-cases application names), so that an unchanged instance
+    /// compares equal. The default changes nothing.
+    fn normalize(&self, _instance: &mut Instance) {}
+
     /// Reads every entry this connector owns, and the names it shares with others.
     fn read(&self) -> impl Future<Output = Result<Registered, Self::Error>> + Send;
 

@@ -191,9 +191,12 @@ pub mod meta_keys {
     pub const CONNECTOR: &str = "registry-connector-id";
     /// Prefix of one key per named port (`port-http=8080`).
     pub const PORT_PREFIX: &str = "port-";
+    /// The extra tags, comma-joined, where the registry has no tags of its own (Eureka).
+    pub const TAGS: &str = "external-k8s-tags";
 
     /// Whether annotations may not set `key`.
     pub fn is_reserved(key: &str) -> bool {
-        matches!(key, SOURCE | NAMESPACE | SERVICE | CONNECTOR) || key.starts_with(PORT_PREFIX)
+        matches!(key, SOURCE | NAMESPACE | SERVICE | CONNECTOR | TAGS)
+            || key.starts_with(PORT_PREFIX)
     }
 }
