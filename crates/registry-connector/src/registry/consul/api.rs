@@ -154,6 +154,74 @@ impl HealthEntry {
     }
 }
 
+/// `/v1/catalog/node/<node>`: the node's services by ID (`null` when the node is not
+/// registered).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct NodeServices {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub services: std::collections::BTreeMap<String, Service>,
+}
+
+/// Decodes a `/v1/catalog/node/<node>` body.
+pub fn decode_node_services(body: &[u8]) -> Result<Option<NodeServices>, serde_json::Error> {
+    serde_json::from_slice(body)
+}
+
+/// Decodes a `/v1/health/node/<node>` body.
+pub fn decode_checks(body: &[u8]) -> Result<Vec<Check>, serde_json::Error> {
+    Ok(
+        Option::<Vec<Check>>::deserialize(&mut serde_json::Deserializer::from_slice(body))?
+            .unwrap_or_default(),
+    )
+}
+
+/// One entry of `/v1/internal/ui/services`: a service and the nodes it has instances on.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct UiService {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub nodes: Vec<String>,
+}
+
+/// Decodes a `/v1/internal/ui/services` body.
+pub fn decode_ui_services(body: &[u8]) -> Result<Vec<UiService>, serde_json::Error> {
+    Ok(
+        Option::<Vec<UiService>>::deserialize(&mut serde_json::Deserializer::from_slice(body))?
+            .unwrap_or_default(),
+    )
+}
+
+/// The reasons of a rolled-back transaction (`{"Errors": [{"OpIndex": 0, "What": ...}]}`),
+/// as one line; the raw body when it does not decode.
+pub fn decode_txn_errors(body: &[u8]) -> String {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct TxnError {
+        #[serde(default)]
+        op_index: usize,
+        #[serde(default)]
+        what: String,
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct Answer {
+        #[serde(default, deserialize_with = "null_as_default")]
+        errors: Vec<TxnError>,
+    }
+    match serde_json::from_slice::<Answer>(body) {
+        Ok(a) if !a.errors.is_empty() => a
+            .errors
+            .iter()
+            .map(|e| format!("operation {}: {}", e.op_index, e.what))
+            .collect::<Vec<_>>()
+            .join("; "),
+        _ => crate::registry::error_body(body),
+    }
+}
+
 fn null_as_default<'de, D, T>(de: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,

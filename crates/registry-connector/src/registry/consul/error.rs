@@ -41,7 +41,7 @@ pub enum ConsulError {
     Client(#[source] reqwest::Error),
 
     /// The request did not get an answer (connection refused or reset, timeout, ...).
-    #[error("GET {path} failed")]
+    #[error("request to {path} failed")]
     Request {
         path: String,
         #[source]
@@ -50,14 +50,14 @@ pub enum ConsulError {
 
     /// Consul refused the request because this client holds too many connections.
     #[error(
-        "GET {path}: Consul answered 429: too many connections from this address; raise the \
+        "{path}: Consul answered 429: too many connections from this address; raise the \
          agent's limits.http_max_conns_per_client or lower max_connections"
     )]
     TooManyConnections { path: String },
 
     /// Consul answered with an error status (403: the token lacks `service:read` /
     /// `node:read`; 500: no leader, unknown datacenter, ...).
-    #[error("GET {path}: Consul answered {status}: {body}")]
+    #[error("{path}: Consul answered {status}: {body}")]
     Status {
         path: String,
         status: u16,
@@ -65,7 +65,7 @@ pub enum ConsulError {
     },
 
     /// The answer was not the JSON this endpoint documents.
-    #[error("GET {path}: cannot decode the answer")]
+    #[error("{path}: cannot decode the answer")]
     Decode {
         path: String,
         #[source]
@@ -74,8 +74,12 @@ pub enum ConsulError {
 
     /// A blocking endpoint answered without a usable `X-Consul-Index` header (a proxy in
     /// between that strips headers, or not a Consul server at all).
-    #[error("GET {path}: the answer carries no valid X-Consul-Index header")]
+    #[error("{path}: the answer carries no valid X-Consul-Index header")]
     MissingIndex { path: String },
+
+    /// Consul rolled a transaction back (`/v1/txn` answered 409): nothing of it applied.
+    #[error("Consul rolled the transaction back: {errors}")]
+    TxnRolledBack { errors: String },
 }
 
 impl From<crate::registry::tls::TlsFileError> for ConsulError {

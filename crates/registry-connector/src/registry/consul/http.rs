@@ -404,7 +404,7 @@ impl ConsulHttp {
         let url = self.url(&["v1", "agent", "self"], 0, Duration::ZERO);
         let path = url.path().to_string();
         let lane = Lane::unbounded(client);
-        match self.send(&lane, &path, url, PLAIN_TIMEOUT).await {
+        match self.send(&lane, &path, url, PLAIN_TIMEOUT, None).await {
             Ok(answer) if answer.version == reqwest::Version::HTTP_2 => {
                 self.metrics.record(Endpoint::AgentSelf, true);
                 true
@@ -422,7 +422,7 @@ impl ConsulHttp {
         let url = self.url(&["v1", "agent", "self"], 0, Duration::ZERO);
         let path = url.path().to_string();
         let result = async {
-            let answer = self.send(lane, &path, url, PLAIN_TIMEOUT).await?;
+            let answer = self.send(lane, &path, url, PLAIN_TIMEOUT, None).await?;
             if answer.status == StatusCode::FORBIDDEN {
                 return Ok(None);
             }
@@ -510,6 +510,73 @@ impl ConsulHttp {
         .await
     }
 
+    /// `/v1/catalog/node/<node>`: the node and its services (`None`: no such node),
+    /// blocking when `index > 0`.
+    pub async fn catalog_node(
+        &self,
+        node: &str,
+        index: u64,
+        wait: Duration,
+    ) -> Result<Indexed<Option<api::NodeServices>>, ConsulError> {
+        self.get(
+            self.catalog_lane(index),
+            Endpoint::CatalogNode,
+            &["v1", "catalog", "node", node],
+            index,
+            wait,
+            api::decode_node_services,
+        )
+        .await
+    }
+
+    /// `/v1/health/node/<node>`: every check of one node.
+    pub async fn health_node(&self, node: &str) -> Result<Indexed<Vec<api::Check>>, ConsulError> {
+        self.get(
+            &self.reads,
+            Endpoint::HealthNode,
+            &["v1", "health", "node", node],
+            0,
+            Duration::ZERO,
+            api::decode_checks,
+        )
+        .await
+    }
+
+    /// `/v1/internal/ui/services`: every service with the nodes it runs on, in one
+    /// answer (the UI's own endpoint; the public API needs one request per service).
+    pub async fn ui_services(&self) -> Result<Indexed<Vec<api::UiService>>, ConsulError> {
+        self.get(
+            &self.reads,
+            Endpoint::UiServices,
+            &["v1", "internal", "ui", "services"],
+            0,
+            Duration::ZERO,
+            api::decode_ui_services,
+        )
+        .await
+    }
+
+    /// `PUT /v1/txn` with `body` (a JSON array of operations): all applied, or none
+    /// (409, with Consul's reasons).
+    pub async fn txn(&self, body: bytes::Bytes) -> Result<(), ConsulError> {
+        let url = self.url(&["v1", "txn"], 0, Duration::ZERO);
+        let path = url.path().to_string();
+        let result = async {
+            let answer = self
+                .send(&self.reads, &path, url, PLAIN_TIMEOUT, Some(body))
+                .await?;
+            if answer.status == StatusCode::CONFLICT {
+                return Err(ConsulError::TxnRolledBack {
+                    errors: api::decode_txn_errors(&answer.body),
+                });
+            }
+            answer.check_status(&path)
+        }
+        .await;
+        self.metrics.record(Endpoint::Txn, result.is_ok());
+        result
+    }
+
     fn url(&self, segments: &[&str], index: u64, wait: Duration) -> Url {
         let mut url = self.base.clone();
         if let Ok(mut path) = url.path_segments_mut() {
@@ -553,7 +620,7 @@ impl ConsulHttp {
             PLAIN_TIMEOUT
         };
         let result = async {
-            let answer = self.send(lane, &path, url, timeout).await?;
+            let answer = self.send(lane, &path, url, timeout, None).await?;
             answer.check_status(&path)?;
             let index = answer
                 .index
@@ -574,14 +641,16 @@ impl ConsulHttp {
         result
     }
 
-    /// Sends one GET on `lane` (holding one of its permits for the whole exchange, body
-    /// included: that is when the connection is busy) and reads the whole answer.
+    /// Sends one GET (or, with a `body`, one PUT) on `lane` (holding one of its permits
+    /// for the whole exchange, body included: that is when the connection is busy) and
+    /// reads the whole answer.
     async fn send(
         &self,
         lane: &Lane,
         path: &str,
         url: Url,
         timeout: Duration,
+        body: Option<bytes::Bytes>,
     ) -> Result<Answer, ConsulError> {
         let _permit = match &lane.permits {
             Some(permits) => Some(
@@ -596,9 +665,15 @@ impl ConsulHttp {
             path: path.to_string(),
             source,
         };
-        let response = lane
-            .client
-            .get(url)
+        let request = match body {
+            Some(body) => lane
+                .client
+                .put(url)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body),
+            None => lane.client.get(url),
+        };
+        let response = request
             .timeout(timeout)
             .send()
             .await

@@ -24,6 +24,14 @@ pub enum Endpoint {
     HealthState,
     /// `/v1/agent/self` (the start-up probe of the protocol and the connection limit).
     AgentSelf,
+    /// `/v1/catalog/node/<node>` (the Kubernetes → Consul writer's own node).
+    CatalogNode,
+    /// `/v1/health/node/<node>` (the writer's readiness checks).
+    HealthNode,
+    /// `/v1/internal/ui/services` (which nodes each service has: shared names).
+    UiServices,
+    /// `/v1/txn` (the writer's batched registrations).
+    Txn,
 }
 
 /// How a request ended.
@@ -43,6 +51,10 @@ impl Endpoint {
             Self::HealthService => "health_service",
             Self::HealthState => "health_state",
             Self::AgentSelf => "agent_self",
+            Self::CatalogNode => "catalog_node",
+            Self::HealthNode => "health_node",
+            Self::UiServices => "ui_services",
+            Self::Txn => "txn",
         }
     }
 }
@@ -194,6 +206,10 @@ impl ConsulMetrics {
             Endpoint::HealthService,
             Endpoint::HealthState,
             Endpoint::AgentSelf,
+            Endpoint::CatalogNode,
+            Endpoint::HealthNode,
+            Endpoint::UiServices,
+            Endpoint::Txn,
         ]
         .into_iter()
         .flat_map(|e| [(e, Outcome::Ok), (e, Outcome::Error)])

@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod refresh;
 pub mod select;
 mod watch;
+pub mod writer;
 
 use std::sync::Arc;
 use std::time::Duration;
