@@ -115,11 +115,11 @@ pub struct Desired {
 
 /// The instances `svc` (registered as `registry_name`) should have. `slices` are the
 /// Service's EndpointSlices; `node` looks a Node up by name.
-pub fn desired_instances<'a>(
+pub fn desired_instances<'a, 'n>(
     svc: &Service,
     registry_name: &str,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
-    node: impl Fn(&str) -> Option<&'a Node>,
+    node: impl Fn(&str) -> Option<&'n Node>,
     cfg: &DesiredConfig,
 ) -> Desired {
     let key = ServiceKey::new(
@@ -403,12 +403,12 @@ fn endpoint_instances(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn node_port_instances<'a>(
+fn node_port_instances<'n>(
     base: &Base,
     main: Option<&ServicePort>,
     ports: &[ServicePort],
     slices: &[&EndpointSlice],
-    node: impl Fn(&str) -> Option<&'a Node>,
+    node: impl Fn(&str) -> Option<&'n Node>,
     sync: NodePortSync,
     out: &mut Vec<Instance>,
     problems: &mut Vec<Problem>,

@@ -317,21 +317,12 @@ impl<W: RegistryWriter> Exporter<W> {
         })
     }
 
-    /// Deregisters every entry this connector owns (`--purge-on-exit`, the purge
-    /// command) and returns how many.
-    pub async fn purge(&self) -> Result<usize, W::Error> {
-        let registered = self.writer.read().await?;
-        let writes: Vec<Write> = registered
-            .instances
-            .into_iter()
-            .map(Write::Deregister)
-            .collect();
-        let count = writes.len();
-        let max = self.writer.max_ops_per_request();
-        for batch in batches(writes, max, |w| self.writer.cost(w)) {
-            self.writer.apply(&batch).await?;
+    /// What deregisters every entry this connector owns (`--purge-on-exit`,
+    /// `--purge`); usable after [`Exporter::run`] consumed the exporter.
+    pub fn purger_handle(&self) -> Purger<W> {
+        Purger {
+            writer: self.writer.clone(),
         }
-        Ok(count)
     }
 
     fn start_watches(
@@ -350,6 +341,29 @@ impl<W: RegistryWriter> Exporter<W> {
         let token = stop.clone();
         tokio::spawn(async move { writer.maintain(token).await });
         stop
+    }
+}
+
+/// Deregisters every entry a writer owns.
+pub struct Purger<W: RegistryWriter> {
+    writer: Arc<W>,
+}
+
+impl<W: RegistryWriter> Purger<W> {
+    /// Removes what the writer reads as owned, and nothing else; returns how many.
+    pub async fn purge(&self) -> Result<usize, W::Error> {
+        let registered = self.writer.read().await?;
+        let writes: Vec<Write> = registered
+            .instances
+            .into_iter()
+            .map(Write::Deregister)
+            .collect();
+        let count = writes.len();
+        let max = self.writer.max_ops_per_request();
+        for batch in batches(writes, max, |w| self.writer.cost(w)) {
+            self.writer.apply(&batch).await?;
+        }
+        Ok(count)
     }
 }
 

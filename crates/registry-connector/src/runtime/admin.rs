@@ -6,7 +6,9 @@
 //! - `/readyz` answers 200 once the first complete registry snapshot has been
 //!   reconciled, or, on a standby replica, once its caches and registry view are warm.
 //!   A source in a degraded mode (Consul's shared mode) adds a line saying so: the
-//!   process is ready, but an operator reading the probe should know.
+//!   process is ready, but an operator reading the probe should know. With the
+//!   Kubernetes → registry direction running, it must be ready too (its watches listed
+//!   and its first pass written, or, on a standby, its watches listed).
 //! - `/metrics` is the Prometheus text format of the process-wide registry.
 
 use std::net::SocketAddr;
@@ -23,6 +25,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::export::engine::ExportStatus;
 use crate::registry::SourceNote;
 use crate::sink::{SinkHandle, SinkStatus};
 
@@ -32,8 +35,16 @@ const WEDGED_AFTER: Duration = Duration::from_secs(60);
 #[derive(Clone)]
 struct AdminState {
     registry: Arc<Registry>,
-    sink: SinkHandle,
-    note: SourceNote,
+    parts: Parts,
+}
+
+/// What the probes look at: the registry → Kubernetes sink and the Kubernetes →
+/// registry exporter, whichever run.
+#[derive(Clone)]
+pub struct Parts {
+    pub sink: Option<SinkHandle>,
+    pub export: Option<tokio::sync::watch::Receiver<ExportStatus>>,
+    pub note: SourceNote,
 }
 
 /// Binds `addr` and serves until `shutdown`. Returns the bound address (useful with
@@ -41,8 +52,7 @@ struct AdminState {
 pub async fn serve(
     addr: SocketAddr,
     registry: Arc<Registry>,
-    sink: SinkHandle,
-    note: SourceNote,
+    parts: Parts,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -53,11 +63,7 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(AdminState {
-            registry,
-            sink,
-            note,
-        });
+        .with_state(AdminState { registry, parts });
     info!(addr = %bound, "admin server listening (/healthz, /readyz, /metrics)");
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app)
@@ -68,7 +74,7 @@ pub async fn serve(
 }
 
 async fn healthz(State(state): State<AdminState>) -> Response {
-    match state.sink.heartbeat_age() {
+    match state.parts.sink.as_ref().and_then(|s| s.heartbeat_age()) {
         Some(age) if age > WEDGED_AFTER => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("sync loop silent for {}s\n", age.as_secs()),
@@ -79,16 +85,31 @@ async fn healthz(State(state): State<AdminState>) -> Response {
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
-    let (status, body) = readyz_answer(&state.sink.status(), state.note.get());
+    let sink = state.parts.sink.as_ref().map(|s| s.status());
+    let export = state.parts.export.as_ref().map(|e| e.borrow().clone());
+    let mut reasons: Vec<String> = sink
+        .as_ref()
+        .and_then(not_ready_because)
+        .into_iter()
+        .collect();
+    reasons.extend(export.as_ref().and_then(export_not_ready_because));
+    let (status, body) = answer(reasons, state.parts.note.get());
     (status, body).into_response()
+}
+
+/// The status and body of `/readyz` for the sink alone.
+#[cfg(test)]
+fn readyz_answer(status: &SinkStatus, note: Option<String>) -> (StatusCode, String) {
+    answer(not_ready_because(status).into_iter().collect(), note)
 }
 
 /// The status and body of `/readyz`: the reasons for not being ready, and the source's
 /// note (a degraded mode) in either case.
-fn readyz_answer(status: &SinkStatus, note: Option<String>) -> (StatusCode, String) {
-    let (code, mut body) = match not_ready_because(status) {
-        None => (StatusCode::OK, "ready".to_string()),
-        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+fn answer(reasons: Vec<String>, note: Option<String>) -> (StatusCode, String) {
+    let (code, mut body) = if reasons.is_empty() {
+        (StatusCode::OK, "ready".to_string())
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, reasons.join("; "))
     };
     if let Some(note) = note {
         body.push('\n');
@@ -115,6 +136,24 @@ fn not_ready_because(s: &SinkStatus) -> Option<String> {
     }
     if waiting.is_empty() {
         waiting.push("initial sync in progress");
+    }
+    Some(waiting.join("; "))
+}
+
+/// Why the Kubernetes → registry direction is not ready, or `None`.
+fn export_not_ready_because(s: &ExportStatus) -> Option<String> {
+    if s.initial_sync_done || (!s.leader && s.caches_ready) {
+        return None;
+    }
+    let mut waiting = Vec::new();
+    if !s.caches_ready {
+        waiting.push("to-registry: waiting for the Service, EndpointSlice and Node watches");
+    }
+    if s.leader && !s.registry_read {
+        waiting.push("to-registry: waiting to read this connector's registrations");
+    }
+    if waiting.is_empty() {
+        waiting.push("to-registry: initial sync in progress");
     }
     Some(waiting.join("; "))
 }
@@ -173,6 +212,37 @@ mod tests {
         assert!(
             body.ends_with("shared mode\n") && body.contains("registry"),
             "{body}"
+        );
+    }
+
+    #[test]
+    fn the_export_direction_says_what_it_waits_for() {
+        let mut s = ExportStatus {
+            leader: true,
+            ..Default::default()
+        };
+        let why = export_not_ready_because(&s).unwrap();
+        assert!(
+            why.contains("watches") && why.contains("registrations"),
+            "{why}"
+        );
+        s.caches_ready = true;
+        s.registry_read = true;
+        assert_eq!(
+            export_not_ready_because(&s).unwrap(),
+            "to-registry: initial sync in progress"
+        );
+        s.initial_sync_done = true;
+        assert_eq!(export_not_ready_because(&s), None);
+        let standby = ExportStatus {
+            caches_ready: true,
+            ..Default::default()
+        };
+        assert_eq!(export_not_ready_because(&standby), None);
+        let (code, body) = answer(vec!["a".into(), "b".into()], None);
+        assert_eq!(
+            (code, body.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "a; b\n")
         );
     }
 

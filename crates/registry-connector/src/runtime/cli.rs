@@ -35,9 +35,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Sync Consul services into Kubernetes.
+    /// Sync Consul services into Kubernetes (and, with --sync, Kubernetes Services into
+    /// Consul).
     Consul(Box<ConsulCommand>),
-    /// Sync Eureka applications into Kubernetes.
+    /// Sync Eureka applications into Kubernetes (and, with --sync, Kubernetes Services
+    /// into Eureka).
     Eureka(Box<EurekaCommand>),
     /// Delete every Service, EndpointSlice and Endpoints object that one connector
     /// instance owns in a namespace, and nothing else.
@@ -76,6 +78,9 @@ pub struct ConsulCommand {
     pub sync: SyncArgs,
 
     #[command(flatten)]
+    pub export: super::export_args::ExportArgs,
+
+    #[command(flatten)]
     pub operation: OperationArgs,
 }
 
@@ -90,6 +95,9 @@ pub struct EurekaCommand {
 
     #[command(flatten)]
     pub sync: SyncArgs,
+
+    #[command(flatten)]
+    pub export: super::export_args::ExportArgs,
 
     #[command(flatten)]
     pub operation: OperationArgs,
@@ -143,6 +151,11 @@ pub struct OperationArgs {
     /// holder does, so a rolling update of a replicated Deployment never purges).
     #[arg(long, env = "RC_PURGE_ON_EXIT", default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub purge_on_exit: bool,
+
+    /// Remove everything this connector instance owns in the directions --sync names
+    /// (its Kubernetes objects; its registry registrations), then exit.
+    #[arg(long, default_value_t = false)]
+    pub purge: bool,
 
     /// How often the holder renews its lease.
     #[arg(long, env = "RC_LEASE_RENEW_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]

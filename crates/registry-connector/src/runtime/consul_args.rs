@@ -72,9 +72,20 @@ pub struct ConsulArgs {
     #[arg(long, env = "RC_FILTER_TAG", value_name = "TAG")]
     pub filter_tag: Option<String>,
 
-    /// Services carrying this tag came from Kubernetes and are never synced back.
+    /// Services carrying this tag came from Kubernetes and are never synced back; the
+    /// Kubernetes → Consul direction puts it on everything it registers.
     #[arg(long, env = "RC_K8S_TAG", default_value = "k8s", value_name = "TAG")]
     pub k8s_tag: String,
+
+    /// Kubernetes → Consul: the synthetic Consul node every registered instance lives on
+    /// (consul-k8s's -consul-node-name).
+    #[arg(
+        long,
+        env = "RC_CONSUL_NODE_NAME",
+        default_value = "k8s-sync",
+        value_name = "NODE"
+    )]
+    pub consul_node_name: String,
 
     /// Instance tag `<prefix-tag>=<p>` also publishes the instance under `<p>-<name>-<s>`.
     #[arg(long, env = "RC_PREFIX_TAG", value_name = "TAG")]
@@ -105,6 +116,19 @@ pub struct ConsulArgs {
 }
 
 impl ConsulArgs {
+    /// The Kubernetes → Consul writer's settings.
+    pub fn writer_config(
+        &self,
+        connector_id: &str,
+    ) -> crate::registry::consul::writer::ConsulWriterConfig {
+        crate::registry::consul::writer::ConsulWriterConfig {
+            connector_id: connector_id.to_string(),
+            node_name: self.consul_node_name.trim().to_string(),
+            k8s_tag: self.k8s_tag.trim().to_string(),
+            wait: self.consul_wait,
+        }
+    }
+
     /// The source's configuration from its flags and the shared selection flags
     /// (defaults for what has no flag).
     pub fn to_config(
