@@ -1,0 +1,416 @@
+//! Kubernetes → Consul end to end: the real binary with `--sync to-registry`, the real
+//! apiserver and kube-controller-manager (which build the EndpointSlices from Pods
+//! bound to a Node object: there is no kubelet, so the test sets each Pod's IP and
+//! readiness through the status subresource) and a real Consul agent.
+//!
+//! Every test has its own namespace, Consul node name and connector id. Pod IPs are in
+//! documentation ranges and never contacted.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use common::process::Connector;
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::Api;
+use serde_json::json;
+use testenv::consul::ConsulClient;
+use testenv::{unique_name, wait_for, TestEnv};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Scenario {
+    env: &'static TestEnv,
+    ns: testenv::TestNamespace,
+    client: kube::Client,
+    consul: ConsulClient,
+    node: String,
+    consul_node: String,
+    connector_id: String,
+}
+
+impl Scenario {
+    async fn new(prefix: &str) -> Result<Self> {
+        let env = TestEnv::shared();
+        let client = env.client().await?;
+        let node = unique_name("node");
+        let s = Self {
+            env,
+            ns: env.namespace(prefix).await?,
+            client,
+            consul: ConsulClient::new(env.consul_addr()?)?,
+            node,
+            consul_node: unique_name("k8s-sync"),
+            connector_id: unique_name("c"),
+        };
+        s.create_node().await?;
+        Ok(s)
+    }
+
+    async fn create_node(&self) -> Result<()> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": self.node, "labels": {"topology.kubernetes.io/zone": "zone-a"}},
+        }))?;
+        nodes
+            .create(&PostParams::default(), &node)
+            .await
+            .context("creating the Node")?;
+        Ok(())
+    }
+
+    fn connector(&self, extra: &[&str]) -> Result<Connector> {
+        let mut args = vec![
+            "--sync",
+            "to-registry",
+            "--k8s-allow-namespaces",
+            self.ns.name(),
+            "--consul-node-name",
+            &self.consul_node,
+            "--connector-id",
+            &self.connector_id,
+        ];
+        args.extend_from_slice(extra);
+        Connector::consul(self.env, self.ns.name(), &args)
+    }
+
+    /// A selector Service `name` (registry name `registry`) on port 80 → 8080.
+    async fn service(&self, name: &str, registry: &str) -> Result<()> {
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": {"connector.flomesh.io/registry-name": registry}},
+            "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+        }))?;
+        Api::<Service>::namespaced(self.client.clone(), self.ns.name())
+            .create(&PostParams::default(), &svc)
+            .await
+            .context("creating the Service")?;
+        Ok(())
+    }
+
+    /// A Pod of `app` bound to the node, running at `ip`, ready or not.
+    async fn pod(&self, app: &str, name: &str, ip: &str, ready: bool) -> Result<()> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), self.ns.name());
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"app": app}},
+            "spec": {"nodeName": self.node, "containers": [{"name": "app", "image": "example.invalid/app:1", "ports": [{"containerPort": 8080, "name": "http"}]}]},
+        }))?;
+        // The namespace's default ServiceAccount, which admission requires, appears
+        // shortly after the namespace.
+        wait_for("the Pod to be admitted", WAIT, || async {
+            pods.create(&PostParams::default(), &pod)
+                .await
+                .ok()
+                .map(|_| ())
+        })
+        .await?;
+        self.set_ready(name, ip, ready).await
+    }
+
+    async fn set_ready(&self, name: &str, ip: &str, ready: bool) -> Result<()> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), self.ns.name());
+        let status = if ready { "True" } else { "False" };
+        let patch = json!({"status": {
+            "phase": "Running",
+            "podIP": ip,
+            "podIPs": [{"ip": ip}],
+            "conditions": [
+                {"type": "Ready", "status": status},
+                {"type": "ContainersReady", "status": status},
+            ],
+        }});
+        pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .context("setting a Pod's status")?;
+        Ok(())
+    }
+
+    /// The instances of `service` in Consul: address → (port, node, aggregated status).
+    async fn instances(&self, service: &str) -> Result<BTreeMap<String, (u64, String, String)>> {
+        let (body, _) = self
+            .consul
+            .get(&format!("/v1/health/service/{service}"))
+            .await?;
+        let mut out = BTreeMap::new();
+        for entry in body.as_array().cloned().unwrap_or_default() {
+            let svc = &entry["Service"];
+            let checks = entry["Checks"].as_array().cloned().unwrap_or_default();
+            let status = if checks.iter().all(|c| c["Status"] == "passing") {
+                "passing"
+            } else {
+                "critical"
+            };
+            out.insert(
+                svc["Address"].as_str().unwrap_or_default().to_string(),
+                (
+                    svc["Port"].as_u64().unwrap_or(0),
+                    entry["Node"]["Node"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    status.to_string(),
+                ),
+            );
+        }
+        Ok(out)
+    }
+
+    async fn wait_instances(&self, service: &str, want: &[(&str, &str)]) -> Result<()> {
+        let want: BTreeMap<String, String> = want
+            .iter()
+            .map(|(a, s)| (a.to_string(), s.to_string()))
+            .collect();
+        wait_for(
+            &format!("{service} in Consul to be {want:?}"),
+            WAIT,
+            || async {
+                let got = self.instances(service).await.ok()?;
+                let ours: BTreeMap<String, String> = got
+                    .into_iter()
+                    .filter(|(_, (_, node, _))| *node == self.consul_node)
+                    .map(|(a, (port, _, s))| {
+                        assert_eq!(port, 8080, "the endpoint's port");
+                        (a, s)
+                    })
+                    .collect();
+                (ours == want).then_some(())
+            },
+        )
+        .await
+    }
+
+    async fn service_modify_indexes(&self) -> Result<BTreeMap<String, u64>> {
+        let (body, _) = self
+            .consul
+            .get(&format!("/v1/catalog/node/{}", self.consul_node))
+            .await?;
+        Ok(body["Services"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(id, s)| (id.clone(), s["ModifyIndex"].as_u64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        let client = self.client.clone();
+        let node = self.node.clone();
+        // Best effort: the Node is cluster-scoped and would outlive the namespace.
+        tokio::spawn(async move {
+            let _ = Api::<Node>::all(client)
+                .delete(&node, &DeleteParams::default())
+                .await;
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pods_become_consul_instances_with_their_readiness() -> Result<()> {
+    let s = Scenario::new("k2c").await?;
+    let web = unique_name("web");
+    let api = unique_name("api");
+    // A VM instance of the same name on another node: never touched.
+    s.consul
+        .put(
+            "/v1/catalog/register",
+            &json!({"Node": unique_name("vm"), "Address": "198.51.100.50",
+                    "Service": {"ID": "vm-web", "Service": web, "Address": "198.51.100.50", "Port": 8080}}),
+        )
+        .await?;
+    let vm_before = s.instances(&web).await?;
+    assert_eq!(vm_before.len(), 1);
+
+    s.service("web", &web).await?;
+    s.service("api", &api).await?;
+    for (i, ip) in ["192.0.2.11", "192.0.2.12", "192.0.2.13"]
+        .iter()
+        .enumerate()
+    {
+        s.pod("web", &format!("web-{i}"), ip, true).await?;
+    }
+    s.pod("api", "api-0", "192.0.2.21", true).await?;
+    let connector = s.connector(&[])?;
+    connector.wait_ready().await?;
+    s.wait_instances(
+        &web,
+        &[
+            ("192.0.2.11", "passing"),
+            ("192.0.2.12", "passing"),
+            ("192.0.2.13", "passing"),
+        ],
+    )
+    .await?;
+
+    // A fourth Pod: one more instance.
+    s.pod("web", "web-3", "192.0.2.14", true).await?;
+    s.wait_instances(
+        &web,
+        &[
+            ("192.0.2.11", "passing"),
+            ("192.0.2.12", "passing"),
+            ("192.0.2.13", "passing"),
+            ("192.0.2.14", "passing"),
+        ],
+    )
+    .await?;
+    // Not ready: critical, still registered.
+    s.set_ready("web-1", "192.0.2.12", false).await?;
+    s.wait_instances(
+        &web,
+        &[
+            ("192.0.2.11", "passing"),
+            ("192.0.2.12", "critical"),
+            ("192.0.2.13", "passing"),
+            ("192.0.2.14", "passing"),
+        ],
+    )
+    .await?;
+    s.set_ready("web-1", "192.0.2.12", true).await?;
+    s.wait_instances(
+        &web,
+        &[
+            ("192.0.2.11", "passing"),
+            ("192.0.2.12", "passing"),
+            ("192.0.2.13", "passing"),
+            ("192.0.2.14", "passing"),
+        ],
+    )
+    .await?;
+
+    // Batched: far fewer transactions than instance writes.
+    let txns = connector
+        .metric_where(
+            "registry_connector_registry_requests_total",
+            &[("endpoint", "txn")],
+        )
+        .await?;
+    let writes = connector
+        .metric_sum("registry_connector_export_writes_total")
+        .await?;
+    assert!(writes >= 7.0, "writes {writes}");
+    assert!(
+        txns >= 1.0 && txns < writes,
+        "{txns} transactions for {writes} writes"
+    );
+
+    // Restart with nothing changed: zero writes, every ModifyIndex unchanged.
+    let before = s.service_modify_indexes().await?;
+    assert_eq!(before.len(), 5, "{before:?}");
+    connector.terminate().await?;
+    let vm_during = s.instances(&web).await?;
+    assert_eq!(
+        vm_during.len(),
+        5,
+        "a stop deregisters nothing: {vm_during:?}"
+    );
+    let connector = s.connector(&[])?;
+    connector.wait_ready().await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        connector
+            .metric_sum("registry_connector_export_writes_total")
+            .await?,
+        0.0,
+        "{}",
+        connector.log_tail()
+    );
+    assert_eq!(s.service_modify_indexes().await?, before);
+
+    // The Service deleted: its instances go, the other Service and the VM stay.
+    Api::<Service>::namespaced(s.client.clone(), s.ns.name())
+        .delete("web", &DeleteParams::default())
+        .await?;
+    s.wait_instances(&web, &[]).await?;
+    let vm_after = s.instances(&web).await?;
+    assert_eq!(
+        vm_after, vm_before,
+        "the VM's instance is left exactly as it was"
+    );
+    let api_instances = s.instances(&api).await?;
+    assert_eq!(api_instances.len(), 1);
+    connector.terminate().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn selection_by_namespace_and_annotation() -> Result<()> {
+    let s = Scenario::new("k2c-sel").await?;
+    let kept = unique_name("kept");
+    let opted_out = unique_name("out");
+    s.service("kept", &kept).await?;
+    s.service("out", &opted_out).await?;
+    Api::<Service>::namespaced(s.client.clone(), s.ns.name())
+        .patch(
+            "out",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"consul.hashicorp.com/service-sync": "false"}}})),
+        )
+        .await?;
+    s.pod("kept", "kept-0", "192.0.2.31", true).await?;
+    s.pod("out", "out-0", "192.0.2.32", true).await?;
+    let connector = s.connector(&[])?;
+    connector.wait_ready().await?;
+    s.wait_instances(&kept, &[("192.0.2.31", "passing")])
+        .await?;
+    assert!(s.instances(&opted_out).await?.is_empty());
+
+    // The same namespace denied: the deny list wins, and the registrations go.
+    connector.terminate().await?;
+    let denied = s.connector(&[
+        "--k8s-deny-namespaces",
+        s.ns.name(),
+        "--mass-deletion-threshold",
+        "1",
+    ])?;
+    denied.wait_ready().await?;
+    // Removing every managed Service is always held by the guard: nothing goes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(s.instances(&kept).await?.len(), 1, "held by the guard");
+    let held = denied
+        .metric_sum("registry_connector_export_held_deletions")
+        .await?;
+    assert_eq!(held, 1.0, "{}", denied.log_tail());
+    denied.terminate().await?;
+    // --purge removes this connector's registrations and nothing else.
+    let out = common::process::run_once(
+        &[
+            "consul",
+            "--consul-http-addr",
+            s.env.consul_addr()?,
+            "--kubeconfig",
+            &s.env.kubeconfig().to_string_lossy(),
+            "--namespace",
+            s.ns.name(),
+            "--sync",
+            "to-registry",
+            "--consul-node-name",
+            &s.consul_node,
+            "--connector-id",
+            &s.connector_id,
+            "--leader-elect=false",
+            "--admin-addr",
+            "off",
+            "--purge",
+        ],
+        Duration::from_secs(60),
+    )
+    .await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("deregistered 1 "),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(s.instances(&kept).await?.is_empty());
+    Ok(())
+}
