@@ -712,7 +712,7 @@ impl State {
                 let attempts = self.retries.attempts(&path);
                 debug!(service = %key, attempts, retry_in = ?delay, "will retry");
                 if attempts == events::FAILURES_BEFORE_EVENT
-                    || (attempts > events::FAILURES_BEFORE_EVENT && attempts % 10 == 0)
+                    || (attempts > events::FAILURES_BEFORE_EVENT && attempts.is_multiple_of(10))
                 {
                     ex.events.sync_failing(
                         service_ref(key),
