@@ -582,7 +582,7 @@ mod tests {
         }
     }
 
-    fn no_nodes(_: &str) -> Option<&'static Node> {
+    fn no_nodes<'a>(_: &str) -> Option<&'a Node> {
         None
     }
 

@@ -553,7 +553,11 @@ impl State {
             &ex.cfg.desired,
         );
         self.report(key, desired.problems);
-        desired.instances
+        let mut instances = desired.instances;
+        for instance in &mut instances {
+            ex.writer.normalize(instance);
+        }
+        instances
     }
 
     fn report(&mut self, key: &ServiceKey, problems: Vec<Problem>) {

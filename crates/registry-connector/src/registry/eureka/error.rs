@@ -1,6 +1,7 @@
-//! Errors of the Eureka source. Configuration errors come from
-//! [`super::EurekaSource::new`]; request errors are logged and retried by the poll loop,
-//! never returned from `run`. No variant carries a password: URLs in errors are redacted.
+//! Errors of the Eureka source and writer. Configuration errors come from
+//! [`super::EurekaSource::new`] and [`super::writer::EurekaWriter::new`]; request errors
+//! are logged and retried by the poll loop or the export engine, never returned from
+//! `run`. No variant carries a password: URLs in errors are redacted.
 
 /// Everything that can go wrong talking to Eureka.
 #[derive(Debug, thiserror::Error)]
@@ -23,8 +24,9 @@ pub enum EurekaError {
     Client(#[source] reqwest::Error),
 
     /// No answer (connection refused or reset, timeout, ...).
-    #[error("GET {url} failed")]
+    #[error("{method} {url} failed")]
     Request {
+        method: &'static str,
         url: String,
         #[source]
         source: reqwest::Error,
@@ -32,8 +34,9 @@ pub enum EurekaError {
 
     /// An error status: 401/403 (credentials; also 403 while a freshly started server
     /// waits for its peers), 5xx, ...
-    #[error("GET {url}: Eureka answered {status}: {body}")]
+    #[error("{method} {url}: Eureka answered {status}: {body}")]
     Status {
+        method: &'static str,
         url: String,
         status: u16,
         body: String,
@@ -45,6 +48,23 @@ pub enum EurekaError {
         url: String,
         #[source]
         source: serde_json::Error,
+    },
+
+    /// A registration body could not be encoded.
+    #[error("{url}: cannot encode the registration")]
+    Encode {
+        url: String,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A status change for an instance the server does not hold (404): it was
+    /// deregistered or evicted meanwhile; the export engine reads the registry again.
+    #[error("{app}/{id} is not registered in Eureka (404 on {what})")]
+    NotRegistered {
+        app: String,
+        id: String,
+        what: &'static str,
     },
 }
 

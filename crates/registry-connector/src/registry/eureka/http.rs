@@ -1,20 +1,33 @@
 //! The HTTP side of the Eureka source: the service URLs (with failover between peers),
 //! basic auth, TLS, JSON `Accept`, timeouts and counting every request.
 //!
-//! Does not retry (the poll loop does, with backoff) and decides nothing about the
-//! registry's content.
+//! The writes of the Kubernetes → Eureka direction (register, status overrides, lease
+//! renewals, cancels) go through the same client, so they share the failover, the
+//! credentials, TLS, the timeouts and the request counters of the reads.
+//!
+//! Does not retry (the poll loop and the export engine do, with backoff) and decides
+//! nothing about the registry's content.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use reqwest::header::{HeaderValue, ACCEPT};
-use reqwest::Url;
+use reqwest::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
+use reqwest::{Method, Url};
 
 use super::api::{self, Applications};
 use super::config::EurekaConfig;
 use super::error::EurekaError;
 use super::metrics::{Endpoint, EurekaMetrics};
+
+/// What a write request answered, when it did not fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// 2xx: done.
+    Done,
+    /// 404: the peer does not hold the application or the instance.
+    NotFound,
+}
 
 #[derive(Clone)]
 struct Credentials {
@@ -149,6 +162,203 @@ impl EurekaHttp {
         .await
     }
 
+    /// `GET apps/` decoded by `decode` (the writer reads other fields than the source).
+    pub async fn apps_with<T>(
+        &self,
+        decode: impl FnOnce(&[u8]) -> Result<T, serde_json::Error>,
+    ) -> Result<T, EurekaError> {
+        self.get(Endpoint::Apps, &["apps", ""], decode).await
+    }
+
+    /// `POST apps/{app}` with `body` (`{"instance": {...}}`): registers or replaces an
+    /// instance. Eureka answers 204.
+    pub async fn register(&self, app: &str, body: &serde_json::Value) -> Result<(), EurekaError> {
+        let url = || join(self.current_url(), &["apps", app]).to_string();
+        let body = serde_json::to_vec(body)
+            .map_err(|source| EurekaError::Encode { url: url(), source })?;
+        match self
+            .write(
+                Endpoint::Register,
+                Method::POST,
+                &["apps", app],
+                &[],
+                Some(body),
+            )
+            .await?
+        {
+            Answer::Done => Ok(()),
+            // No Eureka server answers a registration so; a proxy in front of one may.
+            Answer::NotFound => Err(EurekaError::Status {
+                method: "POST",
+                url: url(),
+                status: 404,
+                body: String::new(),
+            }),
+        }
+    }
+
+    /// `PUT apps/{app}/{id}?status=..&lastDirtyTimestamp=..`: renews the lease, with the
+    /// parameters Eureka clients send. [`Answer::NotFound`] asks for a registration (the
+    /// server forgot the instance, or holds an older copy of it).
+    pub async fn renew(
+        &self,
+        app: &str,
+        id: &str,
+        status: &str,
+        last_dirty: Option<i64>,
+    ) -> Result<Answer, EurekaError> {
+        let dirty = last_dirty.map(|d| d.to_string());
+        let mut query = vec![("status", status)];
+        if let Some(dirty) = &dirty {
+            query.push(("lastDirtyTimestamp", dirty));
+        }
+        self.write(
+            Endpoint::Heartbeat,
+            Method::PUT,
+            &["apps", app, id],
+            &query,
+            None,
+        )
+        .await
+    }
+
+    /// `PUT apps/{app}/{id}/status?value=STATUS`: sets a status override.
+    pub async fn set_status(
+        &self,
+        app: &str,
+        id: &str,
+        status: &str,
+    ) -> Result<Answer, EurekaError> {
+        self.write(
+            Endpoint::StatusOverride,
+            Method::PUT,
+            &["apps", app, id, "status"],
+            &[("value", status)],
+            None,
+        )
+        .await
+    }
+
+    /// `DELETE apps/{app}/{id}/status?value=STATUS`: removes the status override (if
+    /// there is one) and leaves the instance at `status`.
+    pub async fn delete_status_override(
+        &self,
+        app: &str,
+        id: &str,
+        status: &str,
+    ) -> Result<Answer, EurekaError> {
+        self.write(
+            Endpoint::StatusOverrideDelete,
+            Method::DELETE,
+            &["apps", app, id, "status"],
+            &[("value", status)],
+            None,
+        )
+        .await
+    }
+
+    /// `DELETE apps/{app}/{id}`: cancels the instance's lease (deregisters it).
+    pub async fn cancel(&self, app: &str, id: &str) -> Result<Answer, EurekaError> {
+        self.write(
+            Endpoint::Cancel,
+            Method::DELETE,
+            &["apps", app, id],
+            &[],
+            None,
+        )
+        .await
+    }
+
+    /// One write request to the current peer; a failure (no answer, an error status other
+    /// than 404) moves the next request to the next peer, as a read's does. A 404 is an
+    /// answer, not a failure: the peer does not hold the instance.
+    async fn write(
+        &self,
+        endpoint: Endpoint,
+        method: Method,
+        segments: &[&str],
+        query: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Result<Answer, EurekaError> {
+        let index = self.peer();
+        let mut url = join(&self.urls[index], segments);
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        let result = self
+            .send(method, url, self.credentials[index].as_ref(), body)
+            .await;
+        // Requests count as ok when they did what was asked; a 404 counts as ok only
+        // for a cancel (the instance is gone either way).
+        let ok = match &result {
+            Ok(Answer::Done) => true,
+            Ok(Answer::NotFound) => endpoint == Endpoint::Cancel,
+            Err(_) => false,
+        };
+        self.metrics.record(endpoint, ok);
+        if result.is_err() {
+            self.fail_over(index);
+        }
+        result
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        url: Url,
+        credentials: Option<&Credentials>,
+        body: Option<Vec<u8>>,
+    ) -> Result<Answer, EurekaError> {
+        let name = method_name(&method);
+        let shown = url.to_string();
+        let mut request = self
+            .client
+            .request(method, url)
+            .timeout(self.timeout)
+            .header(ACCEPT, HeaderValue::from_static("application/json"));
+        if let Some(body) = body {
+            request = request
+                .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+                .body(body);
+        }
+        if let Some(c) = credentials {
+            request = request.basic_auth(&c.username, c.password.as_deref());
+        }
+        let request_error = |source| EurekaError::Request {
+            method: name,
+            url: shown.clone(),
+            source,
+        };
+        let response = request.send().await.map_err(request_error)?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(request_error)?;
+        if status.is_success() {
+            Ok(Answer::Done)
+        } else if status == reqwest::StatusCode::NOT_FOUND {
+            Ok(Answer::NotFound)
+        } else {
+            Err(EurekaError::Status {
+                method: name,
+                url: shown,
+                status: status.as_u16(),
+                body: crate::registry::error_body(&body),
+            })
+        }
+    }
+
+    /// Moves the next request to the peer after `index` (compare-and-swap, so that two
+    /// failures of one peer move on once).
+    fn fail_over(&self, index: usize) {
+        if self.urls.len() > 1 {
+            let _ = self.current.compare_exchange(
+                index,
+                (index + 1) % self.urls.len(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
     async fn get<T>(
         &self,
         endpoint: Endpoint,
@@ -167,15 +377,8 @@ impl EurekaHttp {
             Ok(_) => false,
             Err(e) => !(endpoint == Endpoint::Delta && e.is_refusal()),
         };
-        if peer_failed && self.urls.len() > 1 {
-            // Next time, the next peer; compare-and-swap so that two failures of one
-            // peer move on once.
-            let _ = self.current.compare_exchange(
-                index,
-                (index + 1) % self.urls.len(),
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
+        if peer_failed {
+            self.fail_over(index);
         }
         result
     }
@@ -196,6 +399,7 @@ impl EurekaHttp {
             request = request.basic_auth(&c.username, c.password.as_deref());
         }
         let request_error = |source| EurekaError::Request {
+            method: "GET",
             url: shown.clone(),
             source,
         };
@@ -204,12 +408,22 @@ impl EurekaHttp {
         let body = response.bytes().await.map_err(request_error)?;
         if !status.is_success() {
             return Err(EurekaError::Status {
+                method: "GET",
                 url: shown,
                 status: status.as_u16(),
                 body: crate::registry::error_body(&body),
             });
         }
         decode(&body).map_err(|source| EurekaError::Decode { url: shown, source })
+    }
+}
+
+fn method_name(method: &Method) -> &'static str {
+    match *method {
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        _ => "GET",
     }
 }
 

@@ -1,8 +1,10 @@
 //! Counters of the Eureka source, under the same names as every source's
 //! (`registry_requests_total{source="eureka",endpoint,result}`,
 //! `registry_rejected_entries_total{source="eureka",reason}`) plus what only Eureka has:
-//! full fetches by reason, and the size of the mirrored registry. Labels are bounded;
-//! never an application name.
+//! full fetches by reason, and the size of the mirrored registry; and for the writer
+//! (Kubernetes → Eureka) its lease renewals, counted apart from the export engine's
+//! writes because they are the one write Eureka needs at rest. Labels are bounded; never
+//! an application name.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -21,6 +23,16 @@ pub enum Endpoint {
     Apps,
     /// `GET /apps/delta`: recent changes.
     Delta,
+    /// `POST /apps/{APP}`: a registration (Kubernetes → Eureka).
+    Register,
+    /// `PUT /apps/{APP}/{ID}`: a lease renewal.
+    Heartbeat,
+    /// `PUT /apps/{APP}/{ID}/status`: a status override.
+    StatusOverride,
+    /// `DELETE /apps/{APP}/{ID}/status`: an override removed.
+    StatusOverrideDelete,
+    /// `DELETE /apps/{APP}/{ID}`: a deregistration.
+    Cancel,
 }
 
 impl Endpoint {
@@ -28,6 +40,11 @@ impl Endpoint {
         match self {
             Self::Apps => "apps",
             Self::Delta => "apps_delta",
+            Self::Register => "register",
+            Self::Heartbeat => "heartbeat",
+            Self::StatusOverride => "status",
+            Self::StatusOverrideDelete => "status_delete",
+            Self::Cancel => "cancel",
         }
     }
 }
@@ -125,6 +142,11 @@ impl EurekaMetrics {
         self.full_fetches.get_or_create(&Self::labels(reason)).inc();
     }
 
+    /// Failed requests to `endpoint`.
+    pub fn failed_requests(&self, endpoint: Endpoint) -> u64 {
+        self.common.requests(endpoint.as_str(), false)
+    }
+
     /// Successful requests to `endpoint`.
     pub fn ok_requests(&self, endpoint: Endpoint) -> u64 {
         self.common.requests(endpoint.as_str(), true)
@@ -140,6 +162,78 @@ impl EurekaMetrics {
             source: SOURCE,
             reason: reason.as_str(),
         }
+    }
+}
+
+/// The result of one lease renewal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeartbeatResult {
+    Ok,
+    /// 404: the server forgot the instance (restart, eviction); it is registered again.
+    NotFound,
+    /// No answer or an error status; the next round tries again.
+    Error,
+}
+
+impl HeartbeatResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::NotFound => "not_found",
+            Self::Error => "error",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HeartbeatLabels {
+    pub result: &'static str,
+}
+
+/// The writer's own counters (its requests are in [`EurekaMetrics`]).
+#[derive(Debug, Default)]
+pub struct WriterMetrics {
+    /// Lease renewals by result.
+    pub heartbeats: Family<HeartbeatLabels, Counter>,
+    /// Instances registered again because a renewal found them gone.
+    pub reregistrations: Counter,
+}
+
+impl WriterMetrics {
+    /// Registers `eureka_heartbeats_total{result}` and `eureka_reregistrations_total`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "eureka_heartbeats",
+            "Lease renewals of the instances this connector registered in Eureka, by result (ok, not_found, error)",
+            self.heartbeats.clone(),
+        );
+        registry.register(
+            "eureka_reregistrations",
+            "Instances registered again because a lease renewal found them gone (a restarted server, an eviction)",
+            self.reregistrations.clone(),
+        );
+    }
+
+    pub(crate) fn heartbeat(&self, result: HeartbeatResult) {
+        self.heartbeats
+            .get_or_create(&HeartbeatLabels {
+                result: result.as_str(),
+            })
+            .inc();
+    }
+
+    /// Renewals with `result`.
+    pub fn heartbeats(&self, result: HeartbeatResult) -> u64 {
+        self.heartbeats
+            .get_or_create(&HeartbeatLabels {
+                result: result.as_str(),
+            })
+            .get()
+    }
+
+    /// Re-registrations after a renewal's 404.
+    pub fn reregistrations(&self) -> u64 {
+        self.reregistrations.get()
     }
 }
 
@@ -165,6 +259,28 @@ mod tests {
             "registry_connector_registry_requests_total{source=\"eureka\",endpoint=\"apps\",result=\"error\"} 1",
             "registry_connector_eureka_full_fetches_total{source=\"eureka\",reason=\"hash_mismatch\"} 1",
             "registry_connector_registry_rejected_entries_total{source=\"eureka\",reason=\"invalid_port\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+    }
+
+    #[test]
+    fn writer_metrics_encode_under_their_names() {
+        let m = WriterMetrics::default();
+        m.heartbeat(HeartbeatResult::Ok);
+        m.heartbeat(HeartbeatResult::Ok);
+        m.heartbeat(HeartbeatResult::NotFound);
+        m.reregistrations.inc();
+        assert_eq!(m.heartbeats(HeartbeatResult::Ok), 2);
+        assert_eq!(m.reregistrations(), 1);
+        let mut registry = Registry::with_prefix("registry_connector");
+        m.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        for line in [
+            "registry_connector_eureka_heartbeats_total{result=\"ok\"} 2",
+            "registry_connector_eureka_heartbeats_total{result=\"not_found\"} 1",
+            "registry_connector_eureka_reregistrations_total 1",
         ] {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }

@@ -6,10 +6,16 @@
 //! - [`api`]: the shapes of `/apps` and `/apps/delta`, decoded leniently;
 //! - [`mirror`]: the local copy of the registry, deltas and the reconcile hash code;
 //! - [`select`]: which applications and instances are published, pure functions;
-//! - [`metrics`]: request, rejection and full-fetch counters;
+//! - [`metrics`]: request, rejection and full-fetch counters, and the writer's renewals;
 //! - `poll` (private): the loop.
 //!
 //! Like every source it knows nothing about Kubernetes objects or names.
+//!
+//! The other direction (Kubernetes → Eureka) shares the client and the metrics:
+//! - [`register`]: the registration body of an exported instance and its decoding back,
+//!   ownership, pure functions;
+//! - [`writer`]: [`EurekaWriter`], the export engine's writer (registrations, status
+//!   overrides, lease renewals).
 
 pub mod api;
 pub mod config;
@@ -18,8 +24,10 @@ pub mod http;
 pub mod metrics;
 pub mod mirror;
 mod poll;
+pub mod register;
 pub mod schedule;
 pub mod select;
+pub mod writer;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +41,7 @@ pub use config::EurekaConfig;
 pub use error::EurekaError;
 pub use metrics::EurekaMetrics;
 pub use select::Selection;
+pub use writer::{EurekaWriter, EurekaWriterConfig};
 
 /// A configured Eureka source, ready to [`run`](EurekaSource::run).
 #[derive(Debug)]

@@ -6,6 +6,9 @@
 //! The rules:
 //! - with filter metadata (`key=value` pairs), only instances carrying every pair take
 //!   part; an application none of whose instances take part is not published;
+//! - instances registered from Kubernetes (metadata `external-source=kubernetes`, what
+//!   the Kubernetes → Eureka direction writes) never take part, so that `both` mode does
+//!   not publish them back;
 //! - the application name (Eureka upper-cases it) is the registry name, behind the
 //!   service prefix; the catalog turns it into a Kubernetes name (`ORDERS` → `orders`);
 //! - an instance's address is its `ipAddr`, IPv4 or IPv6; its `port`, when enabled, is
@@ -73,11 +76,16 @@ impl Selection {
         MicroSvcName(format!("{}{}", self.service_prefix, app))
     }
 
-    /// Whether `instance` carries every filter metadata entry.
+    /// Whether `instance` carries every filter metadata entry and did not come from
+    /// Kubernetes (`external-source=kubernetes`, written by a registry-connector's
+    /// Kubernetes → Eureka direction): publishing those back into Kubernetes would loop
+    /// in `both` mode, and duplicate what the cluster already has in any mode.
     pub fn takes_part(&self, instance: &Instance) -> bool {
-        self.filter_metadata
-            .iter()
-            .all(|(key, value)| instance.metadata.get(key) == Some(value))
+        !super::register::is_exported(&instance.metadata)
+            && self
+                .filter_metadata
+                .iter()
+                .all(|(key, value)| instance.metadata.get(key) == Some(value))
     }
 
     /// Builds what the application `app` publishes from its instances.
@@ -308,6 +316,33 @@ mod tests {
             addresses(&built.service.expect("published")),
             [("192.0.2.5".into(), true)]
         );
+    }
+
+    #[test]
+    fn instances_registered_from_kubernetes_are_never_published_back() {
+        let mut exported = instance("192.0.2.1", Status::Up);
+        exported
+            .metadata
+            .insert("external-source".into(), "kubernetes".into());
+        exported
+            .metadata
+            .insert("registry-connector-id".into(), "any".into());
+        let mut from_a_vm = instance("192.0.2.2", Status::Up);
+        from_a_vm
+            .metadata
+            .insert("external-source".into(), "vm".into());
+        let s = selection(false);
+        // A shared application publishes only the instances that did not come from
+        // Kubernetes; one holding nothing else is not published at all.
+        let meta = s
+            .build("WEB", &app(vec![exported.clone(), from_a_vm]))
+            .service
+            .expect("published");
+        assert_eq!(addresses(&meta), [("192.0.2.2".into(), true)]);
+        assert!(s
+            .build("ONLY-EXPORTED", &app(vec![exported]))
+            .service
+            .is_none());
     }
 
     #[test]
