@@ -521,6 +521,8 @@ async fn run_consul(cmd: cli::ConsulCommand) -> Result<()> {
 }
 
 async fn run_eureka(cmd: cli::EurekaCommand) -> Result<()> {
+    use crate::registry::eureka::writer::{EurekaWriter, EurekaWriterConfig};
+    use crate::registry::eureka::EurekaSource;
     let config = cmd.eureka.to_config(&cmd.source)?;
     let mut registry = Registry::with_prefix("registry_connector");
     let mut directions = Directions {
@@ -529,15 +531,23 @@ async fn run_eureka(cmd: cli::EurekaCommand) -> Result<()> {
         note: Default::default(),
         export: None,
     };
+    let mut source_metrics = None;
     if cmd.export.sync.to_kubernetes() {
-        let source = crate::registry::eureka::EurekaSource::new(config)
-            .context("configuring the Eureka source")?;
+        let source = EurekaSource::new(config.clone()).context("configuring the Eureka source")?;
         source.register_metrics(&mut registry);
+        source_metrics = Some(source.metrics());
         directions.note = source.note();
         directions.source = Some(source_task(source));
     }
     if cmd.export.sync.to_registry() {
-        anyhow::bail!("--sync to-registry is not available for Eureka in this build");
+        let writer_cfg = EurekaWriterConfig::new(cmd.sync.connector_id.clone());
+        // One set of Eureka request metrics for both directions.
+        let writer = match source_metrics {
+            Some(metrics) => EurekaWriter::with_source_metrics(&config, writer_cfg, metrics),
+            None => EurekaWriter::new(&config, writer_cfg),
+        }
+        .context("configuring the Kubernetes → Eureka writer")?;
+        directions.export = Some(exporter(&cmd.sync, &cmd.export, writer).await?);
     }
     run_connector(&cmd.sync, &cmd.operation, registry, directions).await
 }

@@ -1,7 +1,8 @@
-//! Kubernetes → Consul end to end: the real binary with `--sync to-registry`, the real
+//! Kubernetes → registry end to end: the real binary with `--sync to-registry`, the real
 //! apiserver and kube-controller-manager (which build the EndpointSlices from Pods
 //! bound to a Node object: there is no kubelet, so the test sets each Pod's IP and
-//! readiness through the status subresource) and a real Consul agent.
+//! readiness through the status subresource), a real Consul agent and a real Eureka
+//! server.
 //!
 //! Every test has its own namespace, Consul node name and connector id. Pod IPs are in
 //! documentation ranges and never contacted.
@@ -75,6 +76,63 @@ impl Scenario {
         ];
         args.extend_from_slice(extra);
         Connector::consul(self.env, self.ns.name(), &args)
+    }
+
+    fn eureka_connector(&self) -> Result<Connector> {
+        Connector::builder(self.env, self.ns.name())
+            .eureka(None)
+            .args([
+                "--sync",
+                "to-registry",
+                "--k8s-allow-namespaces",
+                self.ns.name(),
+                "--connector-id",
+                &self.connector_id,
+            ])
+            .start()
+    }
+
+    /// The instances of Eureka application `app`: address → status.
+    async fn eureka_instances(&self, app: &str) -> Result<BTreeMap<String, String>> {
+        let url = format!(
+            "{}/apps/{}",
+            self.env.eureka_url()?.trim_end_matches('/'),
+            app.to_uppercase()
+        );
+        let resp = reqwest::Client::new()
+            .get(url)
+            .header("Accept", "application/json")
+            .send()
+            .await?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(BTreeMap::new());
+        }
+        let body: serde_json::Value = resp.error_for_status()?.json().await?;
+        let instances = match &body["application"]["instance"] {
+            serde_json::Value::Array(a) => a.clone(),
+            serde_json::Value::Null => Vec::new(),
+            one => vec![one.clone()],
+        };
+        Ok(instances
+            .iter()
+            .map(|i| {
+                (
+                    i["ipAddr"].as_str().unwrap_or_default().to_string(),
+                    i["status"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect())
+    }
+
+    async fn wait_eureka(&self, app: &str, want: &[(&str, &str)]) -> Result<()> {
+        let want: BTreeMap<String, String> = want
+            .iter()
+            .map(|(a, s)| (a.to_string(), s.to_string()))
+            .collect();
+        wait_for(&format!("{app} in Eureka to be {want:?}"), WAIT, || async {
+            (self.eureka_instances(app).await.ok()? == want).then_some(())
+        })
+        .await
     }
 
     /// A selector Service `name` (registry name `registry`) on port 80 → 8080.
@@ -412,5 +470,44 @@ async fn selection_by_namespace_and_annotation() -> Result<()> {
         String::from_utf8_lossy(&out.stdout)
     );
     assert!(s.instances(&kept).await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pods_become_eureka_instances_with_their_readiness() -> Result<()> {
+    let s = Scenario::new("k2e").await?;
+    let app = unique_name("shop");
+    s.service("shop", &app).await?;
+    s.pod("shop", "shop-0", "192.0.2.41", true).await?;
+    s.pod("shop", "shop-1", "192.0.2.42", true).await?;
+    let connector = s.eureka_connector()?;
+    connector.wait_ready().await?;
+    s.wait_eureka(&app, &[("192.0.2.41", "UP"), ("192.0.2.42", "UP")])
+        .await?;
+    s.set_ready("shop-1", "192.0.2.42", false).await?;
+    s.wait_eureka(
+        &app,
+        &[("192.0.2.41", "UP"), ("192.0.2.42", "OUT_OF_SERVICE")],
+    )
+    .await?;
+    s.set_ready("shop-1", "192.0.2.42", true).await?;
+    s.wait_eureka(&app, &[("192.0.2.41", "UP"), ("192.0.2.42", "UP")])
+        .await?;
+    // A restart with nothing changed: no instance write (heartbeats are counted apart).
+    connector.terminate().await?;
+    let connector = s.eureka_connector()?;
+    connector.wait_ready().await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        connector
+            .metric_sum("registry_connector_export_writes_total")
+            .await?,
+        0.0,
+        "{}",
+        connector.log_tail()
+    );
+    s.wait_eureka(&app, &[("192.0.2.41", "UP"), ("192.0.2.42", "UP")])
+        .await?;
+    connector.terminate().await?;
     Ok(())
 }
