@@ -380,6 +380,28 @@ async fn pods_become_consul_instances_with_their_readiness() -> Result<()> {
     );
     assert_eq!(s.service_modify_indexes().await?, before);
 
+    // An instance removed behind the connector's back (an operator, a Consul that lost
+    // its state) comes back: the node watch sees the difference and the engine reads
+    // Consul again.
+    let (api_id, _) = before
+        .iter()
+        .find(|(id, _)| id.starts_with(&api))
+        .context("the api instance")?;
+    s.consul
+        .put(
+            "/v1/catalog/deregister",
+            &json!({"Node": s.consul_node, "ServiceID": api_id}),
+        )
+        .await?;
+    wait_for("the deregistered instance to come back", WAIT, || async {
+        s.service_modify_indexes()
+            .await
+            .ok()?
+            .contains_key(api_id)
+            .then_some(())
+    })
+    .await?;
+
     // The Service deleted: its instances go, the other Service and the VM stay.
     Api::<Service>::namespaced(s.client.clone(), s.ns.name())
         .delete("web", &DeleteParams::default())
