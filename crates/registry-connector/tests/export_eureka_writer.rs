@@ -46,7 +46,7 @@ fn desired(
 ) -> Instance {
     let source = ServiceKey::new("shop", service);
     let mut instance = Instance {
-        id: instance_id(service, &source, address, port),
+        id: instance_id("export-eureka-writer-test", service, &source, address, port),
         service: service.to_string(),
         source,
         address: address.to_string(),

@@ -58,6 +58,10 @@ pub struct DesiredConfig {
     pub node_port: NodePortSync,
     /// Register a LoadBalancer Service's endpoints, not its ingress addresses.
     pub lb_endpoints: bool,
+    /// The `--connector-id`, hashed into every instance id: two connectors sharing one
+    /// Consul node (the default `k8s-sync`) and overlapping Pod ranges must never
+    /// compute the same id, or each would overwrite the other's entry.
+    pub connector_id: String,
 }
 
 /// Something left out of a Service's instances, reported (once while it lasts) by the
@@ -131,6 +135,7 @@ pub fn desired_instances<'a, 'n>(
     let mut problems = Vec::new();
     let main = main_port(svc, &ports, &mut problems);
     let base = Base {
+        connector: cfg.connector_id.clone(),
         key,
         service: registry_name.to_string(),
         tags: annotation_tags(svc),
@@ -211,6 +216,7 @@ pub fn desired_instances<'a, 'n>(
 
 /// What every instance of one Service shares.
 struct Base {
+    connector: String,
     key: ServiceKey,
     service: String,
     tags: Vec<String>,
@@ -226,7 +232,7 @@ impl Base {
         health: Health,
     ) -> Instance {
         Instance {
-            id: instance_id(&self.service, &self.key, &address, port),
+            id: instance_id(&self.connector, &self.service, &self.key, &address, port),
             service: self.service.clone(),
             source: self.key.clone(),
             address,
@@ -242,9 +248,20 @@ impl Base {
 /// `<registry name>-<12 hex digits>`: stable across restarts and releases (SHA-256 of
 /// the source Service, address and port), unique per address and port, readable in the
 /// registry's UI. Characters a registry id should not hold become `-`.
-pub fn instance_id(service: &str, key: &ServiceKey, address: &str, port: u16) -> String {
+pub fn instance_id(
+    connector: &str,
+    service: &str,
+    key: &ServiceKey,
+    address: &str,
+    port: u16,
+) -> String {
     let mut hasher = Sha256::new();
-    for part in [key.namespace.as_str(), key.name.as_str(), address] {
+    for part in [
+        connector,
+        key.namespace.as_str(),
+        key.name.as_str(),
+        address,
+    ] {
         hasher.update(part.as_bytes());
         hasher.update([0]);
     }
@@ -945,14 +962,24 @@ mod tests {
     #[test]
     fn ids_are_stable_and_distinct() {
         let key = ServiceKey::new("shop", "web");
-        let a = instance_id("web", &key, "192.0.2.1", 8080);
-        assert_eq!(a, instance_id("web", &key, "192.0.2.1", 8080));
-        assert_ne!(a, instance_id("web", &key, "192.0.2.1", 8081));
+        let a = instance_id("c", "web", &key, "192.0.2.1", 8080);
+        assert_eq!(a, instance_id("c", "web", &key, "192.0.2.1", 8080));
+        assert_ne!(a, instance_id("c", "web", &key, "192.0.2.1", 8081));
         assert_ne!(
             a,
-            instance_id("web", &ServiceKey::new("shop2", "web"), "192.0.2.1", 8080)
+            instance_id(
+                "c",
+                "web",
+                &ServiceKey::new("shop2", "web"),
+                "192.0.2.1",
+                8080
+            )
+        );
+        assert_ne!(
+            a,
+            instance_id("other-connector", "web", &key, "192.0.2.1", 8080)
         );
         assert_eq!(a.len(), "web-".len() + 12);
-        assert!(instance_id("a b/c", &key, "x", 1).starts_with("a-b-c-"));
+        assert!(instance_id("c", "a b/c", &key, "x", 1).starts_with("a-b-c-"));
     }
 }

@@ -140,6 +140,7 @@ impl ExportArgs {
                 cluster_ip: self.sync_cluster_ip_services,
                 node_port: self.node_port_sync_type,
                 lb_endpoints: self.sync_lb_services_endpoints,
+                connector_id: sync.connector_id.clone(),
             },
             quiet_period: sync.quiet_period,
             max_period: sync.max_period,

@@ -127,7 +127,12 @@ impl ConsulWriter {
                 })
                 .map(|s| s.name)
                 .collect(),
-            Err(e @ ConsulError::Status { .. }) => {
+            Err(
+                e @ ConsulError::Status {
+                    status: 401 | 403 | 404,
+                    ..
+                },
+            ) => {
                 self.no_ui_services.store(true, Ordering::Relaxed);
                 warn!(error = %crate::registry::error_chain(&e), "cannot list which nodes each Consul service runs on; shared service names are not reported");
                 BTreeSet::new()
@@ -200,7 +205,12 @@ impl RegistryWriter for ConsulWriter {
         };
         let body = serde_json::to_vec(&ops)
             .map_err(|e| ConsulError::Config(format!("cannot encode a transaction: {e}")))?;
-        self.http.txn(body.into()).await?;
+        if let Err(e) = self.http.txn(body.into()).await {
+            // The node may be gone (an operator, a Consul that lost its state): the
+            // next transaction registers it again (a Node set is idempotent).
+            self.node_exists.store(false, Ordering::Relaxed);
+            return Err(e);
+        }
         self.node_exists.store(true, Ordering::Relaxed);
         let mut checks = lock(&self.checks);
         let mut known = lock(&self.known);
@@ -226,6 +236,7 @@ impl RegistryWriter for ConsulWriter {
     /// state), or when Consul's index went backwards (a restarted or restored server).
     async fn changed(&self) {
         let mut failures = 0u32;
+        let mut recovering = false;
         loop {
             let index = *lock(&self.watch_index);
             match self
@@ -242,6 +253,12 @@ impl RegistryWriter for ConsulWriter {
                         return;
                     }
                     if index == 0 {
+                        if recovering {
+                            // Consul answered again after failing: whatever it lost
+                            // while down must be read and written back now, not after
+                            // the next wait.
+                            return;
+                        }
                         continue;
                     }
                     if self.differs(answer.value.as_ref()) {
@@ -261,6 +278,7 @@ impl RegistryWriter for ConsulWriter {
                     if failures == 1 {
                         // After an outage, read everything again: Consul may have lost it.
                         *lock(&self.watch_index) = 0;
+                        recovering = true;
                     }
                 }
             }
