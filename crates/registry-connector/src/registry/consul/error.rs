@@ -48,6 +48,34 @@ pub enum ConsulError {
         source: reqwest::Error,
     },
 
+    /// No connection to the agent (refused, reset, TLS handshake failed, timed out).
+    #[error("cannot connect to Consul at {address}")]
+    Connect {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The agent's TLS listener did not agree to HTTP/2 (ALPN), though it did when probed.
+    #[error("Consul at {address} does not speak HTTP/2 any more")]
+    NoHttp2 { address: String },
+
+    /// An HTTP/2 stream or connection failed (reset, closed, protocol error).
+    #[error("request to {path} failed over HTTP/2")]
+    Http2 {
+        path: String,
+        #[source]
+        source: h2::Error,
+    },
+
+    /// No whole answer within the request's timeout.
+    #[error("request to {path} timed out")]
+    Timeout { path: String },
+
+    /// The TLS configuration of the HTTP/2 long polls could not be built.
+    #[error("invalid Consul {what}: {reason}")]
+    TlsSetup { what: &'static str, reason: String },
+
     /// Consul refused the request because this client holds too many connections.
     #[error(
         "{path}: Consul answered 429: too many connections from this address; raise the \

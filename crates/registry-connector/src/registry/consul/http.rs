@@ -10,8 +10,10 @@
 //! - **polls**: the per-service blocking queries. Over HTTP/2 they are spread over
 //!   several connections ("shards", each its own client, filled one after the other up to
 //!   [`super::budget::STREAMS_PER_CONNECTION`] streams): one pool would put every stream
-//!   on one connection and queue those beyond the server's stream limit. Over HTTP/1.1
-//!   each long poll keeps its own connection.
+//!   on one connection and queue those beyond the server's stream limit. Over HTTP/2
+//!   they are spoken with the `h2` crate directly (`super::h2` says why: a fraction of
+//!   the memory per waiting long poll). Over HTTP/1.1 each long poll keeps its own
+//!   connection.
 //!
 //! The agent probe speaks HTTP/1.1 first (its TLS errors then name their cause: over
 //! HTTP/2 a refused client certificate only shows as a closed connection), then, over
@@ -39,6 +41,7 @@ use super::api::{self, CatalogServices, CheckState, HealthEntry};
 use super::budget::{Plan, Transport};
 use super::config::ConsulConfig;
 use super::error::ConsulError;
+use super::h2::{DialerSettings, H2Dialer, H2Shard};
 use super::metrics::{ConsulMetrics, Endpoint};
 
 /// Timeout of a request that does not block.
@@ -84,6 +87,18 @@ struct ClientSettings {
 }
 
 impl ClientSettings {
+    /// The dialer of the HTTP/2 long polls, with the same TLS files and headers.
+    fn h2_dialer(&self, base: &Url) -> Result<H2Dialer, ConsulError> {
+        H2Dialer::new(DialerSettings {
+            base,
+            connect_timeout: self.connect_timeout,
+            headers: &self.headers,
+            ca_file: self.ca_file.as_deref(),
+            client_cert_file: self.client_cert_file.as_deref(),
+            client_key_file: self.client_key_file.as_deref(),
+        })
+    }
+
     fn build(&self, http2: bool, max_idle: usize) -> Result<reqwest::Client, ConsulError> {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(self.connect_timeout)
@@ -136,15 +151,26 @@ impl Lane {
     }
 }
 
+/// What one shard of the poll lane sends with.
+#[derive(Debug, Clone)]
+enum PollClient {
+    /// HTTP/1.1: a pool whose connections are the long polls' own.
+    Http1(reqwest::Client),
+    /// HTTP/2: one connection, its streams the long polls.
+    Http2(Arc<H2Shard>),
+}
+
 /// The per-service long polls' clients and how many streams each carries.
 #[derive(Debug)]
 struct PollShards {
     settings: ClientSettings,
     transport: Transport,
+    /// Opens the HTTP/2 shards' connections (HTTP/2 only).
+    dialer: Option<Arc<H2Dialer>>,
     /// Most clients (connections, over HTTP/2) to build.
     max_shards: usize,
     per_shard: usize,
-    shards: Mutex<Vec<(reqwest::Client, usize)>>,
+    shards: Mutex<Vec<(PollClient, usize)>>,
     /// Held while a new HTTP/2 connection is set up: one set-up at a time, each checked
     /// with a plain request before any long poll is put on it, so that a start with
     /// 10,000 services opens its 50 connections one after another instead of 50 TLS
@@ -162,7 +188,7 @@ struct PollShards {
 pub struct PollSlot {
     shards: Arc<PollShards>,
     shard: usize,
-    client: reqwest::Client,
+    client: PollClient,
 }
 
 impl Drop for PollSlot {
@@ -190,21 +216,15 @@ impl PollShards {
             if lock(&self.shards).len() >= self.max_shards {
                 return Ok(self.take_least_loaded());
             }
-            let http2 = self.transport == Transport::Http2;
-            // HTTP/1.1: one pool whose idle connections are the long polls' own.
-            let client = self.settings.build(http2, usize::MAX)?;
-            if http2 {
-                let answer = client
-                    .get(self.warm_url.clone())
-                    .timeout(PLAIN_TIMEOUT)
-                    .send()
-                    .await
-                    .map_err(|source| ConsulError::Request {
-                        path: self.warm_url.path().to_string(),
-                        source,
-                    })?;
-                let _ = answer.bytes().await;
-            }
+            let client = match &self.dialer {
+                Some(dialer) => {
+                    let shard = H2Shard::open(Arc::clone(dialer)).await?;
+                    shard.get(&self.warm_url, PLAIN_TIMEOUT).await?;
+                    PollClient::Http2(Arc::new(shard))
+                }
+                // HTTP/1.1: one pool whose idle connections are the long polls' own.
+                None => PollClient::Http1(self.settings.build(false, usize::MAX)?),
+            };
             lock(&self.shards).push((client, 0));
         }
     }
@@ -228,7 +248,7 @@ impl PollShards {
         self.take(&mut shards, shard)
     }
 
-    fn take(self: &Arc<Self>, shards: &mut [(reqwest::Client, usize)], shard: usize) -> PollSlot {
+    fn take(self: &Arc<Self>, shards: &mut [(PollClient, usize)], shard: usize) -> PollSlot {
         shards[shard].1 += 1;
         self.publish_connections(shards);
         PollSlot {
@@ -238,7 +258,7 @@ impl PollShards {
         }
     }
 
-    fn publish_connections(&self, shards: &[(reqwest::Client, usize)]) {
+    fn publish_connections(&self, shards: &[(PollClient, usize)]) {
         let in_use: usize = match self.transport {
             Transport::Http2 => shards.iter().filter(|(_, load)| *load > 0).count(),
             Transport::Http1 => shards.iter().map(|(_, load)| *load).sum(),
@@ -296,9 +316,10 @@ impl ConsulHttp {
         let polls = Arc::new(PollShards {
             settings: settings.clone(),
             transport: Transport::Http1,
+            dialer: None,
             max_shards: 1,
             per_shard: usize::MAX,
-            shards: Mutex::new(vec![(probe.client.clone(), 0)]),
+            shards: Mutex::new(vec![(PollClient::Http1(probe.client.clone()), 0)]),
             setup: tokio::sync::Mutex::new(()),
             warm_url: base.clone(),
             connections: metrics.poll_connections.clone(),
@@ -329,9 +350,15 @@ impl ConsulHttp {
             client: reads_client,
             permits: Some(Arc::new(Semaphore::new(plan.snapshot_reads))),
         };
+        let dialer = if http2 {
+            Some(Arc::new(self.settings.h2_dialer(&self.base)?))
+        } else {
+            None
+        };
         let polls = Arc::new(PollShards {
             settings: self.settings.clone(),
             transport: plan.transport,
+            dialer,
             max_shards: if http2 {
                 plan.poll_connections.max(1)
             } else {
@@ -491,23 +518,48 @@ impl ConsulHttp {
         wait: Duration,
         via: Via<'_>,
     ) -> Result<Indexed<Vec<HealthEntry>>, ConsulError> {
-        let poll_lane;
-        let lane = match via {
-            Via::Read => &self.reads,
-            Via::Poll(slot) => {
-                poll_lane = Lane::unbounded(slot.client.clone());
-                &poll_lane
+        let segments = &["v1", "health", "service", name];
+        let decode = api::decode_health_service;
+        match via {
+            Via::Read => {
+                self.get(
+                    &self.reads,
+                    Endpoint::HealthService,
+                    segments,
+                    index,
+                    wait,
+                    decode,
+                )
+                .await
             }
-        };
-        self.get(
-            lane,
-            Endpoint::HealthService,
-            &["v1", "health", "service", name],
-            index,
-            wait,
-            api::decode_health_service,
-        )
-        .await
+            // Boxed: the watcher holds this future for minutes, 10,000 of them; the
+            // HTTP/1.1 one is large, and unboxed every watcher would carry its size.
+            Via::Poll(slot) => match &slot.client {
+                PollClient::Http1(client) => {
+                    let lane = Lane::unbounded(client.clone());
+                    Box::pin(self.get(
+                        &lane,
+                        Endpoint::HealthService,
+                        segments,
+                        index,
+                        wait,
+                        decode,
+                    ))
+                    .await
+                }
+                PollClient::Http2(shard) => {
+                    self.get_h2(
+                        shard,
+                        Endpoint::HealthService,
+                        segments,
+                        index,
+                        wait,
+                        decode,
+                    )
+                    .await
+                }
+            },
+        }
     }
 
     /// `/v1/catalog/node/<node>`: the node and its services (`None`: no such node),
@@ -614,27 +666,39 @@ impl ConsulHttp {
     ) -> Result<Indexed<T>, ConsulError> {
         let url = self.url(segments, index, wait);
         let path = url.path().to_string();
-        let timeout = if index > 0 {
-            blocking_timeout(wait)
-        } else {
-            PLAIN_TIMEOUT
-        };
         let result = async {
-            let answer = self.send(lane, &path, url, timeout, None).await?;
-            answer.check_status(&path)?;
-            let index = answer
-                .index
-                .ok_or_else(|| ConsulError::MissingIndex { path: path.clone() })?;
-            let value = decode(&answer.body).map_err(|source| ConsulError::Decode {
-                path: path.clone(),
-                source,
-            })?;
-            Ok(Indexed {
-                index,
-                value,
-                transfer: answer.headers_at.elapsed(),
-                bytes: answer.body.len(),
-            })
+            let answer = self
+                .send(lane, &path, url, request_timeout(index, wait), None)
+                .await?;
+            answer.indexed(&path, decode)
+        }
+        .await;
+        self.metrics.record(endpoint, result.is_ok());
+        result
+    }
+
+    /// [`Self::get`] on an HTTP/2 shard of the poll lane.
+    async fn get_h2<T>(
+        &self,
+        shard: &H2Shard,
+        endpoint: Endpoint,
+        segments: &[&str],
+        index: u64,
+        wait: Duration,
+        decode: fn(&[u8]) -> Result<T, serde_json::Error>,
+    ) -> Result<Indexed<T>, ConsulError> {
+        let url = self.url(segments, index, wait);
+        let path = url.path();
+        let result = async {
+            let answer = shard.get(&url, request_timeout(index, wait)).await?;
+            Answer {
+                status: answer.status,
+                version: reqwest::Version::HTTP_2,
+                index: answer.index,
+                body: answer.body,
+                headers_at: answer.headers_at,
+            }
+            .indexed(path, decode)
         }
         .await;
         self.metrics.record(endpoint, result.is_ok());
@@ -707,6 +771,28 @@ struct Answer {
 }
 
 impl Answer {
+    /// The decoded body of a successful answer of a blocking endpoint, with its index.
+    fn indexed<T>(
+        self,
+        path: &str,
+        decode: fn(&[u8]) -> Result<T, serde_json::Error>,
+    ) -> Result<Indexed<T>, ConsulError> {
+        self.check_status(path)?;
+        let index = self.index.ok_or_else(|| ConsulError::MissingIndex {
+            path: path.to_string(),
+        })?;
+        let value = decode(&self.body).map_err(|source| ConsulError::Decode {
+            path: path.to_string(),
+            source,
+        })?;
+        Ok(Indexed {
+            index,
+            value,
+            transfer: self.headers_at.elapsed(),
+            bytes: self.body.len(),
+        })
+    }
+
     fn check_status(&self, path: &str) -> Result<(), ConsulError> {
         if self.status == StatusCode::TOO_MANY_REQUESTS {
             return Err(ConsulError::TooManyConnections {
@@ -727,6 +813,15 @@ impl Answer {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Plain counters: a panic elsewhere leaves them usable.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The timeout of a request: a blocking one outlasts its wait.
+fn request_timeout(index: u64, wait: Duration) -> Duration {
+    if index > 0 {
+        blocking_timeout(wait)
+    } else {
+        PLAIN_TIMEOUT
+    }
 }
 
 /// How long to wait for a blocking query: Consul adds up to `wait / 16` of random jitter

@@ -5,6 +5,7 @@
 //! - [`config`]: what the operator sets ([`ConsulConfig`]);
 //! - [`http`]: the HTTP client (address, token, TLS, datacenter, blocking parameters,
 //!   connection budget);
+//! - `h2` (private): the per-service long polls straight over HTTP/2;
 //! - [`api`]: the shapes of Consul's answers and the blocking-index rule;
 //! - [`select`]: the seed's selection and naming rules, pure functions;
 //! - [`budget`]: the connection budget and the watch modes it leads to;
@@ -22,6 +23,7 @@ pub mod budget;
 pub mod checks;
 pub mod config;
 pub mod error;
+mod h2;
 pub mod http;
 pub mod metrics;
 pub mod refresh;
