@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod eureka;
+pub mod export;
 pub mod objects;
 pub mod process;
 pub mod tls;
