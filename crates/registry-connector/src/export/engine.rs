@@ -12,8 +12,10 @@
 //! owned entries have been read; a failed write makes the next pass read the registry
 //! again first (never plan against a guessed state); removing every instance of more
 //! than the guard's share of the managed Services at once is held. Only the lease
-//! holder writes; a replica that gains the lease reads the registry before its first
-//! pass.
+//! holder writes: every batch of a pass is raced against the leadership, so a lease
+//! lost mid-pass abandons the batch in flight and writes none of the rest; every new
+//! term (including a loss and a regain too quick for the loop to see) reads the
+//! registry before its first pass, never trusting the view cached before the loss.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::num::NonZeroU32;
@@ -167,7 +169,8 @@ impl<W: RegistryWriter> Exporter<W> {
         let (index, mut changes) = self.start_watches(stop_watches.clone());
         let mut leader_rx = self.leader.clone();
         let mut state = State::new(&self);
-        state.set_leader(leader_rx.as_ref().is_none_or(|rx| *rx.borrow()));
+        // Marked as seen: only later transitions wake the loop (and end a pass).
+        state.set_leader(leader_rx.as_mut().is_none_or(|rx| *rx.borrow_and_update()));
 
         // The registry says when its copy may have changed behind our back.
         let (drift_tx, mut drift) = mpsc::channel::<()>(1);
@@ -197,6 +200,13 @@ impl<W: RegistryWriter> Exporter<W> {
         let mut maintain: Option<CancellationToken> = None;
 
         loop {
+            // A pass that saw the lease go has already stopped writing; the renewals of
+            // a registry that needs them stop with it.
+            if !state.leader {
+                if let Some(stop) = maintain.take() {
+                    stop.cancel();
+                }
+            }
             // A full pass is due when the view is complete and this process leads, and
             // either nothing was read yet or the registry must be read again.
             if ready.len() == 3 && state.leader && (state.owned.is_none() || state.full_pass_due) {
@@ -206,7 +216,7 @@ impl<W: RegistryWriter> Exporter<W> {
                 let keys = state.all_keys(&index);
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = state.pass(&self, &index, keys, true) => {}
+                    _ = state.pass(&self, &index, keys, true, leader_rx.clone()) => {}
                 }
                 continue;
             }
@@ -238,14 +248,14 @@ impl<W: RegistryWriter> Exporter<W> {
                     let keys: Vec<ServiceKey> = batch.iter().filter_map(|p| ServiceKey::from_path(p)).collect();
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        _ = state.pass(&self, &index, keys, false) => {}
+                        _ = state.pass(&self, &index, keys, false, leader_rx.clone()) => {}
                     }
                 }
                 Some(path) = state.retries.next(), if state.owned.is_some() && state.leader => {
                     if let Some(key) = ServiceKey::from_path(&path) {
                         tokio::select! {
                             _ = shutdown.cancelled() => break,
-                            _ = state.pass(&self, &index, vec![key], false) => {}
+                            _ = state.pass(&self, &index, vec![key], false, leader_rx.clone()) => {}
                         }
                     }
                 }
@@ -254,7 +264,7 @@ impl<W: RegistryWriter> Exporter<W> {
                     let held: Vec<ServiceKey> = state.held.iter().cloned().collect();
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        _ = state.pass(&self, &index, held, false) => {}
+                        _ = state.pass(&self, &index, held, false, leader_rx.clone()) => {}
                     }
                 }
                 _ = resync.tick() => {
@@ -267,16 +277,10 @@ impl<W: RegistryWriter> Exporter<W> {
                 }
                 changed = changed(&mut leader_rx) => {
                     let leads = changed.unwrap_or(false);
-                    if leads != state.leader {
-                        state.set_leader(leads);
-                        if leads {
-                            info!(registry = W::NAME, "leading: reading the registry before the first pass");
-                            state.full_pass_due = true;
-                        } else {
-                            info!(registry = W::NAME, "lost the lease: writing nothing more");
-                            if let Some(stop) = maintain.take() {
-                                stop.cancel();
-                            }
+                    state.on_leadership::<W>(leads);
+                    if !leads {
+                        if let Some(stop) = maintain.take() {
+                            stop.cancel();
                         }
                     }
                 }
@@ -367,6 +371,23 @@ impl<W: RegistryWriter> Purger<W> {
     }
 }
 
+/// The leadership as one pass sees it (see [`State::pass`]).
+struct Term(Option<watch::Receiver<bool>>);
+
+impl Term {
+    /// Resolves at the first leadership change the loop has not seen yet; never without
+    /// an elector, or once the elector is gone (as the loop's [`changed`]).
+    async fn changed(&mut self) {
+        let gone = match &mut self.0 {
+            Some(rx) => rx.changed().await.is_err(),
+            None => true,
+        };
+        if gone {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 async fn changed(rx: &mut Option<watch::Receiver<bool>>) -> Option<bool> {
     match rx {
         Some(rx) => match rx.changed().await {
@@ -445,6 +466,37 @@ impl State {
             self.owned = None;
         }
         self.publish(|s| s.leader = leads);
+    }
+
+    /// A leadership change the elector reported. The elector reports transitions only
+    /// (`send_if_modified`), so a notification that says "leading" while this loop
+    /// thought it led means a loss in between, seen first by a pass or too short to be
+    /// seen at all: another replica may have written meanwhile, so every new term
+    /// starts from a fresh read, never from the view cached before the loss.
+    fn on_leadership<W: RegistryWriter>(&mut self, leads: bool) {
+        if leads {
+            info!(
+                registry = W::NAME,
+                "leading: reading the registry before the first pass"
+            );
+            self.set_leader(true);
+            self.owned = None;
+            self.full_pass_due = true;
+        } else if self.leader {
+            info!(registry = W::NAME, "lost the lease: writing nothing more");
+            self.set_leader(false);
+        }
+    }
+
+    /// The lease went (or went and came back) while a pass was under way: what it
+    /// had not written yet is left to the next term, which reads the registry first
+    /// (the batch in flight may or may not have been applied).
+    fn lost_lease_mid_pass<W: RegistryWriter>(&mut self, unwritten: usize) {
+        info!(
+            registry = W::NAME,
+            unwritten, "the lease changed during a pass: the rest of it is not written"
+        );
+        self.set_leader(false);
     }
 
     fn touched(&mut self, keys: &[ServiceKey]) {
@@ -654,15 +706,30 @@ impl State {
     }
 
     /// One pass over `keys`: read the registry first when needed, compute, write.
+    ///
+    /// `lease` is a copy of the loop's leadership receiver: any change the loop has not
+    /// handled yet (a loss; a loss and a new term) ends the pass before its next write
+    /// and abandons the one in flight, so that a replica that lost the lease never
+    /// writes over its successor. Only the lease holder writes, including mid-pass.
     async fn pass<W: RegistryWriter>(
         &mut self,
         ex: &Exporter<W>,
         index: &SharedIndex,
         mut keys: Vec<ServiceKey>,
         full: bool,
+        lease: Option<watch::Receiver<bool>>,
     ) {
+        let mut term = Term(lease);
         if self.owned.is_none() || self.full_pass_due {
-            let registered = self.read_until_ok(ex).await;
+            let registered = tokio::select! {
+                biased;
+                () = term.changed() => None,
+                registered = self.read_until_ok(ex) => Some(registered),
+            };
+            let Some(registered) = registered else {
+                self.lost_lease_mid_pass::<W>(0);
+                return;
+            };
             self.load(registered);
             if !full {
                 keys = self.all_keys(index);
@@ -675,9 +742,24 @@ impl State {
         let mut written: BTreeSet<ServiceKey> = BTreeSet::new();
         let max = ex.writer.max_ops_per_request();
         let count = writes.len();
-        for batch in batches(writes, max, |w| ex.writer.cost(w)) {
-            self.limiter.until_ready().await;
-            let result = ex.writer.apply(&batch).await;
+        let batches = batches(writes, max, |w| ex.writer.cost(w));
+        let mut unwritten = count;
+        for batch in batches {
+            let limiter = &self.limiter;
+            let result = tokio::select! {
+                // A change already seen wins over a write that could go at once.
+                biased;
+                () = term.changed() => None,
+                result = async {
+                    limiter.until_ready().await;
+                    ex.writer.apply(&batch).await
+                } => Some(result),
+            };
+            let Some(result) = result else {
+                self.lost_lease_mid_pass::<W>(unwritten);
+                return;
+            };
+            unwritten -= batch.len();
             self.metrics
                 .record_request(W::NAME, "write", result.is_ok());
             match result {
@@ -787,3 +869,6 @@ fn service_ref(key: &ServiceKey) -> ObjectReference {
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+mod tests;
