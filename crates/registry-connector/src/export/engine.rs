@@ -35,6 +35,7 @@ use super::desired::{desired_instances, DesiredConfig, Problem};
 use super::metrics::ExportMetrics;
 use super::model::{Instance, Registered, ServiceKey, Write};
 use super::plan::{batches, plan};
+use super::rejections::Rejections;
 use super::select::SelectionConfig;
 use super::watch::{spawn_watches, Change, ClusterIndex, SharedIndex, Watched};
 use super::RegistryWriter;
@@ -362,10 +363,15 @@ impl<W: RegistryWriter> Purger<W> {
             .into_iter()
             .map(Write::Deregister)
             .collect();
-        let count = writes.len();
+        let mut count = writes.len();
         let max = self.writer.max_ops_per_request();
         for batch in batches(writes, max, |w| self.writer.cost(w)) {
-            self.writer.apply(&batch).await?;
+            for rejected in self.writer.apply(&batch).await?.rejected {
+                count = count.saturating_sub(1);
+                if let Some(write) = batch.get(rejected.index) {
+                    warn!(registry = W::NAME, instance = %write.instance().id, reason = %rejected.reason, "the registry refused to deregister this instance");
+                }
+            }
         }
         Ok(count)
     }
@@ -426,6 +432,8 @@ struct State {
     recheck_at: Option<Instant>,
     /// The problems last reported per Service: reported again only when they change.
     reported: HashMap<ServiceKey, Vec<Problem>>,
+    /// The writes the registry refused, reported once while they last.
+    rejections: Rejections,
     shared_names: BTreeSet<String>,
     /// When Kubernetes first changed each Service since its last pass.
     changed_at: HashMap<ServiceKey, Instant>,
@@ -447,6 +455,7 @@ impl State {
             held: BTreeSet::new(),
             recheck_at: None,
             reported: HashMap::new(),
+            rejections: Rejections::default(),
             shared_names: BTreeSet::new(),
             changed_at: HashMap::new(),
             limiter: RateLimiter::direct(Quota::per_second(qps).allow_burst(burst)),
@@ -651,6 +660,9 @@ impl State {
                 .as_ref()
                 .and_then(|o| o.get(key))
                 .unwrap_or(&empty);
+            self.rejections.retain(key, |id| {
+                owned.contains_key(id) || desired.iter().any(|d| d.id == id)
+            });
             if desired.is_empty() && !owned.is_empty() {
                 removals.push(key.clone());
                 continue;
@@ -763,9 +775,19 @@ impl State {
             self.metrics
                 .record_request(W::NAME, "write", result.is_ok());
             match result {
-                Ok(()) => {
-                    for write in batch {
+                Ok(applied) => {
+                    let rejected: BTreeMap<usize, String> = applied
+                        .rejected
+                        .into_iter()
+                        .map(|r| (r.index, r.reason))
+                        .collect();
+                    for (index, write) in batch.into_iter().enumerate() {
+                        if let Some(reason) = rejected.get(&index) {
+                            self.rejected::<W>(ex, &write, reason);
+                            continue;
+                        }
                         self.metrics.record_write(W::NAME, write.op(), true);
+                        self.rejections.accepted(write.instance());
                         written.insert(write.instance().source.clone());
                         self.record(write);
                     }
@@ -834,6 +856,35 @@ impl State {
                 self.publish(|s| s.initial_sync_done = true);
             }
         }
+    }
+
+    /// A write the registry refused while it took the rest of its batch: counted every
+    /// time, logged and reported on the Service once while it lasts. Not recorded as
+    /// owned, so the Service's next pass (a Kubernetes change, the periodic resync)
+    /// plans it again; not a failure, so it neither backs the Service off nor holds
+    /// up the initial sync for the instances that went through.
+    fn rejected<W: RegistryWriter>(&mut self, ex: &Exporter<W>, write: &Write, reason: &str) {
+        self.metrics.record_write(W::NAME, write.op(), false);
+        self.metrics.record_rejected(W::NAME, write.op());
+        let instance = write.instance();
+        if !self.rejections.refused(instance, reason) {
+            return;
+        }
+        warn!(
+            registry = W::NAME,
+            service = %instance.source,
+            instance = %instance.id,
+            op = write.op(),
+            reason,
+            "the registry refused this write (the rest of the batch was written); tried again at the Service's next pass"
+        );
+        let verb = match write {
+            Write::Register(_) => "register",
+            Write::SetHealth(_) => "set the health of",
+            Write::Deregister(_) => "deregister",
+        };
+        ex.events
+            .write_rejected(service_ref(&instance.source), verb, &instance.id, reason);
     }
 
     /// Keeps `owned` in step with a write the registry accepted.

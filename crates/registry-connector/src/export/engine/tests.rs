@@ -12,6 +12,7 @@ use kube::api::ObjectMeta;
 use kube::runtime::watcher::Event;
 
 use super::*;
+use crate::export::{Applied, Rejected};
 
 /// What the fake does with one `apply` call, by the call's number (0-based).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,6 +24,8 @@ enum Step {
 }
 
 type Hook = Box<dyn Fn(usize) -> Step + Send + Sync>;
+/// The reason the fake refuses a write, if it does.
+type Refusal = Box<dyn Fn(&Write) -> Option<String> + Send + Sync>;
 
 /// An in-memory registry: what this connector owns there, and every request.
 struct FakeWriter {
@@ -34,6 +37,8 @@ struct FakeWriter {
     hook: Hook,
     /// Called with the call number after the writes are applied (flips the lease).
     after_apply: Box<dyn Fn(usize) + Send + Sync>,
+    /// The reason the registry refuses a write, if it does (the rest is applied).
+    refuse: Refusal,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +54,7 @@ impl FakeWriter {
             log: Mutex::default(),
             hook: Box::new(|_| Step::Apply),
             after_apply: Box::new(|_| {}),
+            refuse: Box::new(|_| None),
         }
     }
 
@@ -85,11 +91,16 @@ impl RegistryWriter for FakeWriter {
         })
     }
 
-    async fn apply(&self, writes: &[Write]) -> Result<(), FakeError> {
+    async fn apply(&self, writes: &[Write]) -> Result<Applied, FakeError> {
         let call = self.calls.fetch_add(1, Ordering::SeqCst);
+        let mut applied = Applied::default();
         {
             let mut held = self.held.lock().unwrap();
-            for write in writes {
+            for (index, write) in writes.iter().enumerate() {
+                if let Some(reason) = (self.refuse)(write) {
+                    applied.rejected.push(Rejected { index, reason });
+                    continue;
+                }
                 match write {
                     Write::Register(i) | Write::SetHealth(i) => {
                         held.insert(i.id.clone(), i.clone());
@@ -98,14 +109,14 @@ impl RegistryWriter for FakeWriter {
                         held.remove(&i.id);
                     }
                 }
+                self.log.lock().unwrap().push(write.clone());
             }
-            self.log.lock().unwrap().extend(writes.iter().cloned());
         }
         (self.after_apply)(call);
         if (self.hook)(call) == Step::ApplyThenHang {
             std::future::pending::<()>().await;
         }
-        Ok(())
+        Ok(applied)
     }
 }
 
@@ -145,9 +156,17 @@ fn keys_of(names: &[&str]) -> Vec<ServiceKey> {
 
 /// An exporter that never reaches an apiserver (the tests drive its passes directly).
 fn exporter(writer: FakeWriter, leader: Option<watch::Receiver<bool>>) -> Exporter<FakeWriter> {
+    exporter_with(writer, leader, Events::disabled())
+}
+
+fn exporter_with(
+    writer: FakeWriter,
+    leader: Option<watch::Receiver<bool>>,
+    events: Events,
+) -> Exporter<FakeWriter> {
     let url = "http://127.0.0.1:9".parse().expect("a URL");
     let client = Client::try_from(kube::Config::new(url)).expect("a client");
-    let ex = Exporter::new(client, writer, ExportConfig::default()).with_events(Events::disabled());
+    let ex = Exporter::new(client, writer, ExportConfig::default()).with_events(events);
     match leader {
         Some(rx) => ex.with_leadership(rx),
         None => ex,
@@ -291,4 +310,68 @@ async fn a_loss_too_short_for_the_loop_to_see_still_ends_the_term() {
     state.on_leadership::<FakeWriter>(true);
     assert!(state.owned.is_none(), "the cached view is not trusted");
     assert!(state.full_pass_due);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_the_registry_refuses_is_reported_once_and_the_rest_is_written() {
+    use std::sync::atomic::AtomicBool;
+    let names = ["a", "b", "c"];
+    let refusing = Arc::new(AtomicBool::new(true));
+    let mut writer = FakeWriter::new();
+    let refuses = refusing.clone();
+    writer.refuse = Box::new(move |w| {
+        (w.instance().source.name == "b" && refuses.load(Ordering::SeqCst))
+            .then(|| "Permission denied".to_string())
+    });
+    let (events, captured) = Events::capturing();
+    let ex = exporter_with(writer, None, events);
+    let index = index_of(&names);
+    let mut state = State::new(&ex);
+
+    let rejected = |ex: &Exporter<FakeWriter>| {
+        ex.metrics()
+            .rejected_writes
+            .get_or_create(&crate::export::metrics::OpLabels {
+                registry: "fake",
+                op: "register",
+            })
+            .get()
+    };
+    state.pass(&ex, &index, keys_of(&names), true, None).await;
+    let writer = ex.writer();
+    let mut held: Vec<String> = writer
+        .held
+        .lock()
+        .unwrap()
+        .values()
+        .map(|i| i.source.name.clone())
+        .collect();
+    held.sort();
+    assert_eq!(held, ["a", "c"], "the others are written");
+    assert_eq!(rejected(&ex), 1);
+    assert!(
+        ex.status.borrow().initial_sync_done,
+        "one refused instance does not hold up the others"
+    );
+    assert!(state.retries.is_empty(), "not retried at once");
+    {
+        let events = captured.lock().unwrap();
+        assert_eq!(events.len(), 1);
+        let (object, reason, note) = &events[0];
+        assert_eq!(object.name.as_deref(), Some("b"));
+        assert_eq!(object.namespace.as_deref(), Some("shop"));
+        assert_eq!(reason, "RegistryRejected");
+        assert!(note.contains("Permission denied"), "{note}");
+    }
+
+    // The Service changes: tried again, refused again, counted but not reported again.
+    state.pass(&ex, &index, keys_of(&["b"]), false, None).await;
+    assert_eq!(rejected(&ex), 2);
+    assert_eq!(captured.lock().unwrap().len(), 1, "reported once");
+
+    // The registry takes it at the next try.
+    refusing.store(false, Ordering::SeqCst);
+    state.pass(&ex, &index, keys_of(&["b"]), false, None).await;
+    assert_eq!(writer.held.lock().unwrap().len(), 3);
+    assert!(state.rejections.is_empty());
 }

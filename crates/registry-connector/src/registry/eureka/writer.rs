@@ -38,7 +38,7 @@ use super::error::EurekaError;
 use super::http::{Answer, EurekaHttp};
 use super::metrics::{EurekaMetrics, HeartbeatResult, WriterMetrics};
 use super::register::{self, Lease};
-use crate::export::model::{Health, Instance, Registered, Write};
+use crate::export::model::{Applied, Health, Instance, Registered, Write};
 use crate::export::RegistryWriter;
 use crate::registry::error_chain;
 
@@ -439,12 +439,13 @@ impl RegistryWriter for EurekaWriter {
         })
     }
 
-    async fn apply(&self, writes: &[Write]) -> Result<(), EurekaError> {
+    /// One request per write: a failure fails the batch (which holds one write).
+    async fn apply(&self, writes: &[Write]) -> Result<Applied, EurekaError> {
         let _writing = self.writes.lock().await;
         for write in writes {
             self.apply_one(write).await?;
         }
-        Ok(())
+        Ok(Applied::default())
     }
 
     async fn changed(&self) {
