@@ -33,6 +33,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::api;
 use super::config::EurekaConfig;
 use super::error::EurekaError;
 use super::http::{Answer, EurekaHttp};
@@ -418,7 +419,10 @@ impl RegistryWriter for EurekaWriter {
     }
 
     async fn read(&self) -> Result<Registered, EurekaError> {
-        let apps = self.http.apps_with(register::decode_listing).await?;
+        let apps = self
+            .http
+            .apps_with(|body| api::decode_applications(body).map(|a| a.applications))
+            .await?;
         let (owned, shared_names) = register::owned(&apps, &self.connector_id);
         let tracked: BTreeMap<Key, Tracked> = owned
             .iter()
