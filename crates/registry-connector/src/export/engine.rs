@@ -217,7 +217,7 @@ impl<W: RegistryWriter> Exporter<W> {
                 let keys = state.all_keys(&index);
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = state.pass(&self, &index, keys, true, leader_rx.clone()) => {}
+                    _ = state.pass(&self, &index, keys, leader_rx.clone()) => {}
                 }
                 continue;
             }
@@ -249,14 +249,14 @@ impl<W: RegistryWriter> Exporter<W> {
                     let keys: Vec<ServiceKey> = batch.iter().filter_map(|p| ServiceKey::from_path(p)).collect();
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        _ = state.pass(&self, &index, keys, false, leader_rx.clone()) => {}
+                        _ = state.pass(&self, &index, keys, leader_rx.clone()) => {}
                     }
                 }
                 Some(path) = state.retries.next(), if state.owned.is_some() && state.leader => {
                     if let Some(key) = ServiceKey::from_path(&path) {
                         tokio::select! {
                             _ = shutdown.cancelled() => break,
-                            _ = state.pass(&self, &index, vec![key], false, leader_rx.clone()) => {}
+                            _ = state.pass(&self, &index, vec![key], leader_rx.clone()) => {}
                         }
                     }
                 }
@@ -265,7 +265,7 @@ impl<W: RegistryWriter> Exporter<W> {
                     let held: Vec<ServiceKey> = state.held.iter().cloned().collect();
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        _ = state.pass(&self, &index, held, false, leader_rx.clone()) => {}
+                        _ = state.pass(&self, &index, held, leader_rx.clone()) => {}
                     }
                 }
                 _ = resync.tick() => {
@@ -429,6 +429,12 @@ struct State {
     retries: RetryQueue,
     guard: DeletionGuard,
     held: BTreeSet<ServiceKey>,
+    /// Owned Services known to want no instance (removals planned, held or not yet
+    /// confirmed): what the guard counts. Kept up to date by each pass for its own
+    /// Services and by each confirmed removal, so that counting costs nothing per
+    /// pass instead of a desired computation for every managed Service. Rebuilt by the
+    /// pass after each read, which covers every Service (see [`State::pass`]).
+    orphans: BTreeSet<ServiceKey>,
     recheck_at: Option<Instant>,
     /// The problems last reported per Service: reported again only when they change.
     reported: HashMap<ServiceKey, Vec<Problem>>,
@@ -453,6 +459,7 @@ impl State {
             retries: RetryQueue::new(ex.cfg.retry),
             guard: DeletionGuard::new(ex.cfg.guard),
             held: BTreeSet::new(),
+            orphans: BTreeSet::new(),
             recheck_at: None,
             reported: HashMap::new(),
             rejections: Rejections::default(),
@@ -559,6 +566,8 @@ impl State {
             );
         }
         self.shared_names = registered.shared_names;
+        // Recounted by the pass that follows, over every Service.
+        self.orphans.clear();
         self.metrics
             .shared_names
             .set(self.shared_names.len() as i64);
@@ -664,25 +673,23 @@ impl State {
                 owned.contains_key(id) || desired.iter().any(|d| d.id == id)
             });
             if desired.is_empty() && !owned.is_empty() {
+                self.orphans.insert(key.clone());
                 removals.push(key.clone());
                 continue;
             }
+            self.orphans.remove(key);
             self.held.remove(key);
             writes.extend(plan(&desired, owned.values()));
         }
         let mut held = BTreeSet::new();
         if !removals.is_empty() {
-            let owned = self
-                .owned
-                .as_ref()
-                .map(|o| o.keys().cloned().collect::<Vec<_>>())
-                .unwrap_or_default();
-            let orphans = owned
-                .iter()
-                .filter(|k| self.desired(ex, &ix, k).is_empty())
-                .count();
+            // This pass's removals, the held ones and those not confirmed yet: every
+            // Service whose desired state went empty has been through a pass (the
+            // change that emptied it named it), so nothing needs computing again here.
+            let managed = self.owned.as_ref().map_or(0, BTreeMap::len);
+            let orphans = self.orphans.len();
             let was_holding = self.guard.is_holding();
-            match self.guard.evaluate(owned.len(), orphans, Instant::now()) {
+            match self.guard.evaluate(managed, orphans, Instant::now()) {
                 GuardDecision::Proceed => {
                     for key in &removals {
                         self.held.remove(key);
@@ -698,14 +705,13 @@ impl State {
                     if !was_holding {
                         warn!(
                             registry = W::NAME,
-                            managed = owned.len(),
+                            managed,
                             would_remove = orphans,
                             held_for = ?since.elapsed(),
                             "mass deregistration held: the Kubernetes view would remove too many registered services"
                         );
                         for key in removals.iter().take(events::MAX_HELD_EVENTS) {
-                            ex.events
-                                .deletion_held(service_ref(key), owned.len(), orphans);
+                            ex.events.deletion_held(service_ref(key), managed, orphans);
                         }
                     }
                     self.recheck_at = Some(recheck_at);
@@ -728,7 +734,6 @@ impl State {
         ex: &Exporter<W>,
         index: &SharedIndex,
         mut keys: Vec<ServiceKey>,
-        full: bool,
         lease: Option<watch::Receiver<bool>>,
     ) {
         let mut term = Term(lease);
@@ -743,9 +748,11 @@ impl State {
                 return;
             };
             self.load(registered);
-            if !full {
-                keys = self.all_keys(index);
-            }
+            // Every Service after a read, whatever the pass was for: the keys a full
+            // pass was given were listed before the read, without the Services that
+            // left Kubernetes while nothing was cached (a new term, a failed write), and
+            // the orphan count is rebuilt from this pass alone.
+            keys = self.all_keys(index);
             self.full_pass_due = false;
         }
         let (writes, _held) = self.compute(ex, index, &keys);
@@ -904,6 +911,7 @@ impl State {
                     map.remove(&i.id);
                     if map.is_empty() {
                         owned.remove(&i.source);
+                        self.orphans.remove(&i.source);
                     }
                 }
             }

@@ -39,6 +39,8 @@ struct FakeWriter {
     after_apply: Box<dyn Fn(usize) + Send + Sync>,
     /// The reason the registry refuses a write, if it does (the rest is applied).
     refuse: Refusal,
+    /// Desired instances computed, by Service name (each goes through `normalize`).
+    normalized: Mutex<BTreeMap<String, usize>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,7 @@ impl FakeWriter {
             hook: Box::new(|_| Step::Apply),
             after_apply: Box::new(|_| {}),
             refuse: Box::new(|_| None),
+            normalized: Mutex::default(),
         }
     }
 
@@ -89,6 +92,15 @@ impl RegistryWriter for FakeWriter {
             instances: self.held.lock().unwrap().values().cloned().collect(),
             shared_names: Default::default(),
         })
+    }
+
+    fn normalize(&self, instance: &mut Instance) {
+        *self
+            .normalized
+            .lock()
+            .unwrap()
+            .entry(instance.source.name.clone())
+            .or_default() += 1;
     }
 
     async fn apply(&self, writes: &[Write]) -> Result<Applied, FakeError> {
@@ -150,6 +162,26 @@ fn index_of(names: &[&str]) -> SharedIndex {
     Arc::new(RwLock::new(ix))
 }
 
+fn delete(index: &SharedIndex, name: &str) {
+    index
+        .write()
+        .unwrap()
+        .apply_service(Event::Delete(external(name)));
+}
+
+fn held_names(writer: &FakeWriter) -> Vec<String> {
+    let mut names: Vec<String> = writer
+        .held
+        .lock()
+        .unwrap()
+        .values()
+        .map(|i| i.source.name.clone())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
 fn keys_of(names: &[&str]) -> Vec<ServiceKey> {
     names.iter().map(|n| ServiceKey::new("shop", *n)).collect()
 }
@@ -201,7 +233,7 @@ async fn a_lease_lost_during_a_batch_writes_no_further_batch() {
     let index = index_of(&names);
     let mut state = State::new(&ex);
 
-    let pass = state.pass(&ex, &index, keys_of(&names), true, Some(lease_rx.clone()));
+    let pass = state.pass(&ex, &index, keys_of(&names), Some(lease_rx.clone()));
     tokio::time::timeout(PASS_DEADLINE, pass)
         .await
         .expect("the pass stops when the lease is lost, without waiting for the answer");
@@ -225,7 +257,7 @@ async fn a_lease_lost_during_a_batch_writes_no_further_batch() {
     let leads = changed(&mut loop_rx).await;
     assert_eq!(leads, Some(true));
     state.on_leadership::<FakeWriter>(true);
-    let pass = state.pass(&ex, &index, keys_of(&names), true, loop_rx.clone());
+    let pass = state.pass(&ex, &index, keys_of(&names), loop_rx.clone());
     tokio::time::timeout(PASS_DEADLINE, pass)
         .await
         .expect("the pass ends");
@@ -259,7 +291,7 @@ async fn a_lease_lost_and_regained_during_a_pass_starts_over_from_a_read() {
     let mut state = State::new(&ex);
     let mut loop_rx = Some(lease_rx);
 
-    let pass = state.pass(&ex, &index, keys_of(&names), true, loop_rx.clone());
+    let pass = state.pass(&ex, &index, keys_of(&names), loop_rx.clone());
     tokio::time::timeout(PASS_DEADLINE, pass)
         .await
         .expect("the pass ends");
@@ -276,7 +308,7 @@ async fn a_lease_lost_and_regained_during_a_pass_starts_over_from_a_read() {
     assert_eq!(changed(&mut loop_rx).await, Some(true));
     state.on_leadership::<FakeWriter>(true);
     assert!(state.leader);
-    let pass = state.pass(&ex, &index, keys_of(&names), true, loop_rx.clone());
+    let pass = state.pass(&ex, &index, keys_of(&names), loop_rx.clone());
     tokio::time::timeout(PASS_DEADLINE, pass)
         .await
         .expect("the pass ends");
@@ -296,7 +328,7 @@ async fn a_loss_too_short_for_the_loop_to_see_still_ends_the_term() {
     let index = index_of(&names);
     let mut state = State::new(&ex);
     let mut loop_rx = Some(lease_rx);
-    let pass = state.pass(&ex, &index, keys_of(&names), true, loop_rx.clone());
+    let pass = state.pass(&ex, &index, keys_of(&names), loop_rx.clone());
     tokio::time::timeout(PASS_DEADLINE, pass)
         .await
         .expect("the pass ends");
@@ -337,7 +369,7 @@ async fn a_write_the_registry_refuses_is_reported_once_and_the_rest_is_written()
             })
             .get()
     };
-    state.pass(&ex, &index, keys_of(&names), true, None).await;
+    state.pass(&ex, &index, keys_of(&names), None).await;
     let writer = ex.writer();
     let mut held: Vec<String> = writer
         .held
@@ -365,13 +397,98 @@ async fn a_write_the_registry_refuses_is_reported_once_and_the_rest_is_written()
     }
 
     // The Service changes: tried again, refused again, counted but not reported again.
-    state.pass(&ex, &index, keys_of(&["b"]), false, None).await;
+    state.pass(&ex, &index, keys_of(&["b"]), None).await;
     assert_eq!(rejected(&ex), 2);
     assert_eq!(captured.lock().unwrap().len(), 1, "reported once");
 
     // The registry takes it at the next try.
     refusing.store(false, Ordering::SeqCst);
-    state.pass(&ex, &index, keys_of(&["b"]), false, None).await;
+    state.pass(&ex, &index, keys_of(&["b"]), None).await;
     assert_eq!(writer.held.lock().unwrap().len(), 3);
     assert!(state.rejections.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_removal_computes_only_the_services_of_its_pass() {
+    let names: Vec<String> = (0..20).map(|i| format!("s{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let ex = exporter(FakeWriter::new(), None);
+    let index = index_of(&names);
+    let mut state = State::new(&ex);
+    state.pass(&ex, &index, keys_of(&names), None).await;
+    let writer = ex.writer();
+    assert_eq!(writer.held.lock().unwrap().len(), 20);
+    writer.normalized.lock().unwrap().clear();
+
+    // One Service goes: its pass computes it, not the 19 others (O(removed), not
+    // O(managed)), and the guard lets one removal of twenty through.
+    delete(&index, "s0");
+    state.pass(&ex, &index, keys_of(&["s0"]), None).await;
+    assert_eq!(
+        *writer.normalized.lock().unwrap(),
+        BTreeMap::new(),
+        "no desired state computed for the Services outside the pass"
+    );
+    assert_eq!(writer.held.lock().unwrap().len(), 19, "removed");
+    assert!(state.orphans.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn held_removals_count_towards_the_next_evaluation() {
+    let names = ["a", "b", "c", "d"];
+    let ex = exporter(FakeWriter::new(), None);
+    let index = index_of(&names);
+    let mut state = State::new(&ex);
+    state.pass(&ex, &index, keys_of(&names), None).await;
+
+    // Three of four at once: more than the default half, held.
+    for name in ["a", "b", "c"] {
+        delete(&index, name);
+    }
+    state
+        .pass(&ex, &index, keys_of(&["a", "b", "c"]), None)
+        .await;
+    let writer = ex.writer();
+    assert_eq!(held_names(&writer), ["a", "b", "c", "d"]);
+    assert_eq!(state.held.len(), 3);
+
+    // The last one alone: one removal in its pass, but four of four with the held
+    // ones, so held too (counting only the pass's own removals would let it go).
+    delete(&index, "d");
+    state.pass(&ex, &index, keys_of(&["d"]), None).await;
+    assert_eq!(held_names(&writer), ["a", "b", "c", "d"]);
+    assert_eq!(state.held.len(), 4);
+
+    // One comes back: no longer counted.
+    index
+        .write()
+        .unwrap()
+        .apply_service(Event::Apply(external("a")));
+    state.pass(&ex, &index, keys_of(&["a"]), None).await;
+    assert_eq!(state.orphans.len(), 3);
+    assert!(!state.held.contains(&ServiceKey::new("shop", "a")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_first_pass_of_a_term_removes_what_left_while_nobody_led() {
+    let names = ["a", "b", "c", "x"];
+    let ex = exporter(FakeWriter::new(), None);
+    let index = index_of(&names);
+    let mut state = State::new(&ex);
+    state.pass(&ex, &index, keys_of(&names), None).await;
+    let writer = ex.writer();
+    assert_eq!(held_names(&writer), names);
+
+    // x is deleted while no replica leads; a new term starts with nothing cached and,
+    // as the loop does, passes over the Services it knows.
+    delete(&index, "x");
+    let mut state = State::new(&ex);
+    let keys = state.all_keys(&index);
+    state.pass(&ex, &index, keys, None).await;
+    assert_eq!(
+        held_names(&writer),
+        ["a", "b", "c"],
+        "x removed by this pass"
+    );
+    assert!(state.orphans.is_empty());
 }
