@@ -12,8 +12,10 @@
 //! owned entries have been read; a failed write makes the next pass read the registry
 //! again first (never plan against a guessed state); removing every instance of more
 //! than the guard's share of the managed Services at once is held. Only the lease
-//! holder writes; a replica that gains the lease reads the registry before its first
-//! pass.
+//! holder writes: every batch of a pass is raced against the leadership, so a lease
+//! lost mid-pass abandons the batch in flight and writes none of the rest; every new
+//! term (including a loss and a regain too quick for the loop to see) reads the
+//! registry before its first pass, never trusting the view cached before the loss.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::num::NonZeroU32;
@@ -33,6 +35,7 @@ use super::desired::{desired_instances, DesiredConfig, Problem};
 use super::metrics::ExportMetrics;
 use super::model::{Instance, Registered, ServiceKey, Write};
 use super::plan::{batches, plan};
+use super::rejections::Rejections;
 use super::select::SelectionConfig;
 use super::watch::{spawn_watches, Change, ClusterIndex, SharedIndex, Watched};
 use super::RegistryWriter;
@@ -167,7 +170,8 @@ impl<W: RegistryWriter> Exporter<W> {
         let (index, mut changes) = self.start_watches(stop_watches.clone());
         let mut leader_rx = self.leader.clone();
         let mut state = State::new(&self);
-        state.set_leader(leader_rx.as_ref().is_none_or(|rx| *rx.borrow()));
+        // Marked as seen: only later transitions wake the loop (and end a pass).
+        state.set_leader(leader_rx.as_mut().is_none_or(|rx| *rx.borrow_and_update()));
 
         // The registry says when its copy may have changed behind our back.
         let (drift_tx, mut drift) = mpsc::channel::<()>(1);
@@ -197,6 +201,13 @@ impl<W: RegistryWriter> Exporter<W> {
         let mut maintain: Option<CancellationToken> = None;
 
         loop {
+            // A pass that saw the lease go has already stopped writing; the renewals of
+            // a registry that needs them stop with it.
+            if !state.leader {
+                if let Some(stop) = maintain.take() {
+                    stop.cancel();
+                }
+            }
             // A full pass is due when the view is complete and this process leads, and
             // either nothing was read yet or the registry must be read again.
             if ready.len() == 3 && state.leader && (state.owned.is_none() || state.full_pass_due) {
@@ -206,7 +217,7 @@ impl<W: RegistryWriter> Exporter<W> {
                 let keys = state.all_keys(&index);
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = state.pass(&self, &index, keys, true) => {}
+                    _ = state.pass(&self, &index, keys, leader_rx.clone()) => {}
                 }
                 continue;
             }
@@ -238,14 +249,14 @@ impl<W: RegistryWriter> Exporter<W> {
                     let keys: Vec<ServiceKey> = batch.iter().filter_map(|p| ServiceKey::from_path(p)).collect();
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        _ = state.pass(&self, &index, keys, false) => {}
+                        _ = state.pass(&self, &index, keys, leader_rx.clone()) => {}
                     }
                 }
                 Some(path) = state.retries.next(), if state.owned.is_some() && state.leader => {
                     if let Some(key) = ServiceKey::from_path(&path) {
                         tokio::select! {
                             _ = shutdown.cancelled() => break,
-                            _ = state.pass(&self, &index, vec![key], false) => {}
+                            _ = state.pass(&self, &index, vec![key], leader_rx.clone()) => {}
                         }
                     }
                 }
@@ -254,7 +265,7 @@ impl<W: RegistryWriter> Exporter<W> {
                     let held: Vec<ServiceKey> = state.held.iter().cloned().collect();
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        _ = state.pass(&self, &index, held, false) => {}
+                        _ = state.pass(&self, &index, held, leader_rx.clone()) => {}
                     }
                 }
                 _ = resync.tick() => {
@@ -267,16 +278,10 @@ impl<W: RegistryWriter> Exporter<W> {
                 }
                 changed = changed(&mut leader_rx) => {
                     let leads = changed.unwrap_or(false);
-                    if leads != state.leader {
-                        state.set_leader(leads);
-                        if leads {
-                            info!(registry = W::NAME, "leading: reading the registry before the first pass");
-                            state.full_pass_due = true;
-                        } else {
-                            info!(registry = W::NAME, "lost the lease: writing nothing more");
-                            if let Some(stop) = maintain.take() {
-                                stop.cancel();
-                            }
+                    state.on_leadership::<W>(leads);
+                    if !leads {
+                        if let Some(stop) = maintain.take() {
+                            stop.cancel();
                         }
                     }
                 }
@@ -358,12 +363,34 @@ impl<W: RegistryWriter> Purger<W> {
             .into_iter()
             .map(Write::Deregister)
             .collect();
-        let count = writes.len();
+        let mut count = writes.len();
         let max = self.writer.max_ops_per_request();
         for batch in batches(writes, max, |w| self.writer.cost(w)) {
-            self.writer.apply(&batch).await?;
+            for rejected in self.writer.apply(&batch).await?.rejected {
+                count = count.saturating_sub(1);
+                if let Some(write) = batch.get(rejected.index) {
+                    warn!(registry = W::NAME, instance = %write.instance().id, reason = %rejected.reason, "the registry refused to deregister this instance");
+                }
+            }
         }
         Ok(count)
+    }
+}
+
+/// The leadership as one pass sees it (see [`State::pass`]).
+struct Term(Option<watch::Receiver<bool>>);
+
+impl Term {
+    /// Resolves at the first leadership change the loop has not seen yet; never without
+    /// an elector, or once the elector is gone (as the loop's [`changed`]).
+    async fn changed(&mut self) {
+        let gone = match &mut self.0 {
+            Some(rx) => rx.changed().await.is_err(),
+            None => true,
+        };
+        if gone {
+            std::future::pending::<()>().await;
+        }
     }
 }
 
@@ -402,9 +429,17 @@ struct State {
     retries: RetryQueue,
     guard: DeletionGuard,
     held: BTreeSet<ServiceKey>,
+    /// Owned Services known to want no instance (removals planned, held or not yet
+    /// confirmed): what the guard counts. Kept up to date by each pass for its own
+    /// Services and by each confirmed removal, so that counting costs nothing per
+    /// pass instead of a desired computation for every managed Service. Rebuilt by the
+    /// pass after each read, which covers every Service (see [`State::pass`]).
+    orphans: BTreeSet<ServiceKey>,
     recheck_at: Option<Instant>,
     /// The problems last reported per Service: reported again only when they change.
     reported: HashMap<ServiceKey, Vec<Problem>>,
+    /// The writes the registry refused, reported once while they last.
+    rejections: Rejections,
     shared_names: BTreeSet<String>,
     /// When Kubernetes first changed each Service since its last pass.
     changed_at: HashMap<ServiceKey, Instant>,
@@ -424,8 +459,10 @@ impl State {
             retries: RetryQueue::new(ex.cfg.retry),
             guard: DeletionGuard::new(ex.cfg.guard),
             held: BTreeSet::new(),
+            orphans: BTreeSet::new(),
             recheck_at: None,
             reported: HashMap::new(),
+            rejections: Rejections::default(),
             shared_names: BTreeSet::new(),
             changed_at: HashMap::new(),
             limiter: RateLimiter::direct(Quota::per_second(qps).allow_burst(burst)),
@@ -445,6 +482,37 @@ impl State {
             self.owned = None;
         }
         self.publish(|s| s.leader = leads);
+    }
+
+    /// A leadership change the elector reported. The elector reports transitions only
+    /// (`send_if_modified`), so a notification that says "leading" while this loop
+    /// thought it led means a loss in between, seen first by a pass or too short to be
+    /// seen at all: another replica may have written meanwhile, so every new term
+    /// starts from a fresh read, never from the view cached before the loss.
+    fn on_leadership<W: RegistryWriter>(&mut self, leads: bool) {
+        if leads {
+            info!(
+                registry = W::NAME,
+                "leading: reading the registry before the first pass"
+            );
+            self.set_leader(true);
+            self.owned = None;
+            self.full_pass_due = true;
+        } else if self.leader {
+            info!(registry = W::NAME, "lost the lease: writing nothing more");
+            self.set_leader(false);
+        }
+    }
+
+    /// The lease went (or went and came back) while a pass was under way: what it
+    /// had not written yet is left to the next term, which reads the registry first
+    /// (the batch in flight may or may not have been applied).
+    fn lost_lease_mid_pass<W: RegistryWriter>(&mut self, unwritten: usize) {
+        info!(
+            registry = W::NAME,
+            unwritten, "the lease changed during a pass: the rest of it is not written"
+        );
+        self.set_leader(false);
     }
 
     fn touched(&mut self, keys: &[ServiceKey]) {
@@ -498,6 +566,8 @@ impl State {
             );
         }
         self.shared_names = registered.shared_names;
+        // Recounted by the pass that follows, over every Service.
+        self.orphans.clear();
         self.metrics
             .shared_names
             .set(self.shared_names.len() as i64);
@@ -599,26 +669,27 @@ impl State {
                 .as_ref()
                 .and_then(|o| o.get(key))
                 .unwrap_or(&empty);
+            self.rejections.retain(key, |id| {
+                owned.contains_key(id) || desired.iter().any(|d| d.id == id)
+            });
             if desired.is_empty() && !owned.is_empty() {
+                self.orphans.insert(key.clone());
                 removals.push(key.clone());
                 continue;
             }
+            self.orphans.remove(key);
             self.held.remove(key);
             writes.extend(plan(&desired, owned.values()));
         }
         let mut held = BTreeSet::new();
         if !removals.is_empty() {
-            let owned = self
-                .owned
-                .as_ref()
-                .map(|o| o.keys().cloned().collect::<Vec<_>>())
-                .unwrap_or_default();
-            let orphans = owned
-                .iter()
-                .filter(|k| self.desired(ex, &ix, k).is_empty())
-                .count();
+            // This pass's removals, the held ones and those not confirmed yet: every
+            // Service whose desired state went empty has been through a pass (the
+            // change that emptied it named it), so nothing needs computing again here.
+            let managed = self.owned.as_ref().map_or(0, BTreeMap::len);
+            let orphans = self.orphans.len();
             let was_holding = self.guard.is_holding();
-            match self.guard.evaluate(owned.len(), orphans, Instant::now()) {
+            match self.guard.evaluate(managed, orphans, Instant::now()) {
                 GuardDecision::Proceed => {
                     for key in &removals {
                         self.held.remove(key);
@@ -634,14 +705,13 @@ impl State {
                     if !was_holding {
                         warn!(
                             registry = W::NAME,
-                            managed = owned.len(),
+                            managed,
                             would_remove = orphans,
                             held_for = ?since.elapsed(),
                             "mass deregistration held: the Kubernetes view would remove too many registered services"
                         );
                         for key in removals.iter().take(events::MAX_HELD_EVENTS) {
-                            ex.events
-                                .deletion_held(service_ref(key), owned.len(), orphans);
+                            ex.events.deletion_held(service_ref(key), managed, orphans);
                         }
                     }
                     self.recheck_at = Some(recheck_at);
@@ -654,19 +724,35 @@ impl State {
     }
 
     /// One pass over `keys`: read the registry first when needed, compute, write.
+    ///
+    /// `lease` is a copy of the loop's leadership receiver: any change the loop has not
+    /// handled yet (a loss; a loss and a new term) ends the pass before its next write
+    /// and abandons the one in flight, so that a replica that lost the lease never
+    /// writes over its successor. Only the lease holder writes, including mid-pass.
     async fn pass<W: RegistryWriter>(
         &mut self,
         ex: &Exporter<W>,
         index: &SharedIndex,
         mut keys: Vec<ServiceKey>,
-        full: bool,
+        lease: Option<watch::Receiver<bool>>,
     ) {
+        let mut term = Term(lease);
         if self.owned.is_none() || self.full_pass_due {
-            let registered = self.read_until_ok(ex).await;
+            let registered = tokio::select! {
+                biased;
+                () = term.changed() => None,
+                registered = self.read_until_ok(ex) => Some(registered),
+            };
+            let Some(registered) = registered else {
+                self.lost_lease_mid_pass::<W>(0);
+                return;
+            };
             self.load(registered);
-            if !full {
-                keys = self.all_keys(index);
-            }
+            // Every Service after a read, whatever the pass was for: the keys a full
+            // pass was given were listed before the read, without the Services that
+            // left Kubernetes while nothing was cached (a new term, a failed write), and
+            // the orphan count is rebuilt from this pass alone.
+            keys = self.all_keys(index);
             self.full_pass_due = false;
         }
         let (writes, _held) = self.compute(ex, index, &keys);
@@ -675,15 +761,40 @@ impl State {
         let mut written: BTreeSet<ServiceKey> = BTreeSet::new();
         let max = ex.writer.max_ops_per_request();
         let count = writes.len();
-        for batch in batches(writes, max, |w| ex.writer.cost(w)) {
-            self.limiter.until_ready().await;
-            let result = ex.writer.apply(&batch).await;
+        let batches = batches(writes, max, |w| ex.writer.cost(w));
+        let mut unwritten = count;
+        for batch in batches {
+            let limiter = &self.limiter;
+            let result = tokio::select! {
+                // A change already seen wins over a write that could go at once.
+                biased;
+                () = term.changed() => None,
+                result = async {
+                    limiter.until_ready().await;
+                    ex.writer.apply(&batch).await
+                } => Some(result),
+            };
+            let Some(result) = result else {
+                self.lost_lease_mid_pass::<W>(unwritten);
+                return;
+            };
+            unwritten -= batch.len();
             self.metrics
                 .record_request(W::NAME, "write", result.is_ok());
             match result {
-                Ok(()) => {
-                    for write in batch {
+                Ok(applied) => {
+                    let rejected: BTreeMap<usize, String> = applied
+                        .rejected
+                        .into_iter()
+                        .map(|r| (r.index, r.reason))
+                        .collect();
+                    for (index, write) in batch.into_iter().enumerate() {
+                        if let Some(reason) = rejected.get(&index) {
+                            self.rejected::<W>(ex, &write, reason);
+                            continue;
+                        }
                         self.metrics.record_write(W::NAME, write.op(), true);
+                        self.rejections.accepted(write.instance());
                         written.insert(write.instance().source.clone());
                         self.record(write);
                     }
@@ -754,6 +865,35 @@ impl State {
         }
     }
 
+    /// A write the registry refused while it took the rest of its batch: counted every
+    /// time, logged and reported on the Service once while it lasts. Not recorded as
+    /// owned, so the Service's next pass (a Kubernetes change, the periodic resync)
+    /// plans it again; not a failure, so it neither backs the Service off nor holds
+    /// up the initial sync for the instances that went through.
+    fn rejected<W: RegistryWriter>(&mut self, ex: &Exporter<W>, write: &Write, reason: &str) {
+        self.metrics.record_write(W::NAME, write.op(), false);
+        self.metrics.record_rejected(W::NAME, write.op());
+        let instance = write.instance();
+        if !self.rejections.refused(instance, reason) {
+            return;
+        }
+        warn!(
+            registry = W::NAME,
+            service = %instance.source,
+            instance = %instance.id,
+            op = write.op(),
+            reason,
+            "the registry refused this write (the rest of the batch was written); tried again at the Service's next pass"
+        );
+        let verb = match write {
+            Write::Register(_) => "register",
+            Write::SetHealth(_) => "set the health of",
+            Write::Deregister(_) => "deregister",
+        };
+        ex.events
+            .write_rejected(service_ref(&instance.source), verb, &instance.id, reason);
+    }
+
     /// Keeps `owned` in step with a write the registry accepted.
     fn record(&mut self, write: Write) {
         let Some(owned) = self.owned.as_mut() else {
@@ -771,6 +911,7 @@ impl State {
                     map.remove(&i.id);
                     if map.is_empty() {
                         owned.remove(&i.source);
+                        self.orphans.remove(&i.source);
                     }
                 }
             }
@@ -787,3 +928,6 @@ fn service_ref(key: &ServiceKey) -> ObjectReference {
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -26,6 +26,13 @@ pub struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub registry: &'static str,
+    /// `register`, `health`, `deregister`.
+    pub op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
@@ -38,6 +45,9 @@ pub struct ExportMetrics {
     pub writes: Family<WriteLabels, Counter>,
     /// Engine requests to the registry: reads of what we own, write batches.
     pub requests: Family<RequestLabels, Counter>,
+    /// Writes the registry refused one by one while it took the rest of their batch
+    /// (also counted as errors in `writes`).
+    pub rejected_writes: Family<OpLabels, Counter>,
     /// Kubernetes Services with at least one registered instance.
     pub managed_services: Gauge,
     /// Registry instances this connector owns.
@@ -60,6 +70,7 @@ impl Default for ExportMetrics {
         Self {
             writes: Family::default(),
             requests: Family::default(),
+            rejected_writes: Family::default(),
             managed_services: Gauge::default(),
             managed_instances: Gauge::default(),
             shared_names: Gauge::default(),
@@ -80,6 +91,12 @@ impl ExportMetrics {
                 result: "success",
             });
         }
+        for op in ["register", "health", "deregister"] {
+            let _ = self.rejected_writes.get_or_create(&OpLabels {
+                registry: writer,
+                op,
+            });
+        }
         for kind in ["read", "write"] {
             let _ = self.requests.get_or_create(&RequestLabels {
                 registry: writer,
@@ -97,6 +114,11 @@ impl ExportMetrics {
             "requests",
             "Requests the export engine sent to the registry: reads of the owned entries and write batches",
             self.requests.clone(),
+        );
+        sub.register(
+            "rejected_writes",
+            "Writes the registry refused one by one while it took the rest of their batch",
+            self.rejected_writes.clone(),
         );
         sub.register(
             "managed_services",
@@ -142,6 +164,12 @@ impl ExportMetrics {
                 op,
                 result: if ok { "success" } else { "error" },
             })
+            .inc();
+    }
+
+    pub fn record_rejected(&self, registry: &'static str, op: &'static str) {
+        self.rejected_writes
+            .get_or_create(&OpLabels { registry, op })
             .inc();
     }
 

@@ -20,10 +20,11 @@ pub mod engine;
 pub mod metrics;
 pub mod model;
 pub mod plan;
+pub mod rejections;
 pub mod select;
 pub mod watch;
 
-pub use model::{Health, Instance, Registered, ServiceKey, Write};
+pub use model::{Applied, Health, Instance, Registered, Rejected, ServiceKey, Write};
 
 use std::future::Future;
 
@@ -59,7 +60,10 @@ pub trait RegistryWriter: Send + Sync + 'static {
     /// Applies `writes` in one request (the engine has cut them to
     /// [`RegistryWriter::max_ops_per_request`]). All or nothing where the registry
     /// allows it; on an error the engine reads the registry again before retrying.
-    fn apply(&self, writes: &[Write]) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// A registry that refuses single writes of a batch (Consul's rolled-back
+    /// transaction names them) may instead apply the rest and return the refused ones
+    /// in [`Applied::rejected`]: one bad instance must not keep the others out.
+    fn apply(&self, writes: &[Write]) -> impl Future<Output = Result<Applied, Self::Error>> + Send;
 
     /// Resolves when the registry's copy of the owned entries may have changed behind
     /// the connector's back (a restarted registry, an operator's deregistration): the

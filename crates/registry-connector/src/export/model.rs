@@ -150,6 +150,25 @@ impl fmt::Display for Write {
     }
 }
 
+/// What [`super::RegistryWriter::apply`] did with a batch the registry took only in
+/// part: the writes it refused one by one (Consul names the failing operations of a
+/// rolled-back transaction), while every other write of the batch was applied. A
+/// refused write is not retried at once (the registry would refuse it again): it is
+/// reported, and written again at the Service's next pass or the periodic resync.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub rejected: Vec<Rejected>,
+}
+
+/// One write the registry refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    /// The write's index in the batch given to `apply`.
+    pub index: usize,
+    /// The registry's reason.
+    pub reason: String,
+}
+
 /// What a writer read back from the registry.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Registered {

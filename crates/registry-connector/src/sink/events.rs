@@ -24,7 +24,14 @@ pub const FAILURES_BEFORE_EVENT: u32 = 3;
 #[derive(Clone)]
 pub struct Events {
     recorder: Option<Recorder>,
+    /// Where a test's events go instead (see [`Events::capturing`]).
+    #[cfg(test)]
+    captured: Option<std::sync::Arc<std::sync::Mutex<Vec<Captured>>>>,
 }
+
+/// An event a test captured: the object, the reason and the note.
+#[cfg(test)]
+pub type Captured = (ObjectReference, String, String);
 
 impl Events {
     pub fn new(client: Client) -> Self {
@@ -34,12 +41,29 @@ impl Events {
         };
         Self {
             recorder: Some(Recorder::new(client, reporter)),
+            #[cfg(test)]
+            captured: None,
         }
     }
 
     /// Events that go nowhere (tests of pure logic, dry runs).
     pub fn disabled() -> Self {
-        Self { recorder: None }
+        Self {
+            recorder: None,
+            #[cfg(test)]
+            captured: None,
+        }
+    }
+
+    /// Events kept in memory, for tests that check what is reported.
+    #[cfg(test)]
+    pub fn capturing() -> (Self, std::sync::Arc<std::sync::Mutex<Vec<Captured>>>) {
+        let captured = std::sync::Arc::default();
+        let events = Self {
+            recorder: None,
+            captured: Some(std::sync::Arc::clone(&captured)),
+        };
+        (events, captured)
     }
 
     /// Somebody else's object holds the name a registry service needs.
@@ -83,6 +107,22 @@ impl Events {
         );
     }
 
+    /// The registry refused one write of this Service's instances (the others went
+    /// through); reported once while the refusal lasts.
+    pub fn write_rejected(&self, object: ObjectReference, op: &str, instance: &str, reason: &str) {
+        self.publish(
+            object,
+            EventType::Warning,
+            "RegistryRejected",
+            "Sync",
+            format!(
+                "the registry refused to {op} instance {instance}: {reason}; the Service's other \
+                 instances are written, this one is tried again when the Service changes or at \
+                 the next resync"
+            ),
+        );
+    }
+
     fn publish(
         &self,
         object: ObjectReference,
@@ -91,6 +131,13 @@ impl Events {
         action: &str,
         note: String,
     ) {
+        #[cfg(test)]
+        if let Some(captured) = &self.captured {
+            if let Ok(mut captured) = captured.lock() {
+                captured.push((object, reason.to_string(), note));
+            }
+            return;
+        }
         let Some(recorder) = self.recorder.clone() else {
             return;
         };

@@ -194,35 +194,7 @@ pub fn decode_ui_services(body: &[u8]) -> Result<Vec<UiService>, serde_json::Err
     )
 }
 
-/// The reasons of a rolled-back transaction (`{"Errors": [{"OpIndex": 0, "What": ...}]}`),
-/// as one line; the raw body when it does not decode.
-pub fn decode_txn_errors(body: &[u8]) -> String {
-    #[derive(Deserialize)]
-    #[serde(rename_all = "PascalCase")]
-    struct TxnError {
-        #[serde(default)]
-        op_index: usize,
-        #[serde(default)]
-        what: String,
-    }
-    #[derive(Deserialize)]
-    #[serde(rename_all = "PascalCase")]
-    struct Answer {
-        #[serde(default, deserialize_with = "null_as_default")]
-        errors: Vec<TxnError>,
-    }
-    match serde_json::from_slice::<Answer>(body) {
-        Ok(a) if !a.errors.is_empty() => a
-            .errors
-            .iter()
-            .map(|e| format!("operation {}: {}", e.op_index, e.what))
-            .collect::<Vec<_>>()
-            .join("; "),
-        _ => crate::registry::error_body(body),
-    }
-}
-
-fn null_as_default<'de, D, T>(de: D) -> Result<T, D::Error>
+pub(crate) fn null_as_default<'de, D, T>(de: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
     T: Default + Deserialize<'de>,

@@ -106,8 +106,10 @@ pub enum ConsulError {
     MissingIndex { path: String },
 
     /// Consul rolled a transaction back (`/v1/txn` answered 409): nothing of it applied.
+    /// Carries the failing operations, so that the writer can drop those and send the
+    /// rest again.
     #[error("Consul rolled the transaction back: {errors}")]
-    TxnRolledBack { errors: String },
+    TxnRolledBack { errors: super::txn::TxnErrors },
 }
 
 impl From<crate::registry::tls::TlsFileError> for ConsulError {

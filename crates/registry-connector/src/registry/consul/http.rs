@@ -619,7 +619,7 @@ impl ConsulHttp {
                 .await?;
             if answer.status == StatusCode::CONFLICT {
                 return Err(ConsulError::TxnRolledBack {
-                    errors: api::decode_txn_errors(&answer.body),
+                    errors: super::txn::TxnErrors::decode(&answer.body),
                 });
             }
             answer.check_status(&path)

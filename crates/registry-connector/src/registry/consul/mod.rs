@@ -12,7 +12,9 @@
 //! - [`watch`] (private): the snapshot and the watch loops;
 //! - [`checks`]: the catalog-wide check watch's diff (shared mode);
 //! - [`refresh`]: the re-read queue (shared mode);
-//! - [`metrics`]: request and instance counters, the mode gauges.
+//! - [`metrics`]: request and instance counters, the mode gauges;
+//! - [`writer`] and [`txn`]: the other direction, Kubernetes Services registered in
+//!   Consul (the transactions, and what a rolled-back one blames).
 //!
 //! The source answers the seed's `Aggregate(name, domain)` through the catalog it feeds:
 //! the sink reads the catalog, never Consul. It knows nothing about Kubernetes objects or
@@ -28,6 +30,7 @@ pub mod http;
 pub mod metrics;
 pub mod refresh;
 pub mod select;
+pub mod txn;
 mod watch;
 pub mod writer;
 

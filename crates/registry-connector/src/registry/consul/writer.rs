@@ -15,13 +15,18 @@
 //!   an instance that is or was not ready also carries a readiness check (passing or
 //!   critical) with no definition: Consul never runs it, the connector sets its status.
 //!   Removing a service removes its check with it.
+//! - **A rolled-back transaction** (409) names its failing operations: those writes
+//!   are dropped (returned as rejected, for the engine to report) and the rest is sent
+//!   once more, so that one instance Consul refuses never keeps its batch out
+//!   ([`super::txn`] maps the operations back to the writes).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use std::future::Future;
+
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -30,14 +35,14 @@ use super::config::ConsulConfig;
 use super::error::ConsulError;
 use super::http::ConsulHttp;
 use super::metrics::ConsulMetrics;
+use super::txn::{check_id, Txn};
 use crate::export::model::meta_keys;
-use crate::export::{Health, Instance, Registered, RegistryWriter, ServiceKey, Write};
+use crate::export::{
+    Applied, Health, Instance, Registered, RegistryWriter, Rejected, ServiceKey, Write,
+};
 
 /// Consul 1.8's limit of operations in one transaction.
 pub const MAX_TXN_OPS: usize = 64;
-
-/// The name of the readiness check in Consul's UI.
-const CHECK_NAME: &str = "Kubernetes readiness";
 
 /// Settings of the writer beyond the Consul connection.
 #[derive(Clone, Debug)]
@@ -197,38 +202,8 @@ impl RegistryWriter for ConsulWriter {
         })
     }
 
-    async fn apply(&self, writes: &[Write]) -> Result<(), ConsulError> {
-        let node_exists = self.node_exists.load(Ordering::Relaxed);
-        let ops = {
-            let checks = lock(&self.checks);
-            txn_ops(writes, &self.cfg, node_exists, |id| checks.contains(id))
-        };
-        let body = serde_json::to_vec(&ops)
-            .map_err(|e| ConsulError::Config(format!("cannot encode a transaction: {e}")))?;
-        if let Err(e) = self.http.txn(body.into()).await {
-            // The node may be gone (an operator, a Consul that lost its state): the
-            // next transaction registers it again (a Node set is idempotent).
-            self.node_exists.store(false, Ordering::Relaxed);
-            return Err(e);
-        }
-        self.node_exists.store(true, Ordering::Relaxed);
-        let mut checks = lock(&self.checks);
-        let mut known = lock(&self.known);
-        for write in writes {
-            match write {
-                Write::Register(i) | Write::SetHealth(i) => {
-                    if i.health == Health::Critical || matches!(write, Write::SetHealth(_)) {
-                        checks.insert(i.id.clone());
-                    }
-                    known.insert(i.id.clone(), i.clone());
-                }
-                Write::Deregister(i) => {
-                    checks.remove(&i.id);
-                    known.remove(&i.id);
-                }
-            }
-        }
-        Ok(())
+    async fn apply(&self, writes: &[Write]) -> Result<Applied, ConsulError> {
+        self.apply_with(writes, |body| self.http.txn(body)).await
     }
 
     /// A blocking query on the node: resolves when its services differ from what this
@@ -291,6 +266,94 @@ impl RegistryWriter for ConsulWriter {
 }
 
 impl ConsulWriter {
+    /// [`RegistryWriter::apply`] through `send` (one `/v1/txn` request per call).
+    ///
+    /// A transaction Consul rolls back (409) names its failing operations: their
+    /// writes are dropped and returned as rejected, and the rest is sent once more, the
+    /// node's registration first (idempotent, and the cure when the node is what went
+    /// missing). Anything else, or a rollback that blames no write, or a second
+    /// failure, fails the whole batch as before: the engine reads the registry again
+    /// and retries.
+    async fn apply_with<F, Fut>(&self, writes: &[Write], send: F) -> Result<Applied, ConsulError>
+    where
+        F: Fn(bytes::Bytes) -> Fut,
+        Fut: Future<Output = Result<(), ConsulError>>,
+    {
+        let first = self.txn(writes, !self.node_exists.load(Ordering::Relaxed));
+        let errors = match send(encode(&first)?).await {
+            Ok(()) => {
+                self.applied(writes.iter());
+                return Ok(Applied::default());
+            }
+            Err(ConsulError::TxnRolledBack { errors }) => errors,
+            Err(e) => return Err(self.failed(e)),
+        };
+        let blamed = match first.blame(&errors) {
+            Ok(blamed) => blamed,
+            Err(why) => {
+                debug!(%why, "a rolled-back transaction that blames no single write");
+                return Err(self.failed(ConsulError::TxnRolledBack { errors }));
+            }
+        };
+        let rest: Vec<Write> = writes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !blamed.contains_key(i))
+            .map(|(_, w)| w.clone())
+            .collect();
+        let rejected: Vec<Rejected> = blamed
+            .into_iter()
+            .map(|(index, reason)| Rejected { index, reason })
+            .collect();
+        debug!(
+            rejected = rejected.len(),
+            retried = rest.len(),
+            "Consul rolled a transaction back: sending it again without the refused writes"
+        );
+        if !rest.is_empty() {
+            let retry = self.txn(&rest, true);
+            if let Err(e) = send(encode(&retry)?).await {
+                return Err(self.failed(e));
+            }
+            self.applied(rest.iter());
+        }
+        Ok(Applied { rejected })
+    }
+
+    fn txn(&self, writes: &[Write], with_node: bool) -> Txn {
+        let checks = lock(&self.checks);
+        Txn::new(writes, &self.cfg, with_node, |id| checks.contains(id))
+    }
+
+    /// A transaction that did not go through: the node may be gone (an operator, a
+    /// Consul that lost its state), so the next one registers it again (a Node set is
+    /// idempotent).
+    fn failed(&self, e: ConsulError) -> ConsulError {
+        self.node_exists.store(false, Ordering::Relaxed);
+        e
+    }
+
+    /// Keeps the checks and the known registrations in step with writes Consul took.
+    fn applied<'a>(&self, writes: impl Iterator<Item = &'a Write>) {
+        self.node_exists.store(true, Ordering::Relaxed);
+        let mut checks = lock(&self.checks);
+        let mut known = lock(&self.known);
+        for write in writes {
+            match write {
+                Write::Register(i) | Write::SetHealth(i) => {
+                    if i.health == Health::Critical || matches!(write, Write::SetHealth(_)) {
+                        checks.insert(i.id.clone());
+                    }
+                    known.insert(i.id.clone(), i.clone());
+                }
+                Write::Deregister(i) => {
+                    checks.remove(&i.id);
+                    known.remove(&i.id);
+                }
+            }
+        }
+    }
+
     /// Whether the node's services (registrations, not health) differ from `known`.
     fn differs(&self, node: Option<&NodeServices>) -> bool {
         let seen = owned_instances(node, &[], &self.cfg).instances;
@@ -302,6 +365,12 @@ impl ConsulWriter {
     }
 }
 
+fn encode(txn: &Txn) -> Result<bytes::Bytes, ConsulError> {
+    serde_json::to_vec(&txn.ops)
+        .map(bytes::Bytes::from)
+        .map_err(|e| ConsulError::Config(format!("cannot encode a transaction: {e}")))
+}
+
 /// The instances this connector owns on its node, read back into the neutral shape.
 #[derive(Debug, Default)]
 struct Owned {
@@ -310,10 +379,6 @@ struct Owned {
     with_check: HashSet<String>,
     /// Names of services on our node that are not ours.
     foreign_names: BTreeSet<String>,
-}
-
-fn check_id(instance_id: &str) -> String {
-    format!("{instance_id}:ready")
 }
 
 fn owned_instances(
@@ -382,79 +447,11 @@ fn owned_instances(
     out
 }
 
-/// The transaction operations for `writes`, the node's registration first when it is
-/// missing.
-fn txn_ops(
-    writes: &[Write],
-    cfg: &ConsulWriterConfig,
-    node_exists: bool,
-    has_check: impl Fn(&str) -> bool,
-) -> Vec<Value> {
-    let node = cfg.node_name.as_str();
-    let mut ops = Vec::with_capacity(writes.len() + 1);
-    if !node_exists {
-        ops.push(json!({"Node": {"Verb": "set", "Node": {
-            "Node": node,
-            // Loopback, as consul-k8s: the node is a placeholder, never contacted; the
-            // instances carry their own addresses.
-            "Address": "127.0.0.1",
-            "Meta": {meta_keys::SOURCE: meta_keys::SOURCE_VALUE},
-        }}}));
-    }
-    let check = |i: &Instance| {
-        json!({"Check": {"Verb": "set", "Check": {
-            "Node": node,
-            "CheckID": check_id(&i.id),
-            "Name": CHECK_NAME,
-            "Status": i.health.as_str(),
-            "ServiceID": i.id,
-            "Notes": "the Kubernetes endpoint's ready condition, set by registry-connector (never run by Consul)",
-        }}})
-    };
-    for write in writes {
-        match write {
-            Write::Register(i) => {
-                ops.push(json!({"Service": {"Verb": "set", "Node": node, "Service": service_body(i, cfg)}}));
-                if i.health == Health::Critical || has_check(&i.id) {
-                    ops.push(check(i));
-                }
-            }
-            Write::SetHealth(i) => ops.push(check(i)),
-            Write::Deregister(i) => {
-                ops.push(json!({"Service": {"Verb": "delete", "Node": node, "Service": {"ID": i.id, "Service": i.service}}}))
-            }
-        }
-    }
-    ops
-}
-
-fn service_body(i: &Instance, cfg: &ConsulWriterConfig) -> Value {
-    let mut tags = vec![cfg.k8s_tag.clone()];
-    tags.extend(i.tags.iter().filter(|t| **t != cfg.k8s_tag).cloned());
-    let mut meta: BTreeMap<String, String> = i.meta.clone();
-    meta.insert(meta_keys::SOURCE.into(), meta_keys::SOURCE_VALUE.into());
-    meta.insert(meta_keys::NAMESPACE.into(), i.source.namespace.clone());
-    meta.insert(meta_keys::SERVICE.into(), i.source.name.clone());
-    meta.insert(meta_keys::CONNECTOR.into(), cfg.connector_id.clone());
-    for (name, port) in &i.ports {
-        meta.insert(
-            format!("{}{name}", meta_keys::PORT_PREFIX),
-            port.to_string(),
-        );
-    }
-    json!({
-        "ID": i.id,
-        "Service": i.service,
-        "Tags": tags,
-        "Address": i.address,
-        "Port": i.port,
-        "Meta": meta,
-    })
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::txn::{service_body, TxnErrors};
     use super::*;
+    use serde_json::{json, Value};
 
     fn cfg() -> ConsulWriterConfig {
         ConsulWriterConfig::default()
@@ -508,7 +505,7 @@ mod tests {
             Write::Register(inst("web-1", Health::Passing)),
             Write::Register(inst("web-2", Health::Critical)),
         ];
-        let ops = txn_ops(&writes, &cfg(), false, |_| false);
+        let ops = Txn::new(&writes, &cfg(), true, |_| false).ops;
         // The node, a service for the ready one, a service and a check for the other.
         assert_eq!(ops.len(), 4);
         assert_eq!(ops[0]["Node"]["Node"]["Node"], "k8s-sync");
@@ -532,30 +529,33 @@ mod tests {
 
     #[test]
     fn health_changes_are_one_check_operation() {
-        let ops = txn_ops(
+        let ops = Txn::new(
             &[Write::SetHealth(inst("web-1", Health::Critical))],
             &cfg(),
-            true,
+            false,
             |_| false,
-        );
+        )
+        .ops;
         assert_eq!(ops.len(), 1);
         assert_eq!(ops[0]["Check"]["Check"]["Status"], "critical");
         // A re-registration of an instance that has a check keeps it in step.
-        let ops = txn_ops(
+        let ops = Txn::new(
             &[Write::Register(inst("web-1", Health::Passing))],
             &cfg(),
-            true,
+            false,
             |id| id == "web-1",
-        );
+        )
+        .ops;
         assert_eq!(ops.len(), 2);
         assert_eq!(ops[1]["Check"]["Check"]["Status"], "passing");
         // Removal names the service too (Consul requires it) and carries no check.
-        let ops = txn_ops(
+        let ops = Txn::new(
             &[Write::Deregister(inst("web-1", Health::Passing))],
             &cfg(),
-            true,
+            false,
             |_| true,
-        );
+        )
+        .ops;
         assert_eq!(
             ops,
             vec![
@@ -604,5 +604,184 @@ mod tests {
         assert_eq!(body["Tags"], json!(["k8s", "blue"]));
         assert_eq!(body["Meta"]["registry-connector-id"], "default");
         assert_eq!(body["Meta"]["port-admin"], "9090");
+    }
+
+    /// A fake `/v1/txn`: answers the requests in turn and records the operations sent.
+    #[derive(Default)]
+    struct FakeTxn {
+        answers: Mutex<std::collections::VecDeque<Result<(), ConsulError>>>,
+        sent: Mutex<Vec<Vec<Value>>>,
+    }
+
+    impl FakeTxn {
+        fn answering(answers: Vec<Result<(), ConsulError>>) -> Self {
+            Self {
+                answers: Mutex::new(answers.into()),
+                sent: Mutex::default(),
+            }
+        }
+
+        async fn send(&self, body: bytes::Bytes) -> Result<(), ConsulError> {
+            let ops: Vec<Value> = serde_json::from_slice(&body).expect("a JSON array");
+            lock(&self.sent).push(ops);
+            lock(&self.answers)
+                .pop_front()
+                .expect("an answer per request")
+        }
+
+        fn sent(&self) -> Vec<Vec<Value>> {
+            lock(&self.sent).clone()
+        }
+    }
+
+    fn rolled_back(body: &str) -> Result<(), ConsulError> {
+        Err(ConsulError::TxnRolledBack {
+            errors: TxnErrors::decode(body.as_bytes()),
+        })
+    }
+
+    fn writer() -> ConsulWriter {
+        let consul = ConsulConfig::new("127.0.0.1:8500");
+        ConsulWriter::new(&consul, cfg(), Arc::default()).expect("builds")
+    }
+
+    /// What each operation of a transaction is: `node`, `svc:<id>`, `check:<id>`.
+    fn shape(ops: &[Value]) -> Vec<String> {
+        ops.iter()
+            .map(|op| {
+                if op.get("Node").is_some() {
+                    "node".to_string()
+                } else if let Some(s) = op.get("Service") {
+                    format!("svc:{}", s["Service"]["ID"].as_str().unwrap_or("?"))
+                } else {
+                    format!(
+                        "check:{}",
+                        op["Check"]["Check"]["ServiceID"].as_str().unwrap_or("?")
+                    )
+                }
+            })
+            .collect()
+    }
+
+    /// A ready instance, a critical one (a service and a check), another ready one.
+    fn three() -> Vec<Write> {
+        vec![
+            Write::Register(inst("a", Health::Passing)),
+            Write::Register(inst("b", Health::Critical)),
+            Write::Register(inst("c", Health::Passing)),
+        ]
+    }
+
+    #[tokio::test]
+    async fn a_rolled_back_transaction_is_sent_again_without_the_refused_writes() {
+        let writer = writer();
+        // Consul's 409 for the critical instance: its service (2) and check (3), one
+        // past the node's registration (0), which this first transaction carries.
+        let txn = FakeTxn::answering(vec![
+            rolled_back(
+                r#"{"Errors":[{"OpIndex":2,"What":"Permission denied"},{"OpIndex":3,"What":"Unknown service ID"}],"Results":null}"#,
+            ),
+            Ok(()),
+        ]);
+        let applied = writer
+            .apply_with(&three(), |body| txn.send(body))
+            .await
+            .expect("the rest is written");
+        assert_eq!(
+            applied.rejected,
+            vec![Rejected {
+                index: 1,
+                reason: "Permission denied; Unknown service ID".into()
+            }]
+        );
+        let sent = txn.sent();
+        assert_eq!(
+            sent.iter().map(|ops| shape(ops)).collect::<Vec<_>>(),
+            vec![
+                vec!["node", "svc:a", "svc:b", "check:b", "svc:c"],
+                vec!["node", "svc:a", "svc:c"],
+            ]
+        );
+        assert_eq!(
+            lock(&writer.known).keys().collect::<Vec<_>>(),
+            ["a", "c"],
+            "only what Consul took is known"
+        );
+        assert!(!writer.has_check("b"));
+        assert!(writer.node_exists.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test]
+    async fn without_the_node_registration_the_indices_are_not_shifted() {
+        let writer = writer();
+        writer.node_exists.store(true, Ordering::Relaxed);
+        // a (0), b (1), b's check (2), c (3).
+        let txn = FakeTxn::answering(vec![
+            rolled_back(
+                r#"{"Errors":[{"OpIndex":3,"What":"Invalid service address"}],"Results":null}"#,
+            ),
+            Ok(()),
+        ]);
+        let applied = writer
+            .apply_with(&three(), |body| txn.send(body))
+            .await
+            .expect("the rest is written");
+        assert_eq!(
+            applied.rejected,
+            vec![Rejected {
+                index: 2,
+                reason: "Invalid service address".into()
+            }]
+        );
+        let sent = txn.sent();
+        assert_eq!(shape(&sent[0]), ["svc:a", "svc:b", "check:b", "svc:c"]);
+        assert_eq!(shape(&sent[1]), ["node", "svc:a", "svc:b", "check:b"]);
+    }
+
+    #[tokio::test]
+    async fn a_node_gone_behind_our_back_drops_nothing() {
+        let writer = writer();
+        writer.node_exists.store(true, Ordering::Relaxed);
+        let missing = r#"{"Errors":[{"OpIndex":0,"What":"Missing node registration"},{"OpIndex":1,"What":"Missing node registration"},{"OpIndex":2,"What":"Missing node registration"},{"OpIndex":3,"What":"Missing node registration"}],"Results":null}"#;
+        let txn = FakeTxn::answering(vec![rolled_back(missing), Ok(())]);
+        let applied = writer
+            .apply_with(&three(), |body| txn.send(body))
+            .await
+            .expect("written with the node");
+        assert!(applied.rejected.is_empty());
+        assert_eq!(
+            shape(&txn.sent()[1]),
+            ["node", "svc:a", "svc:b", "check:b", "svc:c"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_rollback_that_blames_no_write_or_a_second_one_fails_the_batch() {
+        // Consul refused the node's own registration: nothing can go without it.
+        let writer = writer();
+        let txn = FakeTxn::answering(vec![rolled_back(
+            r#"{"Errors":[{"OpIndex":0,"What":"Invalid node name"}],"Results":null}"#,
+        )]);
+        let err = writer
+            .apply_with(&three(), |body| txn.send(body))
+            .await
+            .expect_err("the batch fails");
+        assert!(matches!(err, ConsulError::TxnRolledBack { .. }), "{err}");
+        assert_eq!(txn.sent().len(), 1, "not sent again");
+        assert!(lock(&writer.known).is_empty());
+
+        // The retry is tried once only.
+        let writer = self::writer();
+        let txn = FakeTxn::answering(vec![
+            rolled_back(r#"{"Errors":[{"OpIndex":1,"What":"Permission denied"}],"Results":null}"#),
+            rolled_back(r#"{"Errors":[{"OpIndex":1,"What":"Permission denied"}],"Results":null}"#),
+        ]);
+        assert!(writer
+            .apply_with(&three(), |body| txn.send(body))
+            .await
+            .is_err());
+        assert_eq!(txn.sent().len(), 2);
+        assert!(!writer.node_exists.load(Ordering::Relaxed));
+        assert!(lock(&writer.known).is_empty());
     }
 }

@@ -6,8 +6,9 @@
 //! element as the element itself (the XStream-style JSON of older servers), and an empty
 //! metadata map as `{"@class": "java.util.Collections$EmptyMap"}`. Everything here
 //! accepts all of those, so that one oddly encoded instance does not make the whole
-//! registry unreadable. Only the fields the connector uses are decoded; leases and
-//! timestamps are ignored.
+//! registry unreadable. Only the fields the connector uses are decoded (by the source,
+//! and by the export writer reading back what it registered); leases and timestamps
+//! other than `lastDirtyTimestamp` are ignored.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -160,6 +161,12 @@ pub struct Instance {
     /// Set in deltas; in full answers it tells the last change and is ignored.
     #[serde(default)]
     pub action_type: Option<ActionType>,
+    /// When the instance's registration last changed, as its registrant said: the
+    /// export writer sends it back with each renewal (and registers anew only with a
+    /// newer one). The source direction ignores it (its mirror clears it, like
+    /// `action_type`: it tells when, not what).
+    #[serde(default, deserialize_with = "lenient_i64")]
+    pub last_dirty_timestamp: Option<i64>,
 }
 
 impl Instance {
@@ -532,6 +539,29 @@ mod tests {
             BTreeMap::from([("weight".into(), "3".into()), ("zone".into(), "a".into())])
         );
         assert_eq!(one.action_type, Some(ActionType::Modified));
+        assert_eq!(two.last_dirty_timestamp, None, "not in this answer");
+    }
+
+    /// What the export writer reads back, in the same type: `lastDirtyTimestamp` as
+    /// the server writes it (a string) or as a number.
+    #[test]
+    fn the_dirty_timestamp_decodes_as_string_or_number() {
+        let apps = decode_applications(
+            br#"{"applications":{"application":{"name":"WEB","instance":[
+                {"instanceId":"w-1","lastDirtyTimestamp":"1796244877035"},
+                {"instanceId":"w-2","lastDirtyTimestamp":1796244877036},
+                {"instanceId":"w-3","lastDirtyTimestamp":"soon"}]}}}"#,
+        )
+        .expect("decodes");
+        let stamps: Vec<Option<i64>> = apps.applications[0]
+            .instances
+            .iter()
+            .map(|i| i.last_dirty_timestamp)
+            .collect();
+        assert_eq!(
+            stamps,
+            [Some(1_796_244_877_035), Some(1_796_244_877_036), None]
+        );
     }
 
     #[test]

@@ -120,9 +120,11 @@ impl Mirror {
             return false;
         };
         let mut stored = instance.clone();
-        // The action type tells how the instance got here, not what it is: two copies
-        // of one instance must compare equal whichever answer they came from.
+        // The action type tells how the instance got here, and the dirty timestamp
+        // when, not what it is: two copies of one instance must compare equal
+        // whichever answer they came from.
         stored.action_type = None;
+        stored.last_dirty_timestamp = None;
         let instances = self.apps.entry(app.to_string()).or_default();
         match instances.get(id) {
             Some(existing) if *existing == stored => false,
@@ -202,6 +204,34 @@ mod tests {
         assert_eq!(Mirror::default().reconcile_hash(), "");
         assert_eq!(mirror.instance_count(), 4);
         assert_eq!(mirror.count_of(Status::Up), 2);
+    }
+
+    /// The instance type carries the writer's `lastDirtyTimestamp` too: a copy that
+    /// differs only in it (a client re-registering unchanged) is no change for the
+    /// source, which would otherwise rebuild the application for nothing.
+    #[test]
+    fn a_new_dirty_timestamp_alone_is_no_change() {
+        let dirty = |at: i64, action| Instance {
+            last_dirty_timestamp: Some(at),
+            ..instance("a1", Status::Up, action)
+        };
+        let mut mirror = Mirror::from_full(&answer(&[("A", vec![dirty(1, None)])], "UP_1_"));
+        let changed = mirror.apply_delta(&answer(
+            &[("A", vec![dirty(2, Some(ActionType::Modified))])],
+            "UP_1_",
+        ));
+        assert!(changed.is_empty(), "{changed:?}");
+        let changed = mirror.apply_delta(&answer(
+            &[(
+                "A",
+                vec![Instance {
+                    status: Status::Down,
+                    ..dirty(3, Some(ActionType::Modified))
+                }],
+            )],
+            "DOWN_1_",
+        ));
+        assert_eq!(changed, BTreeSet::from(["A".into()]));
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //!
 //! Both directions live side by side because they must agree exactly: the export engine
 //! compares what it wants with what [`decode`] returns, so any field written here and
-//! read back differently would make every resync write again. Eureka has no tags and
+//! read back differently would make every resync write again. What is read back is
+//! decoded into the source's own [`api::Instance`] (one type for one payload, so that
+//! both directions read Eureka's answers alike, leniently); only its mapping to the
+//! neutral [`Instance`] is here. Eureka has no tags and
 //! no per-instance port list, so those go into the metadata map under the reserved
 //! [`meta_keys`], together with the ownership proof (this connector's id and
 //! `external-source=kubernetes`), which is how [`owned`] tells our entries from everybody
@@ -20,10 +23,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::api::{self, PortInfo, Status};
+use super::api::{self, Application, Status};
 use crate::export::model::{meta_keys, Health, Instance, ServiceKey};
 
 /// Eureka's data-center class for instances outside AWS.
@@ -149,67 +151,10 @@ pub fn registration(
     json!({ "instance": body })
 }
 
-/// One instance of `GET /apps` with the fields the writer reads (the source's
-/// [`api::Instance`] has no `lastDirtyTimestamp`, which renewals must send back).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Entry {
-    #[serde(default, deserialize_with = "api::lenient_string")]
-    pub instance_id: Option<String>,
-    #[serde(default, deserialize_with = "api::lenient_string")]
-    pub host_name: Option<String>,
-    #[serde(default, deserialize_with = "api::lenient_string")]
-    pub ip_addr: Option<String>,
-    #[serde(default)]
-    pub status: Status,
-    #[serde(default)]
-    pub port: Option<PortInfo>,
-    #[serde(default, deserialize_with = "api::metadata_map")]
-    pub metadata: BTreeMap<String, String>,
-    #[serde(default, deserialize_with = "api::lenient_i64")]
-    pub last_dirty_timestamp: Option<i64>,
-}
-
-impl Entry {
-    /// The key Eureka files the instance under: `instanceId`, else `hostName`.
-    pub fn id(&self) -> Option<&str> {
-        [&self.instance_id, &self.host_name]
-            .into_iter()
-            .filter_map(|v| v.as_deref())
-            .map(str::trim)
-            .find(|v| !v.is_empty())
-    }
-}
-
-/// One application of `GET /apps`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-pub struct App {
-    #[serde(default)]
-    pub name: String,
-    #[serde(rename = "instance", default, deserialize_with = "api::one_or_many")]
-    pub instances: Vec<Entry>,
-}
-
-#[derive(Deserialize)]
-struct Apps {
-    #[serde(rename = "application", default, deserialize_with = "api::one_or_many")]
-    applications: Vec<App>,
-}
-
-#[derive(Deserialize)]
-struct Envelope {
-    applications: Apps,
-}
-
-/// Decodes a `GET /apps` body into the writer's shapes.
-pub fn decode_listing(body: &[u8]) -> Result<Vec<App>, serde_json::Error> {
-    serde_json::from_slice::<Envelope>(body).map(|e| e.applications.applications)
-}
-
 /// The [`Instance`] an entry of `app` stands for, `None` without an id. Fields that do
 /// not decode (a port out of range, a missing source key) come back as values no
 /// desired instance has, so that the entry is written again rather than kept broken.
-pub fn decode(app: &str, entry: &Entry) -> Option<Instance> {
+pub fn decode(app: &str, entry: &api::Instance) -> Option<Instance> {
     let id = entry.id()?.to_string();
     let meta = &entry.metadata;
     let text = |key: &str| meta.get(key).cloned().unwrap_or_default();
@@ -221,10 +166,7 @@ pub fn decode(app: &str, entry: &Entry) -> Option<Instance> {
         .unwrap_or_default()
         .to_string();
     let port = entry
-        .port
-        .as_ref()
-        .filter(|p| p.enabled.unwrap_or(true))
-        .and_then(|p| p.number)
+        .http_port()
         .and_then(|n| u16::try_from(n).ok())
         .unwrap_or(0);
     let ports = meta
@@ -273,7 +215,7 @@ pub struct Owned {
 
 /// The instances `connector_id` owns in `apps`, and the applications that also hold
 /// instances it does not own (left untouched, reported).
-pub fn owned(apps: &[App], connector_id: &str) -> (Vec<Owned>, BTreeSet<String>) {
+pub fn owned(apps: &[Application], connector_id: &str) -> (Vec<Owned>, BTreeSet<String>) {
     let mut out = Vec::new();
     let mut shared = BTreeSet::new();
     for app in apps {
@@ -335,7 +277,7 @@ mod tests {
 
     /// What the server answers in `GET /apps` for a registration body: the body's
     /// instance with the fields the server adds.
-    fn as_served(body: &Value, status: &str) -> Entry {
+    fn as_served(body: &Value, status: &str) -> api::Instance {
         let mut instance = body["instance"].clone();
         let object = instance.as_object_mut().expect("an object");
         object.insert("status".into(), json!(status));
@@ -396,6 +338,37 @@ mod tests {
         assert!(body["instance"]["metadata"].get(meta_keys::TAGS).is_none());
     }
 
+    /// The whole body Eureka receives, byte for byte as serialized: any change to it
+    /// is a change to what every Eureka server and client sees.
+    #[test]
+    fn the_registration_json_is_pinned() {
+        let up = registration(
+            &instance(Health::Passing),
+            CONNECTOR,
+            LEASE,
+            1_700_000_000_123,
+        );
+        assert_eq!(
+            serde_json::to_string(&up).expect("serializes"),
+            concat!(
+                r#"{"instance":{"app":"WEB","dataCenterInfo":{"@class":"com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo","name":"MyOwn"},"#,
+                r#""hostName":"192.0.2.10","instanceId":"web-0123456789ab","ipAddr":"192.0.2.10","#,
+                r#""lastDirtyTimestamp":"1700000000123","leaseInfo":{"durationInSecs":90,"renewalIntervalInSecs":30},"#,
+                r#""metadata":{"external-k8s-name":"web","external-k8s-ns":"shop","external-k8s-tags":"blue,v2","#,
+                r#""external-source":"kubernetes","port-admin":"9090","port-http":"8080","registry-connector-id":"rc-test","team":"shop"},"#,
+                r#""port":{"$":8080,"@enabled":"true"},"securePort":{"$":443,"@enabled":"false"},"#,
+                r#""secureVipAddress":"web","status":"UP","vipAddress":"web"}}"#,
+            )
+        );
+        let critical = registration(&instance(Health::Critical), CONNECTOR, LEASE, 7);
+        let text = serde_json::to_string(&critical).expect("serializes");
+        assert!(
+            text.contains(r#""overriddenStatus":"OUT_OF_SERVICE","port""#)
+                && text.contains(r#""status":"OUT_OF_SERVICE","vipAddress""#),
+            "{text}"
+        );
+    }
+
     #[test]
     fn what_is_registered_reads_back_equal() {
         for health in [Health::Passing, Health::Critical] {
@@ -432,7 +405,9 @@ mod tests {
                 "metadata":{"external-source":"kubernetes","registry-connector-id":"rc-test",
                     "external-k8s-ns":"shop","external-k8s-name":"web","port-http":"8080"},
                 "lastDirtyTimestamp":"1796244877035"}}}}"#;
-        let apps = decode_listing(body).expect("decodes");
+        let apps = api::decode_applications(body)
+            .expect("decodes")
+            .applications;
         assert_eq!(apps.len(), 1);
         let entry = &apps[0].instances[0];
         assert_eq!(entry.last_dirty_timestamp, Some(1_796_244_877_035));
@@ -443,9 +418,12 @@ mod tests {
         // An empty registry.
         let empty =
             br#"{"applications":{"versions__delta":"1","apps__hashcode":"","application":[]}}"#;
-        assert!(decode_listing(empty).expect("decodes").is_empty());
+        assert!(api::decode_applications(empty)
+            .expect("decodes")
+            .applications
+            .is_empty());
         // Statuses other than UP and OUT_OF_SERVICE serve no traffic either.
-        let down = Entry {
+        let down = api::Instance {
             status: Status::Down,
             ..entry.clone()
         };
@@ -455,13 +433,13 @@ mod tests {
         );
     }
 
-    fn entry(id: &str, meta: &[(&str, &str)]) -> Entry {
-        Entry {
+    fn entry(id: &str, meta: &[(&str, &str)]) -> api::Instance {
+        api::Instance {
             instance_id: Some(id.into()),
             host_name: Some("192.0.2.1".into()),
             ip_addr: Some("192.0.2.1".into()),
             status: Status::Up,
-            port: Some(PortInfo {
+            port: Some(api::PortInfo {
                 number: Some(80),
                 enabled: Some(true),
             }),
@@ -470,6 +448,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             last_dirty_timestamp: Some(7),
+            ..api::Instance::default()
         }
     }
 
@@ -490,15 +469,15 @@ mod tests {
             ("registry-connector-id", CONNECTOR),
         ];
         let apps = vec![
-            App {
+            Application {
                 name: "WEB".into(),
                 instances: vec![entry("w-1", ours), entry("w-2", &[])],
             },
-            App {
+            Application {
                 name: "PAY".into(),
                 instances: vec![entry("p-1", ours), entry("p-2", ours)],
             },
-            App {
+            Application {
                 name: "VM".into(),
                 instances: vec![
                     entry("v-1", &[]),

@@ -33,12 +33,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::api;
 use super::config::EurekaConfig;
 use super::error::EurekaError;
 use super::http::{Answer, EurekaHttp};
 use super::metrics::{EurekaMetrics, HeartbeatResult, WriterMetrics};
 use super::register::{self, Lease};
-use crate::export::model::{Health, Instance, Registered, Write};
+use crate::export::model::{Applied, Health, Instance, Registered, Write};
 use crate::export::RegistryWriter;
 use crate::registry::error_chain;
 
@@ -418,7 +419,10 @@ impl RegistryWriter for EurekaWriter {
     }
 
     async fn read(&self) -> Result<Registered, EurekaError> {
-        let apps = self.http.apps_with(register::decode_listing).await?;
+        let apps = self
+            .http
+            .apps_with(|body| api::decode_applications(body).map(|a| a.applications))
+            .await?;
         let (owned, shared_names) = register::owned(&apps, &self.connector_id);
         let tracked: BTreeMap<Key, Tracked> = owned
             .iter()
@@ -439,12 +443,13 @@ impl RegistryWriter for EurekaWriter {
         })
     }
 
-    async fn apply(&self, writes: &[Write]) -> Result<(), EurekaError> {
+    /// One request per write: a failure fails the batch (which holds one write).
+    async fn apply(&self, writes: &[Write]) -> Result<Applied, EurekaError> {
         let _writing = self.writes.lock().await;
         for write in writes {
             self.apply_one(write).await?;
         }
-        Ok(())
+        Ok(Applied::default())
     }
 
     async fn changed(&self) {
