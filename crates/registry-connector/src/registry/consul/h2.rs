@@ -228,7 +228,9 @@ impl H2Shard {
                     )),
                 });
             }
-            match self.dialer.dial().await {
+            // Boxed: a TLS handshake's state is kilobytes, and inline it would be part of
+            // every waiting long poll's future.
+            match Box::pin(self.dialer.dial()).await {
                 Ok(connection) => {
                     state.connection = connection;
                     state.failed_at = None;

@@ -216,17 +216,25 @@ impl PollShards {
             if lock(&self.shards).len() >= self.max_shards {
                 return Ok(self.take_least_loaded());
             }
-            let client = match &self.dialer {
-                Some(dialer) => {
-                    let shard = H2Shard::open(Arc::clone(dialer)).await?;
-                    shard.get(&self.warm_url, PLAIN_TIMEOUT).await?;
-                    PollClient::Http2(Arc::new(shard))
-                }
-                // HTTP/1.1: one pool whose idle connections are the long polls' own.
-                None => PollClient::Http1(self.settings.build(false, usize::MAX)?),
-            };
+            // Boxed: opening a connection (TCP, TLS, HTTP/2) is a future of kilobytes;
+            // inline, every long poll's task would carry it for its whole life, and at a
+            // start every one of the 10,000 waiting here would hold a copy.
+            let client = Box::pin(self.open()).await?;
             lock(&self.shards).push((client, 0));
         }
+    }
+
+    /// A new shard: over HTTP/2 a connection checked with one plain request before any
+    /// long poll is put on it; over HTTP/1.1 a pool whose connections are the polls' own.
+    async fn open(&self) -> Result<PollClient, ConsulError> {
+        Ok(match &self.dialer {
+            Some(dialer) => {
+                let shard = H2Shard::open(Arc::clone(dialer)).await?;
+                shard.get(&self.warm_url, PLAIN_TIMEOUT).await?;
+                PollClient::Http2(Arc::new(shard))
+            }
+            None => PollClient::Http1(self.settings.build(false, usize::MAX)?),
+        })
     }
 
     fn take_free(self: &Arc<Self>) -> Option<PollSlot> {
@@ -521,19 +529,20 @@ impl ConsulHttp {
         let segments = &["v1", "health", "service", name];
         let decode = api::decode_health_service;
         match via {
+            // Boxed, the reads and the HTTP/1.1 long polls: a watcher holds this future for
+            // minutes, 10,000 of them, and inline every watcher would carry the size of
+            // reqwest's request future whichever path it takes.
             Via::Read => {
-                self.get(
+                Box::pin(self.get(
                     &self.reads,
                     Endpoint::HealthService,
                     segments,
                     index,
                     wait,
                     decode,
-                )
+                ))
                 .await
             }
-            // Boxed: the watcher holds this future for minutes, 10,000 of them; the
-            // HTTP/1.1 one is large, and unboxed every watcher would carry its size.
             Via::Poll(slot) => match &slot.client {
                 PollClient::Http1(client) => {
                     let lane = Lane::unbounded(client.clone());
