@@ -244,6 +244,21 @@ impl H2Shard {
         Ok(state.connection.send.clone())
     }
 
+    fn request(&self, url: &Url) -> Result<http::Request<()>, ConsulError> {
+        let mut request = http::Request::get(url.as_str())
+            .body(())
+            .map_err(|e| ConsulError::Config(format!("cannot build a request: {e}")))?;
+        request.headers_mut().extend(self.dialer.headers.clone());
+        request.headers_mut().insert(
+            reqwest::header::USER_AGENT,
+            reqwest::header::HeaderValue::from_static(concat!(
+                "registry-connector/",
+                env!("CARGO_PKG_VERSION")
+            )),
+        );
+        Ok(request)
+    }
+
     /// GETs `url` and reads the whole answer, all within `timeout`.
     pub(super) async fn get(&self, url: &Url, timeout: Duration) -> Result<H2Answer, ConsulError> {
         let path = url.path();
@@ -252,19 +267,11 @@ impl H2Shard {
             source,
         };
         let exchange = async {
-            let mut request = http::Request::get(url.as_str())
-                .body(())
-                .map_err(|e| ConsulError::Config(format!("cannot build a request: {e}")))?;
-            request.headers_mut().extend(self.dialer.headers.clone());
-            request.headers_mut().insert(
-                reqwest::header::USER_AGENT,
-                reqwest::header::HeaderValue::from_static(concat!(
-                    "registry-connector/",
-                    env!("CARGO_PKG_VERSION")
-                )),
-            );
             let send = self.sender().await?;
             let mut send = send.ready().await.map_err(h2_error)?;
+            // Built once the stream can be sent: not held across the waits before it
+            // (10,000 long polls each carry what their futures hold across an await).
+            let request = self.request(url)?;
             let (response, _) = send.send_request(request, true).map_err(h2_error)?;
             let response = response.await.map_err(h2_error)?;
             let headers_at = std::time::Instant::now();
