@@ -686,7 +686,9 @@ impl ConsulHttp {
         result
     }
 
-    /// [`Self::get`] on an HTTP/2 shard of the poll lane.
+    /// [`Self::get`] on an HTTP/2 shard of the poll lane. Its own function, not a branch
+    /// of `get`: every waiting long poll's future would then carry reqwest's request
+    /// future too (see `a_waiting_long_poll_stays_small`).
     async fn get_h2<T>(
         &self,
         shard: &H2Shard,
