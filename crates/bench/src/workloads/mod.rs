@@ -5,10 +5,13 @@
 //! a restart (connector B, quiet 100 ms, same namespace), propagation on B, the steady
 //! state on B, then the cost-per-change runs on their own data sets. Registry-neutral:
 //! everything registry-specific goes through [`Registry`]. The scaling curve
-//! ([`curve`]) reuses the floor and the initial sync, once per N.
+//! ([`curve`]) reuses the floor and the initial sync, once per N. The Kubernetes →
+//! Consul workload ([`export`], with [`flips`]) has its own data set and steps.
 
 mod cost;
 pub mod curve;
+pub mod export;
+mod flips;
 mod initial;
 mod propagation;
 mod steady;
