@@ -48,9 +48,10 @@ pub fn markdown(r: &ExportResults) -> String {
         r.status
     ));
     s.push_str(&format!(
-        "Connector: `{}`.\n\nConsul watch: {}. Addresses: {}.\n\n",
+        "Connector: `{}`.\n\nConsul watch: {}. A Pod that is not ready shows in Consul as {}. Addresses: {}.\n\n",
         r.connector_command,
         p.watch,
+        p.not_ready_in_consul,
         if p.unique_addresses {
             "one per Pod"
         } else {

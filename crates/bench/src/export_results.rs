@@ -28,6 +28,8 @@ pub struct ExportParams {
     pub unique_addresses: bool,
     /// How a change is seen in Consul, and the resolution of that.
     pub watch: String,
+    /// What a Pod that is not ready looks like in Consul for the program measured.
+    pub not_ready_in_consul: String,
 }
 
 /// Step 1: Kubernetes alone.

@@ -40,6 +40,7 @@ use registry::consul::Consul;
 use registry::consul_link::{ConnectorLink, Tls};
 use registry::eureka::Eureka;
 use registry::{Kind, Registry};
+use workloads::export_subject::{ConsulK8s, Subject};
 use workloads::Ctx;
 
 /// Benchmarks registry-connector against the real test environment.
@@ -138,6 +139,14 @@ struct Args {
     /// 5 min, so 5m shows their turnover too); export: the same (default 5m).
     #[arg(long, value_parser = humantime::parse_duration)]
     rest: Option<Duration>,
+    /// export: run the workload against this consul-k8s binary (`sync-catalog
+    /// -to-consul`, an MPL-2.0 release; `scripts/consul-k8s-build` builds one) instead
+    /// of the connector, for a side-by-side.
+    #[arg(long)]
+    consul_k8s_bin: Option<PathBuf>,
+    /// export with --consul-k8s-bin: its `-consul-write-interval` (its default, 30s).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    consul_k8s_write_interval: Duration,
     /// curve: skip an N whose N x M is above this (default for Eureka: 30,000, the
     /// largest load its 256 MiB heap was seen to hold; none for Consul).
     #[arg(long)]
@@ -233,6 +242,9 @@ impl Args {
         };
         match (self.profile, registry.as_str()) {
             (Profile::Curve, r) => format!("curve-{r}"),
+            (Profile::Export, "consul") if self.consul_k8s_bin.is_some() => {
+                "export-consul-k8s".into()
+            }
             (p, "consul") => p.name().to_string(),
             (p, r) => format!("{r}-{}", p.name()),
         }
@@ -394,11 +406,29 @@ async fn export(
     if args.registry != Kind::Consul {
         bail!("the export profile is Consul-only (--registry consul)");
     }
-    let ep = plan::export_plan(&args.export_overrides());
+    let mut ep = plan::export_plan(&args.export_overrides());
+    let consul = ctx.registry.consul().context("no Consul client")?;
+    let subject = match &args.consul_k8s_bin {
+        None => Subject::RegistryConnector,
+        Some(bin) => {
+            let c = ConsulK8s::new(
+                bin.clone(),
+                args.consul_k8s_write_interval,
+                consul.http_addr(),
+            )
+            .await?;
+            // It writes once per interval, and deregisters what its per-service poll
+            // (once per interval too) found stale at the next write.
+            if args.land_bound.is_none() {
+                ep.land_bound = 2 * c.write_interval + Duration::from_secs(15);
+            }
+            Subject::ConsulK8s(c)
+        }
+    };
     let scratch = results::Results::new(args.registry, "export", stamp, &args.command);
     let mut results = export_results::ExportResults {
         profile: "export".into(),
-        subject: "registry-connector".into(),
+        subject: subject.name(),
         started_utc: stamp.into(),
         command: args.command.clone(),
         git: scratch.git,
@@ -415,6 +445,7 @@ async fn export(
             concurrency: ctx.concurrency,
             seed: ctx.seed,
             unique_addresses: ep.n * ep.m <= pods::UNIQUE_ADDRESSES,
+            not_ready_in_consul: subject.not_ready_description().into(),
             watch: "blocking queries (/v1/catalog/node/<node>?index= for the initial export, /v1/health/service/<name>?index= per flip): an answer arrives when Consul commits, within the loopback round trip (a few ms)".into(),
         },
         ..Default::default()
@@ -423,7 +454,7 @@ async fn export(
         "export: N = {}, M = {}, K = {}, quiet {:?}, rest {:?}",
         ep.n, ep.m, ep.k, ep.quiet, ep.rest
     ));
-    let outcome = workloads::export::run(ctx, &ep, &mut results, args.keep).await;
+    let outcome = workloads::export::run(ctx, &ep, &subject, &mut results, args.keep).await;
     results.status = match &outcome {
         Ok(()) => "ok".into(),
         Err(e) => format!("failed: {e:#}").replace(['|', '\n'], " "),

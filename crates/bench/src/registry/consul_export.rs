@@ -143,12 +143,13 @@ impl ExportConsul {
             .collect())
     }
 
-    /// Waits until the node holds at least `want` registrations of connector `id` and
-    /// none has a check that is not passing; returns the instant the answer that showed
-    /// it arrived and that state. Watches the node with blocking queries.
+    /// Waits until the node holds at least `want` registrations of connector `id` (with
+    /// `None`: any) and none has a check that is not passing; returns the instant the
+    /// answer that showed it arrived and that state. Watches the node with blocking
+    /// queries.
     pub async fn wait_registered(
         &self,
-        id: &str,
+        id: Option<&str>,
         want: usize,
         deadline: Instant,
     ) -> Result<(Instant, NodeState)> {
@@ -159,7 +160,7 @@ impl ExportConsul {
             let ours = state
                 .services
                 .values()
-                .filter(|s| s.connector_id() == Some(id))
+                .filter(|s| id.is_none() || s.connector_id() == id)
                 .count();
             if ours >= want && self.not_passing().await?.is_empty() {
                 return Ok((at, state));

@@ -7,6 +7,7 @@
 pub mod consul;
 pub mod consul_export;
 pub mod consul_link;
+pub mod consul_proxy;
 pub mod eureka;
 
 use std::sync::Mutex;

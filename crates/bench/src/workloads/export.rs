@@ -17,28 +17,31 @@
 //!    deleted.
 //!
 //! Each run has its own namespace, Node, Consul node name and connector id
-//! (`bench-export-<run id>`), so nothing of another run or test is ever touched.
+//! (`bench-export-<run id>`), so nothing of another run or test is ever touched. The
+//! program measured is a [`Subject`]: this repository's connector, or consul-k8s for a
+//! side-by-side.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+use super::export_subject::Subject;
 use super::flips::{self, FlipOpts, FlipTarget};
 use super::{idle, wait_all, Ctx};
-use crate::connector::{Connector, Launch};
+use crate::connector::Connector;
 use crate::export_results::{ExportRestart, ExportResults, FlipResult};
 use crate::metrics::{apiserver_requests, delta};
 use crate::plan::ExportPlan;
 use crate::pods::{self, ExportService};
 use crate::registry::consul::Consul;
 use crate::registry::consul_export::ExportConsul;
-use crate::results::Requests;
 use crate::tracker::Tracker;
 use crate::{floor, say};
 
-/// The kinds the connector watches, for the apiserver's request figures.
-const WATCHED: [&str; 3] = ["services", "endpointslices", "nodes"];
+/// The kinds the connector watches (consul-k8s: the legacy Endpoints instead of the
+/// slices), for the apiserver's request figures.
+const WATCHED: [&str; 4] = ["services", "endpointslices", "endpoints", "nodes"];
 
 /// One run's names and data set.
 pub struct ExportEnv {
@@ -74,6 +77,7 @@ impl ExportEnv {
 pub async fn run(
     ctx: &mut Ctx,
     ep: &ExportPlan,
+    subject: &Subject,
     results: &mut ExportResults,
     keep: bool,
 ) -> Result<()> {
@@ -85,7 +89,7 @@ pub async fn run(
     results.namespace = env.ns.clone();
     results.consul_node = env.consul_node.clone();
     results.connector_id = env.connector_id.clone();
-    let outcome = steps(ctx, ep, &mut env, results).await;
+    let outcome = steps(ctx, ep, subject, &mut env, results).await;
     if !keep {
         cleanup(ctx, ep, &env, results).await;
     }
@@ -95,48 +99,17 @@ pub async fn run(
 async fn steps(
     ctx: &mut Ctx,
     ep: &ExportPlan,
+    subject: &Subject,
     env: &mut ExportEnv,
     results: &mut ExportResults,
 ) -> Result<()> {
     let slices = kube_floor(ctx, ep, env, results).await?;
-    let mut a = initial(ctx, ep, env, results).await?;
-    flip_phase(ctx, ep, env, &slices, &a, &mut results.flips).await?;
-    rest(ctx, ep, &mut a, results).await?;
-    let b = restart(ctx, ep, env, a, &mut results.restart).await?;
+    let mut a = initial(ctx, ep, subject, env, results).await?;
+    flip_phase(ctx, ep, subject, env, &slices, &a, &mut results.flips).await?;
+    rest(ctx, ep, subject, &mut a, results).await?;
+    let b = restart(ctx, ep, subject, env, a, &mut results.restart).await?;
     b.stop().await?;
     Ok(())
-}
-
-/// A connector exporting `env`'s namespace to `env`'s Consul node.
-fn launch(ctx: &Ctx, env: &ExportEnv, quiet: Duration, log: &str) -> Result<Launch> {
-    let consul = ctx.registry.consul().context("no Consul client")?;
-    let mut source_flags = consul.address_flags();
-    source_flags.extend(
-        [
-            "--sync",
-            "to-registry",
-            "--k8s-allow-namespaces",
-            &env.ns,
-            "--consul-node-name",
-            &env.consul_node,
-            "--connector-id",
-            &env.connector_id,
-        ]
-        .map(String::from),
-    );
-    let mut extra = ctx.registry.tuning_flags();
-    extra.extend(["--log-level".into(), ctx.log_level.clone()]);
-    Ok(Launch {
-        bin: ctx.bin.clone(),
-        kubeconfig: ctx.kubeconfig.clone(),
-        source: "consul".into(),
-        source_flags,
-        namespace: env.ns.clone(),
-        quiet_period: quiet,
-        extra,
-        log: ctx.log_dir.join(log),
-        registry_port: ctx.registry.connector_port(),
-    })
 }
 
 /// The apiserver's requests on the watched kinds between two scrapes.
@@ -191,6 +164,7 @@ async fn kube_floor(
 async fn initial(
     ctx: &Ctx,
     ep: &ExportPlan,
+    subject: &Subject,
     env: &ExportEnv,
     results: &mut ExportResults,
 ) -> Result<Connector> {
@@ -204,32 +178,34 @@ async fn initial(
         );
     }
     let api0 = apiserver_requests(&ctx.client).await;
-    let mut a = Connector::start(&launch(ctx, env, ep.quiet, "connector-export.log")?).await?;
-    results.connector_command = format!("{} {}", ctx.bin.display(), a.args.join(" "));
+    let launch = subject.launch(ctx, env, ep.quiet, "connector-export.log")?;
+    let base = subject.baseline();
+    let mut a = Connector::start(&launch).await?;
+    results.connector_command = format!("{} {}", launch.bin.display(), a.args.join(" "));
     let deadline = Instant::now() + ep.sync_timeout;
     let started = a.started;
     let (ready, registered) = futures::join!(
         a.wait_ready(ep.sync_timeout),
         env.consul
-            .wait_registered(&env.connector_id, want, deadline)
+            .wait_registered(subject.owner_id(env), want, deadline)
     );
     let (at, _) = registered?;
     let api1 = apiserver_requests(&ctx.client).await;
     // Reads the sync caused after its last write (its node watch answering) count too.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let m = a.metrics().await?;
+    let c = subject.counters(&a).await?.since(&base);
     let stats = a.stats()?;
     let s = &mut results.sync;
     s.instances = want;
     s.complete_s = at.saturating_duration_since(started).as_secs_f64();
     s.ready_s = ready?.as_secs_f64();
     s.ratio_to_floor = s.complete_s / results.floor.slices_complete_s.max(1e-9);
-    s.requests = Requests::since_start(&m);
-    s.requests_per_instance = s.requests.total / want.max(1) as f64;
-    s.txn_requests = m.registry_requests_to("txn");
-    s.export_writes = m.export_writes();
-    s.export_write_requests = m.export_write_requests();
-    s.kube_writes = m.writes_all();
+    s.requests_per_instance = c.requests.total / want.max(1) as f64;
+    s.requests = c.requests;
+    s.txn_requests = c.txn;
+    s.export_writes = c.writes;
+    s.export_write_requests = c.write_requests;
+    s.kube_writes = c.kube_writes;
     s.apiserver_requests = watched(&api0, &api1);
     s.cpu_s = stats.cpu_seconds;
     s.peak_rss_mib = stats.peak_rss_mib;
@@ -245,6 +221,7 @@ async fn initial(
 async fn flip_phase(
     ctx: &mut Ctx,
     ep: &ExportPlan,
+    subject: &Subject,
     env: &mut ExportEnv,
     slices: &Tracker,
     a: &Connector,
@@ -256,7 +233,7 @@ async fn flip_phase(
         min_gap: Duration::from_millis(50),
         max_gap: Duration::from_millis(300),
     };
-    let m0 = a.metrics().await?;
+    let c0 = subject.counters(a).await?;
     let api0 = apiserver_requests(&ctx.client).await;
     let t = Instant::now();
     let target = FlipTarget {
@@ -265,22 +242,22 @@ async fn flip_phase(
         consul: &env.consul,
         slices,
         started: a.started,
+        not_ready: subject.not_ready_state(),
     };
     out.samples = flips::run(&target, &mut env.set, &opts, &mut ctx.rng).await?;
     // The reads a change causes after its write (the node watch answering) count too.
     tokio::time::sleep(Duration::from_secs(1)).await;
     out.phase_s = t.elapsed().as_secs_f64();
-    let m1 = a.metrics().await?;
+    let c = subject.counters(a).await?.since(&c0);
     out.apiserver_requests = watched(&api0, &apiserver_requests(&ctx.client).await);
     out.flips = ep.k;
     out.target_ms = ep.quiet.as_secs_f64() * 1000.0 + 250.0;
     out.summarize();
     let changes = out.changes.max(1) as f64;
-    out.requests = Requests::between(&m0, &m1);
-    out.requests_per_change = out.requests.total / changes;
-    out.txn_per_change =
-        (m1.registry_requests_to("txn") - m0.registry_requests_to("txn")) / changes;
-    out.export_writes_per_change = (m1.export_writes() - m0.export_writes()) / changes;
+    out.requests_per_change = c.requests.total / changes;
+    out.txn_per_change = c.txn / changes;
+    out.export_writes_per_change = c.writes / changes;
+    out.requests = c.requests;
     say(format!(
         "export: {} readiness changes, p50 {} ms, p99 {} ms ({} landed; slices p50 {} ms); {:.2} Consul requests, {:.2} txn per change",
         out.changes,
@@ -298,25 +275,26 @@ async fn flip_phase(
 async fn rest(
     ctx: &Ctx,
     ep: &ExportPlan,
+    subject: &Subject,
     a: &mut Connector,
     results: &mut ExportResults,
 ) -> Result<()> {
     // Anything still coalescing is written before the window opens.
     tokio::time::sleep(ep.quiet + Duration::from_secs(2)).await;
-    let (m0, s0) = (a.metrics().await?, a.stats()?);
+    let (c0, s0) = (subject.counters(a).await?, a.stats()?);
     let api0 = apiserver_requests(&ctx.client).await;
     let t = Instant::now();
     say(format!("export: {:.0} s at rest", ep.rest.as_secs_f64()));
     idle(a, ep.rest).await?;
     let window = t.elapsed().as_secs_f64();
-    let (m1, s1) = (a.metrics().await?, a.stats()?);
+    let (c, s1) = (subject.counters(a).await?.since(&c0), a.stats()?);
     let r = &mut results.rest;
     r.window_s = window;
-    r.txn_requests = m1.registry_requests_to("txn") - m0.registry_requests_to("txn");
-    r.export_writes = m1.export_writes() - m0.export_writes();
-    r.export_write_requests = m1.export_write_requests() - m0.export_write_requests();
-    r.requests = Requests::between(&m0, &m1);
-    r.requests_per_min = r.requests.total / (window / 60.0);
+    r.txn_requests = c.txn;
+    r.export_writes = c.writes;
+    r.export_write_requests = c.write_requests;
+    r.requests_per_min = c.requests.total / (window / 60.0);
+    r.requests = c.requests;
     r.apiserver_requests = watched(&api0, &apiserver_requests(&ctx.client).await);
     r.cpu_s = s1.cpu_seconds - s0.cpu_seconds;
     r.cpu_pct = r.cpu_s / window * 100.0;
@@ -335,24 +313,28 @@ async fn rest(
 async fn restart(
     ctx: &Ctx,
     ep: &ExportPlan,
+    subject: &Subject,
     env: &ExportEnv,
     a: Connector,
     out: &mut ExportRestart,
 ) -> Result<Connector> {
     let before = env.consul.node(0).await?.modify_indexes();
     a.stop().await?;
-    let mut b = Connector::start(&launch(ctx, env, ep.quiet, "connector-restart.log")?).await?;
+    let launch = subject.launch(ctx, env, ep.quiet, "connector-restart.log")?;
+    let base = subject.baseline();
+    let mut b = Connector::start(&launch).await?;
     match b.wait_ready(ep.restart_timeout).await {
         Ok(d) => out.ready_s = Some(d.as_secs_f64()),
         Err(e) => say(format!("export: restart: {e:#}")),
     }
-    tokio::time::sleep(ep.restart_settle).await;
-    out.settle_s = ep.restart_settle.as_secs_f64();
-    let m = b.metrics().await?;
+    let settle = subject.restart_settle(ep.restart_settle);
+    tokio::time::sleep(settle).await;
+    out.settle_s = settle.as_secs_f64();
+    let c = subject.counters(&b).await?.since(&base);
     let after = env.consul.node(0).await?.modify_indexes();
-    out.export_writes = m.export_writes();
-    out.txn_requests = m.registry_requests_to("txn");
-    out.requests = Requests::since_start(&m);
+    out.export_writes = c.writes;
+    out.txn_requests = c.txn;
+    out.requests = c.requests;
     out.instances = after.len();
     out.modify_index_changed = changed(&before, &after);
     say(format!(

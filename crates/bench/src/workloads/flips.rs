@@ -42,6 +42,8 @@ pub struct FlipTarget<'a> {
     pub slices: &'a Tracker,
     /// When the connector under test started (the samples' time base).
     pub started: Instant,
+    /// What Consul shows for a Pod that is not ready (`None`: no instance).
+    pub not_ready: Option<&'static str>,
 }
 
 /// Makes `opts.k` flips on random Pods of `set`; one sample per status write.
@@ -78,7 +80,7 @@ async fn change(
     opts: &FlipOpts,
 ) -> Result<FlipSample> {
     let pod = svc.pods[j].clone();
-    let want = if ready { "passing" } else { "critical" };
+    let want = if ready { Some("passing") } else { t.not_ready };
     // The index to block on is taken before the write, so no commit can be missed.
     let (_, mut index) = t.consul.instance_status(&svc.name, &pod.ip, 0).await?;
     svc.pods[j].ready = ready;
@@ -89,7 +91,7 @@ async fn change(
     let mut landed = None;
     while Instant::now() < deadline {
         let (status, at) = t.consul.instance_status(&svc.name, &pod.ip, index).await?;
-        if status.as_deref() == Some(want) {
+        if status.as_deref() == want {
             landed = Some(Instant::now());
             break;
         }

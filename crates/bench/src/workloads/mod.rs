@@ -11,6 +11,7 @@
 mod cost;
 pub mod curve;
 pub mod export;
+pub mod export_subject;
 mod flips;
 mod initial;
 mod propagation;
@@ -23,7 +24,7 @@ use anyhow::{bail, Result};
 use rand::rngs::StdRng;
 
 use crate::changes::ChangeOpts;
-use crate::connector::{Connector, Launch};
+use crate::connector::{Connector, Flavor, Launch};
 use crate::model::Service;
 use crate::plan::Plan;
 use crate::registry::{AfterStop, Registry};
@@ -73,6 +74,7 @@ impl Ctx {
     /// A connector writing to `ns` and reading data set `set`.
     fn launch(&self, ns: &str, set: &str, quiet: Duration, log: &str) -> Launch {
         Launch {
+            flavor: Flavor::RegistryConnector,
             bin: self.bin.clone(),
             kubeconfig: self.kubeconfig.clone(),
             source: self.registry.source().into(),
