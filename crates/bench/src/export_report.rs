@@ -109,7 +109,7 @@ pub fn markdown(r: &ExportResults) -> String {
     );
     row(
         "2 initial export",
-        "apiserver requests on Services, EndpointSlices, Nodes (whoever)",
+        "apiserver requests on Services, EndpointSlices, Endpoints, Nodes (whoever)",
         counts(&i.apiserver_requests),
     );
     row(

@@ -66,7 +66,8 @@ pub struct ExportSync {
     /// The connector's own Kubernetes writes (none expected in this direction).
     pub kube_writes: f64,
     /// `apiserver_request_total` deltas on the kinds the connector watches (Services,
-    /// EndpointSlices, Nodes), "VERB resource", from the start to completion. Whoever
+    /// EndpointSlices, Nodes; Endpoints for consul-k8s), "VERB resource", from the
+    /// start to completion. Whoever
     /// made them: nothing else changes then, but the controller-manager's watches
     /// count too.
     pub apiserver_requests: BTreeMap<String, f64>,
