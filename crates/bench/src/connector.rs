@@ -1,7 +1,9 @@
 //! The connector under test: the release binary run as a separate process, its
 //! `/metrics` and `/readyz`, its CPU time and memory, and the connections it holds to
 //! the registry. Registry-neutral: the registry's subcommand, flags and port come from
-//! [`crate::registry::Registry`].
+//! [`crate::registry::Registry`]. The export workload can run HashiCorp's consul-k8s
+//! `sync-catalog` through the same type ([`Flavor::ConsulK8s`]): the same process
+//! figures, its own command line and health endpoint, and no `/metrics`.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -18,9 +20,21 @@ use crate::sockets::{self, PeakSampler};
 /// How often the connections to the registry are counted for their peak.
 const CONN_SAMPLE: Duration = Duration::from_millis(250);
 
+/// Which program a [`Launch`] starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// This repository's connector: `<source> --kubeconfig ... --admin-addr ...`,
+    /// `/healthz`, `/readyz`, `/metrics`.
+    RegistryConnector,
+    /// consul-k8s: `sync-catalog -listen=ADDR` followed by `source_flags` and `extra`
+    /// (its whole command line); `/health/ready` answers 204 once it reaches Consul.
+    ConsulK8s,
+}
+
 /// How one connector process is started.
 #[derive(Debug, Clone)]
 pub struct Launch {
+    pub flavor: Flavor,
     pub bin: PathBuf,
     pub kubeconfig: PathBuf,
     /// The subcommand (`consul`, `eureka`), also the `source` label of its metrics.
@@ -39,6 +53,12 @@ pub struct Launch {
 impl Launch {
     /// The full argument list, as reported in the results.
     pub fn args(&self, admin: SocketAddr) -> Vec<String> {
+        if self.flavor == Flavor::ConsulK8s {
+            let mut args = vec!["sync-catalog".to_string(), format!("-listen={admin}")];
+            args.extend(self.source_flags.iter().cloned());
+            args.extend(self.extra.iter().cloned());
+            return args;
+        }
         let mut args = vec![
             self.source.clone(),
             "--kubeconfig".into(),
@@ -57,6 +77,14 @@ impl Launch {
         args.extend(self.extra.iter().cloned());
         args
     }
+
+    /// The admin paths answering once the process is up, and once it is ready.
+    fn paths(&self) -> (&'static str, &'static str) {
+        match self.flavor {
+            Flavor::RegistryConnector => ("/healthz", "/readyz"),
+            Flavor::ConsulK8s => ("/health/ready", "/health/ready"),
+        }
+    }
 }
 
 /// A running connector process.
@@ -71,6 +99,8 @@ pub struct Connector {
     source: String,
     registry_port: u16,
     conn_peak: PeakSampler,
+    /// The `/readyz` of the program (see [`Launch::paths`]).
+    ready_path: &'static str,
 }
 
 fn free_port() -> Result<SocketAddr> {
@@ -90,7 +120,15 @@ impl Connector {
             .with_context(|| format!("creating {}", launch.log.display()))?;
         let log2 = log.try_clone().context("duplicating the log file handle")?;
         let started = Instant::now();
-        let child = Command::new(&launch.bin)
+        let mut cmd = Command::new(&launch.bin);
+        if launch.flavor == Flavor::ConsulK8s {
+            // Its flags win over these, but nothing of the harness's environment
+            // should reach it unseen.
+            for var in ["CONSUL_HTTP_ADDR", "CONSUL_HTTPS_ADDR", "CONSUL_HTTP_TOKEN"] {
+                cmd.env_remove(var);
+            }
+        }
+        let child = cmd
             .args(&args)
             .env_remove("RUST_LOG")
             .env("RC_LOG_FORMAT", "plain")
@@ -117,7 +155,9 @@ impl Connector {
             source: launch.source.clone(),
             registry_port: launch.registry_port,
             conn_peak: PeakSampler::start(pid, launch.registry_port, CONN_SAMPLE),
+            ready_path: launch.paths().1,
         };
+        let health = launch.paths().0;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = c.child.try_wait().context("polling the connector")? {
@@ -127,7 +167,7 @@ impl Connector {
                     tail(&c.log, 20)
                 );
             }
-            if c.get("/healthz").await.is_ok() {
+            if c.get(health).await.is_ok() {
                 break;
             }
             if Instant::now() > deadline {
@@ -161,7 +201,8 @@ impl Connector {
         Ok(Metrics::parse(&body, &self.source))
     }
 
-    /// Waits until `/readyz` answers 200 (the first snapshot is reconciled).
+    /// Waits until `/readyz` answers 2xx (the first snapshot is reconciled; consul-k8s:
+    /// it reaches Consul).
     pub async fn wait_ready(&mut self, timeout: Duration) -> Result<Duration> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -171,7 +212,7 @@ impl Connector {
                     self.log.display()
                 );
             }
-            if let Ok((200, _)) = self.get("/readyz").await {
+            if let Ok((200..=299, _)) = self.get(self.ready_path).await {
                 return Ok(self.started.elapsed());
             }
             if Instant::now() > deadline {

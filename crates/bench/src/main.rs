@@ -5,17 +5,21 @@
 //!
 //! `scripts/bench quick|full [--registry consul|eureka]` starts the environment,
 //! builds, runs this and stops the environment; `scripts/bench curve --ns ...` runs the
-//! scaling curve instead. See docs/benchmarks.md for the method.
+//! scaling curve instead, and `scripts/bench export` the Kubernetes → Consul direction.
+//! See docs/benchmarks.md for the method.
 #![forbid(unsafe_code)]
 
 mod changes;
 mod connector;
 mod curve;
+mod export_report;
+mod export_results;
 mod floor;
 mod host;
 mod metrics;
 mod model;
 mod plan;
+mod pods;
 mod registry;
 mod report;
 mod results;
@@ -31,11 +35,12 @@ use clap::Parser;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use plan::{CurveOverrides, Overrides, Profile};
+use plan::{CurveOverrides, ExportOverrides, Overrides, Profile};
 use registry::consul::Consul;
 use registry::consul_link::{ConnectorLink, Tls};
 use registry::eureka::Eureka;
 use registry::{Kind, Registry};
+use workloads::export_subject::{ConsulK8s, Subject};
 use workloads::Ctx;
 
 /// Benchmarks registry-connector against the real test environment.
@@ -85,7 +90,7 @@ struct Args {
     /// Instances per service.
     #[arg(long)]
     m: Option<usize>,
-    /// Changes per propagation run.
+    /// Changes per propagation run (export: readiness flips, each two status writes).
     #[arg(long)]
     k: Option<usize>,
     /// Changes per cost-per-change run.
@@ -124,16 +129,24 @@ struct Args {
     /// curve: the Ns, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "400,1000,10000,30000")]
     ns: Vec<usize>,
-    /// curve: the connector's quiet period (default: its own default, 1s).
+    /// curve, export: the connector's quiet period (default: its own default, 1s).
     #[arg(long, value_parser = humantime::parse_duration)]
     quiet: Option<Duration>,
-    /// curve: a change that takes longer counts as not landed (default 30s).
+    /// curve, export: a change that takes longer counts as not landed (default 30s).
     #[arg(long, value_parser = humantime::parse_duration)]
     land_bound: Option<Duration>,
     /// curve: the window at rest (default 60s; Consul's blocking queries return every
-    /// 5 min, so 5m shows their turnover too).
+    /// 5 min, so 5m shows their turnover too); export: the same (default 5m).
     #[arg(long, value_parser = humantime::parse_duration)]
     rest: Option<Duration>,
+    /// export: run the workload against this consul-k8s binary (`sync-catalog
+    /// -to-consul`, an MPL-2.0 release; `scripts/consul-k8s-build` builds one) instead
+    /// of the connector, for a side-by-side.
+    #[arg(long)]
+    consul_k8s_bin: Option<PathBuf>,
+    /// export with --consul-k8s-bin: its `-consul-write-interval` (its default, 30s).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    consul_k8s_write_interval: Duration,
     /// curve: skip an N whose N x M is above this (default for Eureka: 30,000, the
     /// largest load its 256 MiB heap was seen to hold; none for Consul).
     #[arg(long)]
@@ -161,6 +174,17 @@ impl Args {
             land_bound: self.land_bound,
             rest: self.rest,
             max_instances: self.max_instances,
+        }
+    }
+
+    fn export_overrides(&self) -> ExportOverrides {
+        ExportOverrides {
+            n: self.n,
+            m: self.m,
+            k: self.k,
+            quiet: self.quiet,
+            land_bound: self.land_bound,
+            rest: self.rest,
         }
     }
 
@@ -218,6 +242,9 @@ impl Args {
         };
         match (self.profile, registry.as_str()) {
             (Profile::Curve, r) => format!("curve-{r}"),
+            (Profile::Export, "consul") if self.consul_k8s_bin.is_some() => {
+                "export-consul-k8s".into()
+            }
             (p, "consul") => p.name().to_string(),
             (p, r) => format!("{r}-{}", p.name()),
         }
@@ -279,6 +306,9 @@ async fn main() -> Result<()> {
     let total = Instant::now();
     if args.profile == Profile::Curve {
         return curve(&args, &mut ctx, &stamp, &out, total).await;
+    }
+    if args.profile == Profile::Export {
+        return export(&args, &mut ctx, &stamp, &out, total).await;
     }
     let result = workloads::run_all(&mut ctx, profile, &stamp, &args.command).await;
     if !args.keep {
@@ -362,6 +392,91 @@ async fn curve(
         results.total_s
     ));
     Ok(())
+}
+
+/// The Kubernetes → Consul workload: the results are written (and the Markdown
+/// printed) whether it succeeded or not, with the error in `status`.
+async fn export(
+    args: &Args,
+    ctx: &mut Ctx,
+    stamp: &str,
+    out: &std::path::Path,
+    total: Instant,
+) -> Result<()> {
+    if args.registry != Kind::Consul {
+        bail!("the export profile is Consul-only (--registry consul)");
+    }
+    let mut ep = plan::export_plan(&args.export_overrides());
+    let consul = ctx.registry.consul().context("no Consul client")?;
+    let subject = match &args.consul_k8s_bin {
+        None => Subject::RegistryConnector,
+        Some(bin) => {
+            let c = ConsulK8s::new(
+                bin.clone(),
+                args.consul_k8s_write_interval,
+                consul.http_addr(),
+            )
+            .await?;
+            // It writes once per interval, and deregisters what its per-service poll
+            // (once per interval too) found stale at the next write.
+            if args.land_bound.is_none() {
+                ep.land_bound = 2 * c.write_interval + Duration::from_secs(15);
+            }
+            Subject::ConsulK8s(c)
+        }
+    };
+    let scratch = results::Results::new(args.registry, "export", stamp, &args.command);
+    let mut results = export_results::ExportResults {
+        profile: "export".into(),
+        subject: subject.name(),
+        started_utc: stamp.into(),
+        command: args.command.clone(),
+        git: scratch.git,
+        machine: scratch.machine,
+        agent_conn_limit: ctx.registry.conn_limit().await,
+        params: export_results::ExportParams {
+            n: ep.n,
+            m: ep.m,
+            k: ep.k,
+            quiet_ms: ep.quiet.as_millis() as u64,
+            land_bound_s: ep.land_bound.as_secs_f64(),
+            rest_s: ep.rest.as_secs_f64(),
+            restart_settle_s: ep.restart_settle.as_secs_f64(),
+            concurrency: ctx.concurrency,
+            seed: ctx.seed,
+            unique_addresses: ep.n * ep.m <= pods::UNIQUE_ADDRESSES,
+            not_ready_in_consul: subject.not_ready_description().into(),
+            watch: "blocking queries (/v1/catalog/node/<node>?index= for the initial export, /v1/health/service/<name>?index= per flip): an answer arrives when Consul commits, within the loopback round trip (a few ms)".into(),
+        },
+        ..Default::default()
+    };
+    say(format!(
+        "export: N = {}, M = {}, K = {}, quiet {:?}, rest {:?}",
+        ep.n, ep.m, ep.k, ep.quiet, ep.rest
+    ));
+    let outcome = workloads::export::run(ctx, &ep, &subject, &mut results, args.keep).await;
+    results.status = match &outcome {
+        Ok(()) => "ok".into(),
+        Err(e) => format!("failed: {e:#}").replace(['|', '\n'], " "),
+    };
+    if !args.keep {
+        cleanup(ctx).await;
+    }
+    results.evaluate();
+    results.total_s = total.elapsed().as_secs_f64();
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let json = serde_json::to_string_pretty(&results).context("encoding the results")?;
+    std::fs::write(out, json).with_context(|| format!("writing {}", out.display()))?;
+    println!("{}", export_report::markdown(&results));
+    say(format!(
+        "results in {} (connector logs in {}), {:.0} s in all",
+        out.display(),
+        ctx.log_dir.display(),
+        results.total_s
+    ));
+    outcome
 }
 
 /// Deletes the run's namespaces and registry entries (best effort: reported, not fatal).

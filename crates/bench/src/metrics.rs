@@ -17,6 +17,10 @@ const REQUESTS: &str = "registry_connector_registry_requests_total";
 /// The Consul request counter of connectors older than `REQUESTS` (for `--connector-bin`).
 const OLD_CONSUL_REQUESTS: &str = "registry_connector_consul_requests_total";
 const EUREKA_FULL_FETCHES: &str = "registry_connector_eureka_full_fetches_total";
+/// The Kubernetes → registry direction: instance writes by op, and the engine's
+/// requests by kind (`read` of what it owns, `write` batches).
+const EXPORT_WRITES: &str = "registry_connector_export_writes_total";
+const EXPORT_REQUESTS: &str = "registry_connector_export_requests_total";
 
 impl Metrics {
     /// Parses the text format; `source` is the connector's registry (`consul`, `eureka`).
@@ -113,6 +117,21 @@ impl Metrics {
     /// Registry requests that failed (no answer, error status).
     pub fn registry_errors(&self) -> f64 {
         self.requests_where(&[("result", "error")])
+    }
+
+    /// Registry requests to one endpoint (Consul: `txn`, `catalog_node`, ...).
+    pub fn registry_requests_to(&self, endpoint: &str) -> f64 {
+        self.requests_where(&[("endpoint", endpoint)])
+    }
+
+    /// Export direction: instance writes (register, health, deregister), any result.
+    pub fn export_writes(&self) -> f64 {
+        self.sum(EXPORT_WRITES, &[])
+    }
+
+    /// Export direction: write batches sent to the registry, any result.
+    pub fn export_write_requests(&self) -> f64 {
+        self.sum(EXPORT_REQUESTS, &[("kind", "write")])
     }
 
     /// Registry requests, by `endpoint` label (Consul: `catalog_services`,
@@ -261,6 +280,22 @@ mod tests {
         let c = Metrics::parse(text, "consul");
         assert_eq!(c.registry_requests(), 9.0);
         assert!(c.full_fetches().is_empty());
+    }
+
+    #[test]
+    fn export_counters() {
+        let text = "\
+            registry_connector_registry_requests_total{source=\"consul\",endpoint=\"txn\",result=\"ok\"} 3\n\
+            registry_connector_registry_requests_total{source=\"consul\",endpoint=\"catalog_node\",result=\"ok\"} 5\n\
+            registry_connector_export_writes_total{registry=\"consul\",op=\"register\",result=\"success\"} 60\n\
+            registry_connector_export_writes_total{registry=\"consul\",op=\"health\",result=\"success\"} 2\n\
+            registry_connector_export_requests_total{registry=\"consul\",kind=\"write\",result=\"success\"} 3\n\
+            registry_connector_export_requests_total{registry=\"consul\",kind=\"read\",result=\"success\"} 1\n";
+        let m = Metrics::parse(text, "consul");
+        assert_eq!(m.registry_requests_to("txn"), 3.0);
+        assert_eq!(m.registry_requests(), 8.0);
+        assert_eq!(m.export_writes(), 62.0);
+        assert_eq!(m.export_write_requests(), 3.0);
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! Workload sizes and waits: the profiles (`quick`, `full`, `curve`) and the overrides
-//! of the command line, resolved once into a [`Plan`] (and for the curve a
-//! [`CurvePlan`]) so that the workloads read numbers, not flags. Pure.
+//! Workload sizes and waits: the profiles (`quick`, `full`, `curve`, `export`) and the
+//! overrides of the command line, resolved once into a [`Plan`] (for the curve a
+//! [`CurvePlan`], for the export an [`ExportPlan`]) so that the workloads read numbers,
+//! not flags. Pure.
 
 use std::time::Duration;
 
@@ -17,6 +18,9 @@ pub enum Profile {
     /// The scaling curve: per N of `--ns`, a fresh data set through floor, initial
     /// sync, propagation, rest and restart; one row per N.
     Curve,
+    /// The Kubernetes → Consul direction (`--sync to-registry`): N selector Services ×
+    /// M Pods exported from empty, K readiness flips, a window at rest, a restart.
+    Export,
 }
 
 impl Profile {
@@ -25,6 +29,7 @@ impl Profile {
             Profile::Quick => "quick",
             Profile::Full => "full",
             Profile::Curve => "curve",
+            Profile::Export => "export",
         }
     }
 }
@@ -138,6 +143,62 @@ pub fn curve_plan(registry: Kind, o: &CurveOverrides) -> CurvePlan {
     }
 }
 
+/// The export workload's sizes and bounds.
+#[derive(Debug, Clone)]
+pub struct ExportPlan {
+    pub n: usize,
+    pub m: usize,
+    /// Readiness flips: each is two Pod status writes (Ready False, then True again).
+    pub k: usize,
+    /// The connector's quiet period (its default, 1 s, unless `--quiet`).
+    pub quiet: Duration,
+    /// A status write whose effect is not in Consul within this counts as not landed.
+    pub land_bound: Duration,
+    pub rest: Duration,
+    /// Longest wait for the controller-manager to build every EndpointSlice, and for
+    /// the connector to register every instance.
+    pub sync_timeout: Duration,
+    /// How long the restarted connector may take to be ready.
+    pub restart_timeout: Duration,
+    /// How long the restarted connector is watched for writes once ready: the quiet
+    /// period plus the connector's default `--max-period` (5 s), so that any batch it
+    /// would coalesce is written within it.
+    pub restart_settle: Duration,
+    /// Longest wait for the namespace to be gone at the end.
+    pub namespace_gone_max: Duration,
+}
+
+/// Command-line overrides of the export workload.
+#[derive(Debug, Clone, Default)]
+pub struct ExportOverrides {
+    pub n: Option<usize>,
+    pub m: Option<usize>,
+    pub k: Option<usize>,
+    pub quiet: Option<Duration>,
+    pub land_bound: Option<Duration>,
+    pub rest: Option<Duration>,
+}
+
+pub fn export_plan(o: &ExportOverrides) -> ExportPlan {
+    let n = o.n.unwrap_or(1000);
+    let m = o.m.unwrap_or(3);
+    let quiet = o.quiet.unwrap_or(Duration::from_secs(1));
+    ExportPlan {
+        n,
+        m,
+        k: o.k.unwrap_or(50),
+        quiet,
+        land_bound: o.land_bound.unwrap_or(Duration::from_secs(30)),
+        rest: o.rest.unwrap_or(Duration::from_secs(300)),
+        // 120 s, or 20 ms per Pod beyond that (the controller-manager and the apiserver
+        // share 2 cores with everything else).
+        sync_timeout: Duration::from_secs(120).max(Duration::from_millis(20 * (n * m) as u64)),
+        restart_timeout: Duration::from_secs(60),
+        restart_settle: quiet + Duration::from_secs(5),
+        namespace_gone_max: Duration::from_secs(300),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +221,24 @@ mod tests {
         assert_eq!((f.n, f.k), (2000, 200));
         assert!(f.cost_ns.is_empty());
         assert_eq!(f.final_wait, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn export_defaults_and_overrides() {
+        let e = export_plan(&ExportOverrides::default());
+        assert_eq!((e.n, e.m, e.k), (1000, 3, 50));
+        assert_eq!(e.rest, Duration::from_secs(300));
+        assert_eq!(e.restart_settle, Duration::from_secs(6));
+        let small = export_plan(&ExportOverrides {
+            n: Some(20),
+            k: Some(5),
+            rest: Some(Duration::from_secs(20)),
+            quiet: Some(Duration::from_millis(100)),
+            ..Default::default()
+        });
+        assert_eq!((small.n, small.m, small.k), (20, 3, 5));
+        assert_eq!(small.sync_timeout, Duration::from_secs(120));
+        assert_eq!(small.restart_settle, Duration::from_millis(5100));
     }
 
     #[test]

@@ -158,15 +158,23 @@ impl Consul {
         }
     }
 
+    /// The connector's flags that make it reach this agent (plain HTTP, or HTTPS with
+    /// the environment's client certificate).
+    pub fn address_flags(&self) -> Vec<String> {
+        match &self.link.tls {
+            Some(tls) => tls.flags(),
+            None => vec!["--consul-http-addr".into(), self.http_addr().to_string()],
+        }
+    }
+
+    /// The agent's plain HTTP address (`127.0.0.1:PORT`), which the harness uses.
+    pub fn http_addr(&self) -> &str {
+        self.base.trim_start_matches("http://")
+    }
+
     /// The connector's flags that make it read this agent and only data set `set`.
     pub fn selection_flags(&self, set: &str) -> Vec<String> {
-        let mut flags = match &self.link.tls {
-            Some(tls) => tls.flags(),
-            None => vec![
-                "--consul-http-addr".into(),
-                self.base.trim_start_matches("http://").to_string(),
-            ],
-        };
+        let mut flags = self.address_flags();
         flags.extend(["--filter-tag".into(), set.into()]);
         flags
     }

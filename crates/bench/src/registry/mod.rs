@@ -5,7 +5,9 @@
 //! abandoned long polls, Eureka's poll interval) behind the same few calls.
 
 pub mod consul;
+pub mod consul_export;
 pub mod consul_link;
+pub mod consul_proxy;
 pub mod eureka;
 
 use std::sync::Mutex;
@@ -71,6 +73,15 @@ impl Registry {
         match self {
             Registry::Consul(_) => "consul",
             Registry::Eureka(_) => "eureka",
+        }
+    }
+
+    /// The Consul client, when the registry is Consul (the export workload is
+    /// Consul-only).
+    pub fn consul(&self) -> Option<&Consul> {
+        match self {
+            Registry::Consul(c) => Some(c),
+            Registry::Eureka(_) => None,
         }
     }
 

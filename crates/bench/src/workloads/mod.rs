@@ -5,10 +5,14 @@
 //! a restart (connector B, quiet 100 ms, same namespace), propagation on B, the steady
 //! state on B, then the cost-per-change runs on their own data sets. Registry-neutral:
 //! everything registry-specific goes through [`Registry`]. The scaling curve
-//! ([`curve`]) reuses the floor and the initial sync, once per N.
+//! ([`curve`]) reuses the floor and the initial sync, once per N. The Kubernetes →
+//! Consul workload ([`export`], with [`flips`]) has its own data set and steps.
 
 mod cost;
 pub mod curve;
+pub mod export;
+pub mod export_subject;
+mod flips;
 mod initial;
 mod propagation;
 mod steady;
@@ -20,7 +24,7 @@ use anyhow::{bail, Result};
 use rand::rngs::StdRng;
 
 use crate::changes::ChangeOpts;
-use crate::connector::{Connector, Launch};
+use crate::connector::{Connector, Flavor, Launch};
 use crate::model::Service;
 use crate::plan::Plan;
 use crate::registry::{AfterStop, Registry};
@@ -70,6 +74,7 @@ impl Ctx {
     /// A connector writing to `ns` and reading data set `set`.
     fn launch(&self, ns: &str, set: &str, quiet: Duration, log: &str) -> Launch {
         Launch {
+            flavor: Flavor::RegistryConnector,
             bin: self.bin.clone(),
             kubeconfig: self.kubeconfig.clone(),
             source: self.registry.source().into(),
