@@ -216,7 +216,7 @@ impl H2Shard {
 
     /// A handle to send on: the open connection's, or a new connection's when it closed
     /// (the lock makes the long polls of a shard wait for one dial, not dial each).
-    async fn sender(&self) -> Result<SendRequest<Bytes>, ConsulError> {
+    async fn sender(&self) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>), ConsulError> {
         let mut state = self.state.lock().await;
         if state.connection.closed.load(Ordering::Acquire) {
             if let Some(at) = state.failed_at.filter(|at| at.elapsed() < REDIAL_AFTER) {
@@ -241,7 +241,10 @@ impl H2Shard {
                 }
             }
         }
-        Ok(state.connection.send.clone())
+        Ok((
+            state.connection.send.clone(),
+            Arc::clone(&state.connection.closed),
+        ))
     }
 
     fn request(&self, url: &Url) -> Result<http::Request<()>, ConsulError> {
@@ -267,12 +270,21 @@ impl H2Shard {
             source,
         };
         let exchange = async {
-            let send = self.sender().await?;
-            let mut send = send.ready().await.map_err(h2_error)?;
+            let (send, closed) = self.sender().await?;
+            // A connection the server is leaving (GOAWAY) or that broke takes no new
+            // streams, yet its driver runs on while its old streams finish (minutes, for
+            // long polls): mark it closed so that the next request dials a new one.
+            let refused = |e: h2::Error| {
+                if e.is_go_away() || e.is_io() {
+                    closed.store(true, Ordering::Release);
+                }
+                h2_error(e)
+            };
+            let mut send = send.ready().await.map_err(refused)?;
             // Built once the stream can be sent: not held across the waits before it
             // (10,000 long polls each carry what their futures hold across an await).
             let request = self.request(url)?;
-            let (response, _) = send.send_request(request, true).map_err(h2_error)?;
+            let (response, _) = send.send_request(request, true).map_err(refused)?;
             let response = response.await.map_err(h2_error)?;
             let headers_at = std::time::Instant::now();
             let status = response.status();
