@@ -237,7 +237,8 @@ impl Scenario {
         .await
     }
 
-    pub async fn service_modify_indexes(&self) -> Result<BTreeMap<String, u64>> {
+    /// This scenario's registrations on its Consul node: (id, address, `ModifyIndex`).
+    async fn node_services(&self) -> Result<Vec<(String, String, u64)>> {
         let (body, _) = self
             .consul
             .get(&format!("/v1/catalog/node/{}", self.consul_node))
@@ -246,24 +247,9 @@ impl Scenario {
             .as_object()
             .map(|m| {
                 m.iter()
-                    .map(|(id, s)| (id.clone(), s["ModifyIndex"].as_u64().unwrap_or(0)))
-                    .collect()
-            })
-            .unwrap_or_default())
-    }
-
-    /// The `ModifyIndex` of each of this scenario's registrations, by instance address.
-    pub async fn modify_indexes_by_address(&self) -> Result<BTreeMap<String, u64>> {
-        let (body, _) = self
-            .consul
-            .get(&format!("/v1/catalog/node/{}", self.consul_node))
-            .await?;
-        Ok(body["Services"]
-            .as_object()
-            .map(|m| {
-                m.values()
-                    .map(|s| {
+                    .map(|(id, s)| {
                         (
+                            id.clone(),
                             s["Address"].as_str().unwrap_or_default().to_string(),
                             s["ModifyIndex"].as_u64().unwrap_or(0),
                         )
@@ -271,6 +257,26 @@ impl Scenario {
                     .collect()
             })
             .unwrap_or_default())
+    }
+
+    /// The `ModifyIndex` of each of this scenario's registrations, by instance id.
+    pub async fn service_modify_indexes(&self) -> Result<BTreeMap<String, u64>> {
+        Ok(self
+            .node_services()
+            .await?
+            .into_iter()
+            .map(|(id, _, index)| (id, index))
+            .collect())
+    }
+
+    /// The `ModifyIndex` of each of this scenario's registrations, by instance address.
+    pub async fn modify_indexes_by_address(&self) -> Result<BTreeMap<String, u64>> {
+        Ok(self
+            .node_services()
+            .await?
+            .into_iter()
+            .map(|(_, address, index)| (address, index))
+            .collect())
     }
 }
 
