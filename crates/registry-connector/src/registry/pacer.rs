@@ -127,6 +127,12 @@ impl Pacer {
         true
     }
 
+    /// Records that a request started at `at`, for callers that wait on their own
+    /// timers instead of [`Pacer::ready`].
+    pub fn started_at(&mut self, at: Instant) {
+        self.last_start = Some(at);
+    }
+
     /// How long a request wanting to start at `now` must wait. `jitter` is a number in
     /// `[0, 1)`; pacing waits get up to half a `min_interval` more, so that watchers
     /// woken together by one registry write spread out.

@@ -247,8 +247,8 @@ impl H2Shard {
         ))
     }
 
-    fn request(&self, url: &Url) -> Result<http::Request<()>, ConsulError> {
-        let mut request = http::Request::get(url.as_str())
+    fn request(&self, url: &str) -> Result<http::Request<()>, ConsulError> {
+        let mut request = http::Request::get(url)
             .body(())
             .map_err(|e| ConsulError::Config(format!("cannot build a request: {e}")))?;
         request.headers_mut().extend(self.dialer.headers.clone());
@@ -264,54 +264,78 @@ impl H2Shard {
 
     /// GETs `url` and reads the whole answer, all within `timeout`.
     pub(super) async fn get(&self, url: &Url, timeout: Duration) -> Result<H2Answer, ConsulError> {
-        let path = url.path();
-        let h2_error = |source| ConsulError::Http2 {
-            path: path.to_string(),
-            source,
-        };
-        let exchange = async {
-            let (send, closed) = self.sender().await?;
-            // A connection the server is leaving (GOAWAY) or that broke takes no new
-            // streams, yet its driver runs on while its old streams finish (minutes, for
-            // long polls): mark it closed so that the next request dials a new one.
-            let refused = |e: h2::Error| {
-                if e.is_go_away() || e.is_io() {
-                    closed.store(true, Ordering::Release);
-                }
-                h2_error(e)
-            };
-            let mut send = send.ready().await.map_err(refused)?;
-            // Built once the stream can be sent: not held across the waits before it
-            // (10,000 long polls each carry what their futures hold across an await).
-            let request = self.request(url)?;
-            let (response, _) = send.send_request(request, true).map_err(refused)?;
-            let response = response.await.map_err(h2_error)?;
-            let headers_at = std::time::Instant::now();
-            let status = response.status();
-            let index = response
-                .headers()
-                .get("X-Consul-Index")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok());
-            let mut body = response.into_body();
-            let mut buffer = BytesMut::new();
-            while let Some(chunk) = body.data().await {
-                let chunk = chunk.map_err(h2_error)?;
-                let _ = body.flow_control().release_capacity(chunk.len());
-                buffer.extend_from_slice(&chunk);
-            }
-            Ok(H2Answer {
-                status,
-                index,
-                body: buffer.freeze(),
-                headers_at,
-            })
-        };
-        tokio::time::timeout(timeout, exchange)
+        tokio::time::timeout(timeout, self.exchange(url.as_str().to_owned()))
             .await
             .map_err(|_| ConsulError::Timeout {
-                path: path.to_string(),
+                path: url.path().to_string(),
             })?
+            .map_err(|failure| failure.into_error(url.path()))
+    }
+
+    /// GETs `url` and reads the whole answer, with no timeout of its own: the caller
+    /// bounds it (the long polls keep one deadline queue, not a timer per request). The
+    /// URL is a `String` and the errors carry no path, so that a future waiting minutes
+    /// for its answer holds as little as possible (10,000 of them wait at once).
+    pub(super) async fn exchange(&self, url: String) -> Result<H2Answer, Failure> {
+        let (send, closed) = self.sender().await.map_err(Failure::Consul)?;
+        // A connection the server is leaving (GOAWAY) or that broke takes no new
+        // streams, yet its driver runs on while its old streams finish (minutes, for
+        // long polls): mark it closed so that the next request dials a new one.
+        let refused = |e: h2::Error| {
+            if e.is_go_away() || e.is_io() {
+                closed.store(true, Ordering::Release);
+            }
+            Failure::Http2(e)
+        };
+        let mut send = send.ready().await.map_err(refused)?;
+        // Built once the stream can be sent, and the URL dropped with it: neither is
+        // held across the wait for the answer.
+        let request = self.request(&url);
+        drop(url);
+        let (response, _) = send
+            .send_request(request.map_err(Failure::Consul)?, true)
+            .map_err(refused)?;
+        drop(send);
+        let response = response.await.map_err(Failure::Http2)?;
+        let headers_at = std::time::Instant::now();
+        let status = response.status();
+        let index = response
+            .headers()
+            .get("X-Consul-Index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let mut body = response.into_body();
+        let mut buffer = BytesMut::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.map_err(Failure::Http2)?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+            buffer.extend_from_slice(&chunk);
+        }
+        Ok(H2Answer {
+            status,
+            index,
+            body: buffer.freeze(),
+            headers_at,
+        })
+    }
+}
+
+/// Why an exchange failed, before the caller names the path it was for.
+#[derive(Debug)]
+pub(super) enum Failure {
+    Consul(ConsulError),
+    Http2(h2::Error),
+}
+
+impl Failure {
+    pub(super) fn into_error(self, path: &str) -> ConsulError {
+        match self {
+            Self::Consul(e) => e,
+            Self::Http2(source) => ConsulError::Http2 {
+                path: path.to_string(),
+                source,
+            },
+        }
     }
 }
 

@@ -68,6 +68,23 @@ pub struct Indexed<T> {
     pub bytes: usize,
 }
 
+/// A long poll's answer: the same index it blocked on (nothing to decode), or a new one
+/// with the service's instances.
+#[derive(Debug)]
+pub enum PollAnswer {
+    Unchanged(u64),
+    Changed(Indexed<Vec<HealthEntry>>),
+}
+
+impl PollAnswer {
+    pub fn index(&self) -> u64 {
+        match self {
+            Self::Unchanged(index) => *index,
+            Self::Changed(answer) => answer.index,
+        }
+    }
+}
+
 /// What the agent says about itself: the protocol it speaks to us and its per-client
 /// connection limit (`None` when it would not say: `/v1/agent/self` needs `agent:read`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,6 +206,16 @@ pub struct PollSlot {
     shards: Arc<PollShards>,
     shard: usize,
     client: PollClient,
+}
+
+impl PollSlot {
+    /// The HTTP/2 connection this place is on (`None` over HTTP/1.1).
+    pub(super) fn h2_shard(&self) -> Option<&Arc<H2Shard>> {
+        match &self.client {
+            PollClient::Http2(shard) => Some(shard),
+            PollClient::Http1(_) => None,
+        }
+    }
 }
 
 impl Drop for PollSlot {
@@ -571,6 +598,48 @@ impl ConsulHttp {
         }
     }
 
+    /// The URL of a blocking query on `/v1/health/service/<name>`, for a long poll that
+    /// is sent through [`H2Shard::exchange`] (the multiplexed long polls).
+    pub(super) fn health_service_url(&self, name: &str, index: u64, wait: Duration) -> String {
+        self.url(&["v1", "health", "service", name], index, wait)
+            .into()
+    }
+
+    /// The outcome of such a long poll that blocked on `sent`: counted, its errors
+    /// naming the path, and decoded only when its index moved (a blocking query that
+    /// waited out its wait answers the same body again: at rest that is every answer).
+    pub(super) fn health_service_answer(
+        &self,
+        name: &str,
+        sent: u64,
+        exchanged: Result<super::h2::H2Answer, super::h2::Failure>,
+    ) -> Result<PollAnswer, ConsulError> {
+        let url = self.url(&["v1", "health", "service", name], 0, Duration::ZERO);
+        let path = url.path();
+        let result = exchanged
+            .map_err(|failure| failure.into_error(path))
+            .and_then(|answer| {
+                let answer = Answer {
+                    status: answer.status,
+                    version: reqwest::Version::HTTP_2,
+                    index: answer.index,
+                    body: answer.body,
+                    headers_at: answer.headers_at,
+                };
+                match answer.index {
+                    Some(index) if sent > 1 && index == sent => {
+                        answer.check_status(path)?;
+                        Ok(PollAnswer::Unchanged(index))
+                    }
+                    _ => answer
+                        .indexed(path, api::decode_health_service)
+                        .map(PollAnswer::Changed),
+                }
+            });
+        self.metrics.record(Endpoint::HealthService, result.is_ok());
+        result
+    }
+
     /// `/v1/catalog/node/<node>`: the node and its services (`None`: no such node),
     /// blocking when `index > 0`.
     pub async fn catalog_node(
@@ -827,7 +896,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The timeout of a request: a blocking one outlasts its wait.
-fn request_timeout(index: u64, wait: Duration) -> Duration {
+pub(super) fn request_timeout(index: u64, wait: Duration) -> Duration {
     if index > 0 {
         blocking_timeout(wait)
     } else {

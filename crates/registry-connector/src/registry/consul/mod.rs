@@ -10,6 +10,7 @@
 //! - [`select`]: the seed's selection and naming rules, pure functions;
 //! - [`budget`]: the connection budget and the watch modes it leads to;
 //! - [`watch`] (private): the snapshot and the watch loops;
+//! - `multiplex` (private): every HTTP/2 long poll in one task;
 //! - [`checks`]: the catalog-wide check watch's diff (shared mode);
 //! - [`refresh`]: the re-read queue (shared mode);
 //! - [`metrics`]: request and instance counters, the mode gauges;
@@ -28,6 +29,7 @@ pub mod error;
 mod h2;
 pub mod http;
 pub mod metrics;
+mod multiplex;
 pub mod refresh;
 pub mod select;
 pub mod txn;

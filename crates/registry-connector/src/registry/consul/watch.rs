@@ -44,6 +44,7 @@ use super::checks::CheckIndex;
 use super::error::ConsulError;
 use super::http::{ConsulHttp, Via};
 use super::metrics::ConsulMetrics;
+use super::multiplex::Multiplexer;
 use super::refresh::{Cause, RefreshQueue};
 use super::select::{Built, IgnoredTag, Selection, SkippedInstance};
 
@@ -134,18 +135,18 @@ impl FailureLog {
 /// re-read workers).
 #[derive(Debug, Default)]
 pub(crate) struct Tracked {
-    state: Mutex<TrackedState>,
+    pub(super) state: Mutex<TrackedState>,
 }
 
 #[derive(Debug, Default)]
-struct TrackedState {
+pub(super) struct TrackedState {
     /// The `X-Consul-Index` of the answer last published; a plain read older than it is
     /// dropped (a re-read racing a newer one).
     index: u64,
     /// The registry names this service has put into the catalog.
     published: BTreeSet<MicroSvcName>,
     /// Deselected: nothing may publish it any more.
-    removed: bool,
+    pub(super) removed: bool,
     /// It has a long poll of its own, which alone publishes it.
     polled: bool,
     /// Some instance has no check of its own (invisible to the check watch).
@@ -154,7 +155,7 @@ struct TrackedState {
 
 /// Who publishes an answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Publisher {
+pub(super) enum Publisher {
     Poll,
     Read,
 }
@@ -205,7 +206,7 @@ impl Shared {
     /// ignores unchanged values) and removes the derived names it no longer has. Returns
     /// whether it published: a removed service, a plain read of a service that has its
     /// own long poll, and a plain read older than what was published are dropped.
-    fn publish(
+    pub(super) fn publish(
         &self,
         service: &str,
         tracked: &Tracked,
@@ -259,8 +260,15 @@ impl Shared {
     }
 }
 
-/// One running per-service long poll.
-struct Poller {
+/// One per-service long poll: its own task (HTTP/1.1), or a record in the multiplexer
+/// (HTTP/2).
+enum Poller {
+    Task(TaskPoller),
+    Multiplexed,
+}
+
+/// A long poll running as its own task.
+struct TaskPoller {
     stop: CancellationToken,
     handle: JoinHandle<()>,
 }
@@ -280,9 +288,12 @@ pub(crate) async fn run(
         return Ok(());
     };
     shared.http.narrow_reads(shared.plan.reads);
+    let multiplexer = (shared.plan.transport == super::budget::Transport::Http2)
+        .then(|| Multiplexer::spawn(Arc::clone(&shared), &shutdown));
     let mut engine = Engine {
         shared: Arc::clone(&shared),
         shutdown: shutdown.clone(),
+        multiplexer,
         polls: HashMap::new(),
         draining: Vec::new(),
         shared_watch: None,
@@ -303,11 +314,13 @@ pub(crate) async fn run(
 struct Engine {
     shared: Arc<Shared>,
     shutdown: CancellationToken,
+    /// Every HTTP/2 long poll (`None` over HTTP/1.1).
+    multiplexer: Option<Multiplexer>,
     polls: HashMap<String, Poller>,
-    /// Long polls of services gone, left to finish their request in flight: cancelling
-    /// it would close an HTTP/1.1 connection that Consul 1.8 keeps counting until the
+    /// HTTP/1.1 long polls of services gone, left to finish their request in flight:
+    /// cancelling it would close a connection that Consul 1.8 keeps counting until the
     /// blocking query returns, so their places stay taken until then.
-    draining: Vec<Poller>,
+    draining: Vec<TaskPoller>,
     shared_watch: Option<SharedWatch>,
     /// Shared watches stopped (the mode left), awaited at shutdown.
     stopped: Vec<JoinHandle<()>>,
@@ -453,8 +466,14 @@ impl Engine {
             std::mem::take(&mut state.published)
         };
         self.shared.reported.forget(name);
-        if let Some(poller) = self.polls.remove(name) {
-            self.draining.push(poller);
+        match self.polls.remove(name) {
+            Some(Poller::Task(poller)) => self.draining.push(poller),
+            Some(Poller::Multiplexed) => {
+                if let Some(multiplexer) = &self.multiplexer {
+                    multiplexer.stop_polling(name);
+                }
+            }
+            None => {}
         }
         for registry_name in &published {
             self.shared.catalog.remove(registry_name);
@@ -560,6 +579,11 @@ impl Engine {
             return;
         };
         lock(&tracked.state).polled = true;
+        if let Some(multiplexer) = &self.multiplexer {
+            multiplexer.start(&name, tracked, index, short_first_wait);
+            self.polls.insert(name, Poller::Multiplexed);
+            return;
+        }
         let stop = self.shutdown.child_token();
         let span = info_span!("consul_service", service = %name);
         let handle = tokio::spawn(
@@ -573,18 +597,31 @@ impl Engine {
             )
             .instrument(span),
         );
-        self.polls.insert(name, Poller { stop, handle });
+        self.polls
+            .insert(name, Poller::Task(TaskPoller { stop, handle }));
     }
 
-    /// A long poll that died (a bug) is restarted from a plain read.
+    /// A long poll that died (a bug) is restarted from a plain read; so is every
+    /// multiplexed one when their task died.
     fn restart_dead_pollers(&mut self) {
         if self.shutdown.is_cancelled() {
             return;
         }
+        let multiplexer_died = self
+            .multiplexer
+            .as_ref()
+            .is_some_and(Multiplexer::is_finished);
+        if multiplexer_died {
+            warn!("the task of the Consul long polls stopped unexpectedly; restarting it");
+            self.multiplexer = Some(Multiplexer::spawn(Arc::clone(&self.shared), &self.shutdown));
+        }
         let dead: Vec<String> = self
             .polls
             .iter()
-            .filter(|(_, p)| p.handle.is_finished())
+            .filter(|(_, p)| match p {
+                Poller::Task(task) => task.handle.is_finished(),
+                Poller::Multiplexed => multiplexer_died,
+            })
             .map(|(name, _)| name.clone())
             .collect();
         for name in dead {
@@ -597,9 +634,16 @@ impl Engine {
     /// Shutdown: every task's token is a child of `shutdown`, so all are stopping; wait
     /// for them so that no request outlives `run`. Nothing is unpublished.
     async fn stop(self) {
-        for poller in self.polls.into_values().chain(self.draining) {
+        let tasks = self.polls.into_values().filter_map(|p| match p {
+            Poller::Task(task) => Some(task),
+            Poller::Multiplexed => None,
+        });
+        for poller in tasks.chain(self.draining) {
             poller.stop.cancel();
             let _ = poller.handle.await;
+        }
+        if let Some(multiplexer) = self.multiplexer {
+            multiplexer.shutdown().await;
         }
         for task in self.stopped {
             let _ = task.await;
@@ -768,14 +812,14 @@ async fn read_checks_until_ok(
 /// [`FIRST_WAIT`]), then once a random share of the configured wait (so that watchers
 /// started together do not keep returning together), then the configured wait.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum WaitStep {
+pub(super) enum WaitStep {
     First,
     Spread,
     Steady,
 }
 
 impl WaitStep {
-    fn wait(self, configured: Duration) -> Duration {
+    pub(super) fn wait(self, configured: Duration) -> Duration {
         match self {
             Self::First => {
                 FIRST_WAIT + Duration::from_millis(rand::random_range(0..=FIRST_WAIT_JITTER_MS))
@@ -785,7 +829,7 @@ impl WaitStep {
         }
     }
 
-    fn next(self) -> Self {
+    pub(super) fn next(self) -> Self {
         match self {
             Self::First => Self::Spread,
             Self::Spread | Self::Steady => Self::Steady,
@@ -814,9 +858,7 @@ async fn watch_service(
             Ok(slot) => break slot,
             Err(e) => {
                 let delay = pacer.failed();
-                if let Some(count) = shared.poll_failures.failed() {
-                    warn!(error = %error_chain(&e), failed_requests = count, retry_in = ?delay, "cannot open a Consul connection for long polls");
-                }
+                poll_failed(&shared, &name, &e, delay, true);
                 if !pacer.ready(&stop).await {
                     return;
                 }
@@ -866,18 +908,36 @@ async fn watch_service(
             }
             Err(e) => {
                 let delay = pacer.failed();
-                match shared.poll_failures.failed() {
-                    Some(count) => warn!(
-                        error = %error_chain(&e),
-                        failed_requests = count,
-                        retry_in = ?delay,
-                        "watching Consul services failed (failures of every long poll since the last such line; each retries with backoff)"
-                    ),
-                    None => {
-                        debug!(error = %error_chain(&e), retry_in = ?delay, "watching a Consul service failed")
-                    }
-                }
+                poll_failed(&shared, &name, &e, delay, false);
             }
+        }
+    }
+}
+
+/// Logs a failed long poll (`placing`: it could not get a connection) in the sum of
+/// every long poll's failures: 10,000 failing together write one line, not 10,000.
+pub(super) fn poll_failed(
+    shared: &Shared,
+    service: &str,
+    e: &ConsulError,
+    delay: Duration,
+    placing: bool,
+) {
+    match shared.poll_failures.failed() {
+        Some(count) if placing => warn!(
+            error = %error_chain(e),
+            failed_requests = count,
+            retry_in = ?delay,
+            "cannot open a Consul connection for long polls"
+        ),
+        Some(count) => warn!(
+            error = %error_chain(e),
+            failed_requests = count,
+            retry_in = ?delay,
+            "watching Consul services failed (failures of every long poll since the last such line; each retries with backoff)"
+        ),
+        None => {
+            debug!(service, error = %error_chain(e), retry_in = ?delay, "watching a Consul service failed")
         }
     }
 }
@@ -1089,18 +1149,18 @@ async fn reread(
         .await
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // The data is plain state; a panic elsewhere leaves it consistent enough to use.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::registry::consul::budget::{MaxConnections, Transport};
     use crate::registry::consul::config::ConsulConfig;
 
-    fn shared(cfg: &ConsulConfig) -> Shared {
+    pub(in crate::registry::consul) fn shared(cfg: &ConsulConfig) -> Shared {
         let metrics = Arc::new(ConsulMetrics::default());
         let (catalog, _rx) = Catalog::new();
         Shared {
