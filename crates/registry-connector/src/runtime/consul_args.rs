@@ -95,9 +95,12 @@ pub struct ConsulArgs {
     #[arg(long, env = "RC_SUFFIX_TAG", value_name = "TAG")]
     pub suffix_tag: Option<String>,
 
-    /// How long Consul may hold a blocking query open when nothing changes.
-    #[arg(long, env = "RC_CONSUL_WAIT", default_value = "5m", value_parser = humantime::parse_duration, value_name = "DURATION")]
-    pub consul_wait: std::time::Duration,
+    /// How long Consul may hold a blocking query open when nothing changes. Unset: 5m,
+    /// and 10m (Consul's maximum) for the per-service long polls over HTTPS, whose
+    /// HTTP/2 connections pings keep alive; each idle long poll costs one request per
+    /// wait. Lower it when a proxy in front of Consul ends requests idle for less.
+    #[arg(long, env = "RC_CONSUL_WAIT", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub consul_wait: Option<std::time::Duration>,
 
     /// Most connections open to the Consul agent at once. Unset: half of the agent's
     /// limits.http_max_conns_per_client (read from /v1/agent/self; Consul's default 200
@@ -125,7 +128,9 @@ impl ConsulArgs {
             connector_id: connector_id.to_string(),
             node_name: self.consul_node_name.trim().to_string(),
             k8s_tag: self.k8s_tag.trim().to_string(),
-            wait: self.consul_wait,
+            wait: self
+                .consul_wait
+                .unwrap_or(crate::registry::consul::ConsulConfig::default().wait),
         }
     }
 
@@ -153,7 +158,10 @@ impl ConsulArgs {
         cfg.prefix_tag = self.prefix_tag.clone().filter(|t| !t.is_empty());
         cfg.suffix_tag = self.suffix_tag.clone().filter(|t| !t.is_empty());
         cfg.service_prefix = shared.service_prefix.clone();
-        cfg.wait = self.consul_wait;
+        if let Some(wait) = self.consul_wait {
+            cfg.wait = wait;
+            cfg.http2_poll_wait = wait;
+        }
         cfg.max_connections =
             crate::registry::consul::MaxConnections::from_flag(self.consul_max_connections);
         cfg.http2_streams = self.consul_http2_streams;

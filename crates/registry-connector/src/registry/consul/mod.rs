@@ -61,6 +61,7 @@ pub struct ConsulSource {
     selection: Selection,
     metrics: Arc<ConsulMetrics>,
     wait: Duration,
+    http2_poll_wait: Duration,
     pacing: crate::registry::PacerConfig,
     max_connections: MaxConnections,
     http2_streams: usize,
@@ -82,11 +83,13 @@ impl ConsulSource {
         cfg: ConsulConfig,
         metrics: Arc<ConsulMetrics>,
     ) -> Result<Self, ConsulError> {
-        if cfg.wait.is_zero() || cfg.wait > MAX_WAIT {
-            return Err(ConsulError::Config(format!(
-                "the blocking wait must be between 1ms and 10m (Consul's limit), got {}",
-                humantime::format_duration(cfg.wait)
-            )));
+        for wait in [cfg.wait, cfg.http2_poll_wait] {
+            if wait.is_zero() || wait > MAX_WAIT {
+                return Err(ConsulError::Config(format!(
+                    "the blocking wait must be between 1ms and 10m (Consul's limit), got {}",
+                    humantime::format_duration(wait)
+                )));
+            }
         }
         if let MaxConnections::Fixed(n) = cfg.max_connections {
             if n < budget::MIN_CONNECTIONS {
@@ -112,6 +115,7 @@ impl ConsulSource {
             selection: Selection::from_config(&cfg),
             metrics,
             wait: cfg.wait,
+            http2_poll_wait: cfg.http2_poll_wait,
             pacing: cfg.pacing,
             max_connections: cfg.max_connections,
             http2_streams: cfg.http2_streams,
@@ -168,6 +172,7 @@ impl crate::registry::RegistrySource for ConsulSource {
         info!(
             consul = %self.http.base(),
             wait = %humantime::format_duration(self.wait),
+            http2_poll_wait = %humantime::format_duration(self.http2_poll_wait),
             max_connections = ?self.max_connections,
             "starting the Consul source"
         );
@@ -188,6 +193,10 @@ impl crate::registry::RegistrySource for ConsulSource {
             long_polls = plan.long_polls,
             "Consul connection budget"
         );
+        let poll_wait = match plan.transport {
+            Transport::Http2 => self.http2_poll_wait,
+            Transport::Http1 => self.wait,
+        };
         self.metrics
             .connection_budget
             .set(i64::try_from(plan.connections).unwrap_or(-1));
@@ -200,6 +209,7 @@ impl crate::registry::RegistrySource for ConsulSource {
             catalog,
             metrics: self.metrics,
             wait: self.wait,
+            poll_wait,
             pacing: self.pacing,
             plan,
             reported: Default::default(),
@@ -264,6 +274,9 @@ mod tests {
         ));
         cfg.wait = Duration::from_secs(600);
         assert!(ConsulSource::new(cfg.clone()).is_ok());
+        cfg.http2_poll_wait = Duration::from_secs(601);
+        assert!(ConsulSource::new(cfg.clone()).is_err());
+        cfg.http2_poll_wait = Duration::from_secs(600);
         cfg.initial_fetch_concurrency = 0;
         assert!(ConsulSource::new(cfg.clone()).is_err());
         cfg.initial_fetch_concurrency = 4;

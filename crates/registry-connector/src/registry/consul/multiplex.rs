@@ -264,7 +264,7 @@ impl Polls {
         let generation = poll.generation;
         let (job, timeout) = match poll.slot.as_ref().and_then(PollSlot::h2_shard) {
             Some(shard) => {
-                let wait = poll.step.wait(self.shared.wait);
+                let wait = poll.step.wait(self.shared.poll_wait);
                 let url = self.shared.http.health_service_url(name, poll.index, wait);
                 poll.pacer.started_at(Instant::now());
                 (

@@ -93,7 +93,11 @@ pub(crate) struct Shared {
     pub selection: Selection,
     pub catalog: Arc<Catalog>,
     pub metrics: Arc<ConsulMetrics>,
+    /// The wait of the catalog-wide blocking queries.
     pub wait: Duration,
+    /// The wait of the per-service long polls (longer over HTTP/2, see
+    /// [`super::ConsulConfig::http2_poll_wait`]).
+    pub poll_wait: Duration,
     pub pacing: PacerConfig,
     pub plan: Plan,
     /// What was already reported as left out, per Consul service.
@@ -875,7 +879,7 @@ async fn watch_service(
         if !pacer.ready(&stop).await || lock(&tracked.state).removed {
             return;
         }
-        let wait = step.wait(shared.wait);
+        let wait = step.wait(shared.poll_wait);
         let result = tokio::select! {
             biased;
             _ = stop.cancelled() => return,
@@ -1169,6 +1173,7 @@ pub(super) mod tests {
             catalog: Arc::new(catalog),
             metrics,
             wait: Duration::from_secs(300),
+            poll_wait: Duration::from_secs(300),
             pacing: PacerConfig::default(),
             plan: Plan::new(Transport::Http1, Some(200), MaxConnections::Auto, 4),
             reported: Reported::default(),
