@@ -21,7 +21,7 @@
 //! Shutdown never removes anything from the catalog.
 
 use std::collections::hash_map::{DefaultHasher, Entry};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -148,7 +148,7 @@ pub(super) struct TrackedState {
     /// dropped (a re-read racing a newer one).
     index: u64,
     /// The registry names this service has put into the catalog.
-    published: BTreeSet<MicroSvcName>,
+    published: Box<[MicroSvcName]>,
     /// Deselected: nothing may publish it any more.
     pub(super) removed: bool,
     /// It has a long poll of its own, which alone publishes it.
@@ -229,7 +229,11 @@ impl Shared {
         for meta in built.services {
             self.catalog.upsert(meta);
         }
-        for gone in state.published.difference(&names) {
+        for gone in state
+            .published
+            .iter()
+            .filter(|name| names.binary_search(name).is_err())
+        {
             self.catalog.remove(gone);
         }
         state.published = names;
@@ -682,7 +686,7 @@ fn tags_hash(tags: &[String]) -> u64 {
 struct InitialService {
     name: String,
     index: u64,
-    published: BTreeSet<MicroSvcName>,
+    published: Box<[MicroSvcName]>,
     checkless: bool,
 }
 
