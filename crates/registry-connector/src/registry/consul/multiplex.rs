@@ -384,11 +384,19 @@ impl Polls {
                 // The key just fired (it is no longer in the queue); the step ends here.
                 abort.abort();
                 poll.phase = Phase::Idle;
-                let e = ConsulError::Timeout {
+                // Counted and named as any failed answer.
+                let timed_out = Failure::Consul(ConsulError::Timeout {
                     path: format!("/v1/health/service/{}", timer.name),
-                };
-                let delay = poll.pacer.failed();
-                poll_failed(&self.shared, &timer.name, &e, delay, false);
+                });
+                let sent = poll.index;
+                if let Err(e) =
+                    self.shared
+                        .http
+                        .health_service_answer(&timer.name, sent, Err(timed_out))
+                {
+                    let delay = poll.pacer.failed();
+                    poll_failed(&self.shared, &timer.name, &e, delay, false);
+                }
                 self.pause_or_launch(&timer.name);
             }
             _ => {}
