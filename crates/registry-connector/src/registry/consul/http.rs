@@ -614,6 +614,13 @@ impl ConsulHttp {
         sent: u64,
         exchanged: Result<super::h2::H2Answer, super::h2::Failure>,
     ) -> Result<PollAnswer, ConsulError> {
+        // At rest every answer is this one: nothing to decode and no path to name.
+        if let Ok(answer) = &exchanged {
+            if sent > 1 && answer.status.is_success() && answer.index == Some(sent) {
+                self.metrics.record(Endpoint::HealthService, true);
+                return Ok(PollAnswer::Unchanged(sent));
+            }
+        }
         let url = self.url(&["v1", "health", "service", name], 0, Duration::ZERO);
         let path = url.path();
         let result = exchanged
@@ -626,15 +633,9 @@ impl ConsulHttp {
                     body: answer.body,
                     headers_at: answer.headers_at,
                 };
-                match answer.index {
-                    Some(index) if sent > 1 && index == sent => {
-                        answer.check_status(path)?;
-                        Ok(PollAnswer::Unchanged(index))
-                    }
-                    _ => answer
-                        .indexed(path, api::decode_health_service)
-                        .map(PollAnswer::Changed),
-                }
+                answer
+                    .indexed(path, api::decode_health_service)
+                    .map(PollAnswer::Changed)
             });
         self.metrics.record(Endpoint::HealthService, result.is_ok());
         result
@@ -986,6 +987,44 @@ mod tests {
         let mut cfg = ConsulConfig::new("127.0.0.1:8500");
         f(&mut cfg);
         ConsulHttp::new(&cfg, Arc::default()).expect("client builds")
+    }
+
+    fn answer(status: u16, index: Option<u64>, body: &str) -> super::super::h2::H2Answer {
+        super::super::h2::H2Answer {
+            status: StatusCode::from_u16(status).unwrap(),
+            index,
+            body: bytes::Bytes::copy_from_slice(body.as_bytes()),
+            headers_at: std::time::Instant::now(),
+        }
+    }
+
+    /// At rest a long poll answers the index it blocked on with the same body: it is
+    /// not decoded (a body that would not decode shows it), while a moved index, a first
+    /// read or a refusal are read as any answer.
+    #[test]
+    fn a_long_poll_answer_is_decoded_only_when_its_index_moved() {
+        let http = http(|_| {});
+        let garbage = "not json";
+        let unchanged = http.health_service_answer("web", 7, Ok(answer(200, Some(7), garbage)));
+        assert!(
+            matches!(unchanged, Ok(PollAnswer::Unchanged(7))),
+            "{unchanged:?}"
+        );
+        let moved = http.health_service_answer("web", 6, Ok(answer(200, Some(7), garbage)));
+        assert!(
+            matches!(moved, Err(ConsulError::Decode { .. })),
+            "{moved:?}"
+        );
+        let first = http.health_service_answer("web", 1, Ok(answer(200, Some(1), "[]")));
+        assert!(
+            matches!(&first, Ok(PollAnswer::Changed(a)) if a.index == 1 && a.value.is_empty()),
+            "{first:?}"
+        );
+        let refused = http.health_service_answer("web", 7, Ok(answer(403, Some(7), "denied")));
+        assert!(
+            matches!(refused, Err(ConsulError::Status { status: 403, .. })),
+            "{refused:?}"
+        );
     }
 
     #[test]

@@ -54,6 +54,11 @@ use super::select::{Built, IgnoredTag, Selection, SkippedInstance};
 const FIRST_WAIT: Duration = Duration::from_secs(10);
 /// Spread of the first waits, so that thousands of watchers do not return together.
 const FIRST_WAIT_JITTER_MS: u64 = 5_000;
+/// The second wait is a random share of the configured wait, from this fraction to all
+/// of it: the long polls' returns then fall evenly over the whole wait, cycle after
+/// cycle (from one half, 10,000 long polls returned over 5 minutes out of every 10, at
+/// twice the mean rate, and were silent for the other 5).
+const SPREAD_FROM: f64 = 0.1;
 
 /// How long a re-read that came back older than the change it was asked for (a lagging
 /// server answering a stale read) blocks for the change to arrive.
@@ -832,7 +837,7 @@ impl WaitStep {
             Self::First => {
                 FIRST_WAIT + Duration::from_millis(rand::random_range(0..=FIRST_WAIT_JITTER_MS))
             }
-            Self::Spread => configured.mul_f64(rand::random_range(0.5..=1.0)),
+            Self::Spread => configured.mul_f64(rand::random_range(SPREAD_FROM..=1.0)),
             Self::Steady => configured,
         }
     }
@@ -1296,7 +1301,7 @@ pub(super) mod tests {
         assert!(first >= FIRST_WAIT && first <= FIRST_WAIT + Duration::from_secs(5));
         let spread = WaitStep::Spread.wait(configured);
         assert!(
-            spread >= configured / 2 && spread <= configured,
+            spread >= configured.mul_f64(SPREAD_FROM) && spread <= configured,
             "{spread:?}"
         );
         assert_eq!(WaitStep::Steady.wait(configured), configured);
