@@ -10,8 +10,81 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::api::{ActionType, Applications, DeltaMemo, Instance, Status};
 
-/// Instances of one application, by instance id.
-pub type AppInstances = BTreeMap<String, Instance>;
+/// Instances of one application, sorted by instance id. A sorted vector, not a B-tree:
+/// an application has a handful of instances, and a B-tree leaf keeps room for eleven
+/// (about 3 KB per application: 29 MiB of the mirror at 10,000 applications).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AppInstances {
+    entries: Vec<(Box<str>, Instance)>,
+}
+
+impl AppInstances {
+    fn position(&self, id: &str) -> Result<usize, usize> {
+        self.entries.binary_search_by(|(key, _)| (**key).cmp(id))
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Instance> {
+        self.position(id).ok().map(|i| &self.entries[i].1)
+    }
+
+    /// Inserts or replaces the instance filed under `id`.
+    pub fn insert(&mut self, id: &str, instance: Instance) {
+        match self.position(id) {
+            Ok(i) => self.entries[i].1 = instance,
+            Err(i) => {
+                // One more place, not double: the mirror holds every application.
+                self.entries.reserve_exact(1);
+                self.entries.insert(i, (id.into(), instance));
+            }
+        }
+    }
+
+    /// Removes the instance filed under `id`; whether there was one.
+    pub fn remove(&mut self, id: &str) -> bool {
+        match self.position(id) {
+            Ok(i) => {
+                self.entries.remove(i);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// `(id, instance)` in id order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Instance)> {
+        self.entries.iter().map(|(id, i)| (&**id, i))
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Instance> {
+        self.entries.iter().map(|(_, i)| i)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// Built from `(id, instance)` pairs in any order; of two with one id the last wins (as
+/// inserting them one after the other would), in one sort instead of an insertion each.
+impl FromIterator<(String, Instance)> for AppInstances {
+    fn from_iter<T: IntoIterator<Item = (String, Instance)>>(pairs: T) -> Self {
+        let mut entries: Vec<(Box<str>, Instance)> = pairs
+            .into_iter()
+            .map(|(id, instance)| (id.into_boxed_str(), instance))
+            .collect();
+        // Stable: among equal ids the order of arrival stays, and the last is kept.
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        entries.reverse();
+        entries.dedup_by(|later, earlier| later.0 == earlier.0);
+        entries.reverse();
+        entries.shrink_to_fit();
+        Self { entries }
+    }
+}
 
 /// What the server holds, by application name.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -29,11 +102,22 @@ impl Mirror {
     /// The registry as a full fetch reports it.
     pub fn from_full(answer: &Applications) -> Self {
         let mut mirror = Self::default();
+        let mut by_app: BTreeMap<&str, Vec<(String, Instance)>> = BTreeMap::new();
         for app in &answer.applications {
             for instance in &app.instances {
-                mirror.put(&app.name, instance);
+                match instance.id() {
+                    Some(id) => by_app
+                        .entry(&app.name)
+                        .or_default()
+                        .push((id.to_string(), stored(instance))),
+                    None => mirror.unkeyed += 1,
+                }
             }
         }
+        mirror.apps = by_app
+            .into_iter()
+            .map(|(app, instances)| (app.to_string(), instances.into_iter().collect()))
+            .collect();
         mirror
     }
 
@@ -97,7 +181,7 @@ impl Mirror {
 
     /// Instances in the copy.
     pub fn instance_count(&self) -> usize {
-        self.apps.values().map(BTreeMap::len).sum()
+        self.apps.values().map(AppInstances::len).sum()
     }
 
     /// Instances of `status` in the copy.
@@ -119,17 +203,12 @@ impl Mirror {
             self.unkeyed += 1;
             return false;
         };
-        let mut stored = instance.clone();
-        // The action type tells how the instance got here, and the dirty timestamp
-        // when, not what it is: two copies of one instance must compare equal
-        // whichever answer they came from.
-        stored.action_type = None;
-        stored.last_dirty_timestamp = None;
+        let stored = stored(instance);
         let instances = self.apps.entry(app.to_string()).or_default();
         match instances.get(id) {
             Some(existing) if *existing == stored => false,
             _ => {
-                instances.insert(id.to_string(), stored);
+                instances.insert(id, stored);
                 true
             }
         }
@@ -142,12 +221,22 @@ impl Mirror {
         let Some(instances) = self.apps.get_mut(app) else {
             return false;
         };
-        let removed = instances.remove(id).is_some();
+        let removed = instances.remove(id);
         if instances.is_empty() {
             self.apps.remove(app);
         }
         removed
     }
+}
+
+/// An instance as the mirror keeps it. The action type tells how the instance got
+/// here, and the dirty timestamp when, not what it is: two copies of one instance must
+/// compare equal whichever answer they came from.
+fn stored(instance: &Instance) -> Instance {
+    let mut stored = instance.clone();
+    stored.action_type = None;
+    stored.last_dirty_timestamp = None;
+    stored
 }
 
 #[cfg(test)]
@@ -176,6 +265,35 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn app_instances_stay_sorted_and_the_last_of_one_id_wins() {
+        let up = instance("b", Status::Up, None);
+        let down = instance("b", Status::Down, None);
+        let mut apps: AppInstances = [
+            ("b".to_string(), up.clone()),
+            ("a".to_string(), up.clone()),
+            ("b".to_string(), down.clone()),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(
+            apps.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(apps.get("b"), Some(&down));
+        apps.insert("c", up.clone());
+        apps.insert("0", up.clone());
+        apps.insert("b", up.clone());
+        assert_eq!(
+            apps.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+            ["0", "a", "b", "c"]
+        );
+        assert_eq!(apps.get("b"), Some(&up));
+        assert!(apps.remove("a") && !apps.remove("a"));
+        assert_eq!(apps.len(), 3);
+        assert_eq!(apps.get("zzz"), None);
     }
 
     #[test]
@@ -271,7 +389,7 @@ mod tests {
             mirror.app("B").is_none(),
             "an app without instances is gone"
         );
-        assert_eq!(mirror.app("A").map(BTreeMap::len), Some(2));
+        assert_eq!(mirror.app("A").map(AppInstances::len), Some(2));
     }
 
     #[test]

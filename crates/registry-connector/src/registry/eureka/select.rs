@@ -91,7 +91,7 @@ impl Selection {
     /// Builds what the application `app` publishes from its instances.
     pub fn build(&self, app: &str, instances: &AppInstances) -> Built {
         let mut built = Built::default();
-        let members: Vec<(&String, &Instance)> = instances
+        let members: Vec<(&str, &Instance)> = instances
             .iter()
             .filter(|(_, i)| self.takes_part(i))
             .collect();
