@@ -186,10 +186,10 @@ pub fn markdown(r: &ExportResults) -> String {
     if eureka {
         row(
             "3 readiness flips",
-            "per change: Eureka requests, write requests (status, status_delete, ...), instance writes; heartbeats in the phase (not per change)",
+            "per change: Eureka requests without heartbeats, write requests (status, status_delete, ...), instance writes; heartbeats in the phase (not caused by the flips)",
             format!(
                 "{:.2}, {:.2}, {:.2} ({}); {:.0} heartbeats in {:.0} s",
-                fl.requests_per_change,
+                fl.requests_per_change_without_heartbeats,
                 fl.registry_writes_per_change,
                 fl.export_writes_per_change,
                 counts(&fl.requests.by_endpoint),

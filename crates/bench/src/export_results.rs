@@ -130,8 +130,10 @@ pub struct FlipResult {
     pub txn_per_change: f64,
     /// See [`ExportSync::registry_write_requests`].
     pub registry_writes_per_change: f64,
-    /// Eureka: lease renewals during the phase (not caused by the flips).
+    /// Eureka: lease renewals during the phase (not caused by the flips), and the
+    /// requests per change without them.
     pub heartbeats: f64,
+    pub requests_per_change_without_heartbeats: f64,
     pub export_writes_per_change: f64,
     pub apiserver_requests: BTreeMap<String, f64>,
     pub phase_s: f64,

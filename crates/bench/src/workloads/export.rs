@@ -285,6 +285,7 @@ async fn flip_phase(
     out.txn_per_change = c.txn / changes;
     out.registry_writes_per_change = c.registry_writes / changes;
     out.heartbeats = c.heartbeats;
+    out.requests_per_change_without_heartbeats = (c.requests.total - c.heartbeats) / changes;
     out.export_writes_per_change = c.writes / changes;
     out.requests = c.requests;
     say(format!(
