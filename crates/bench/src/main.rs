@@ -457,7 +457,7 @@ async fn export(
             seed: ctx.seed,
             unique_addresses: ep.n * ep.m <= pods::UNIQUE_ADDRESSES,
             not_ready_in_registry: subject.not_ready_description(args.registry).into(),
-            registry_poll_ms: eureka.then(|| ep.registry_poll.as_millis() as u64),
+            registry_poll_ms: eureka.then_some(ep.registry_poll.as_millis() as u64),
             watch,
         },
         ..Default::default()
