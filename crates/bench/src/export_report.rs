@@ -1,9 +1,12 @@
 //! The export workload's Markdown on stdout: one table of figures in step order, then
-//! the targets, in the same shape as the other profiles' report.
+//! the targets, in the same shape as the other profiles' report. One table for both
+//! registries: the rows name the registry, and where the figures differ (Consul's
+//! `txn` and `ModifyIndex`; Eureka's heartbeats and timestamps) each gets its own rows.
 
 use std::collections::BTreeMap;
 
 use crate::export_results::{ms, ExportResults};
+use crate::registry::Kind;
 
 /// `key value, key value` of a counter map, or `none`.
 fn counts(m: &BTreeMap<String, f64>) -> String {
@@ -27,8 +30,10 @@ fn verdict(met: Option<bool>) -> &'static str {
 /// The Markdown report.
 pub fn markdown(r: &ExportResults) -> String {
     let p = &r.params;
+    let eureka = r.registry == Some(Kind::Eureka);
+    let reg = r.registry.map_or("Consul", Kind::name);
     let mut s = format!(
-        "### Kubernetes → Consul ({}), `export` profile, {} (N = {}, M = {}, K = {} flips, quiet {} ms, rest {:.0} s{})\n\n",
+        "### Kubernetes → {reg} ({}), `export` profile, {} (N = {}, M = {}, K = {} flips, quiet {} ms, rest {:.0} s{})\n\n",
         r.subject,
         r.started_utc,
         p.n,
@@ -39,19 +44,26 @@ pub fn markdown(r: &ExportResults) -> String {
         if p.rest_s < 300.0 { ", shortened from 5 min" } else { "" }
     );
     s.push_str(&format!(
-        "Tree: `{}`. Machine: {} cores, {} MiB, load average at start {}. Agent limit per client: {}. Status: {}.\n\n",
+        "Tree: `{}`. Machine: {} cores, {} MiB, load average at start {}.{} Status: {}.\n\n",
         r.git,
         r.machine.nproc,
         r.machine.mem_total_mib,
         r.machine.load_avg_at_start,
-        r.agent_conn_limit.map_or("n/a".into(), |v| v.to_string()),
+        if eureka {
+            String::new()
+        } else {
+            format!(
+                " Agent limit per client: {}.",
+                r.agent_conn_limit.map_or("n/a".into(), |v| v.to_string())
+            )
+        },
         r.status
     ));
     s.push_str(&format!(
-        "Connector: `{}`.\n\nConsul watch: {}. A Pod that is not ready shows in Consul as {}. Addresses: {}.\n\n",
+        "Connector: `{}`.\n\n{reg} read-back: {}. A Pod that is not ready shows in {reg} as {}. Addresses: {}.\n\n",
         r.connector_command,
         p.watch,
-        p.not_ready_in_consul,
+        p.not_ready_in_registry,
         if p.unique_addresses {
             "one per Pod"
         } else {
@@ -77,7 +89,11 @@ pub fn markdown(r: &ExportResults) -> String {
     let i = &r.sync;
     row(
         "2 initial export",
-        &format!("start → {} instances in Consul, all passing", i.instances),
+        &format!(
+            "start → {} instances in {reg}, all {}",
+            i.instances,
+            if eureka { "UP" } else { "passing" }
+        ),
         format!(
             "{:.2} s ({:.2} × floor); ready after {:.2} s",
             i.complete_s, i.ratio_to_floor, i.ready_s
@@ -85,7 +101,7 @@ pub fn markdown(r: &ExportResults) -> String {
     );
     row(
         "2 initial export",
-        "Consul requests (failed); per instance",
+        &format!("{reg} requests (failed); per instance"),
         format!(
             "{:.0} ({:.0}); {:.4} (1 per {:.1})",
             i.requests.total,
@@ -96,9 +112,22 @@ pub fn markdown(r: &ExportResults) -> String {
     );
     row(
         "2 initial export",
-        "Consul requests by endpoint",
+        &format!("{reg} requests by endpoint"),
         counts(&i.requests.by_endpoint),
     );
+    if eureka {
+        row(
+            "2 initial export",
+            "registrations / status writes (register, status, status_delete, cancel) vs heartbeats; re-registrations",
+            format!(
+                "{:.0} ({:.0} register) vs {:.0}; {:.0}",
+                i.registry_write_requests,
+                i.requests.by_endpoint.get("register").copied().unwrap_or(0.0),
+                i.heartbeats,
+                i.reregistrations
+            ),
+        );
+    }
     row(
         "2 initial export",
         "instance writes, write batches; connector's Kubernetes writes",
@@ -114,7 +143,7 @@ pub fn markdown(r: &ExportResults) -> String {
     );
     row(
         "2 initial export",
-        "connector CPU, peak RSS, TCP connections to Consul",
+        &format!("connector CPU, peak RSS, TCP connections to {reg}"),
         format!(
             "{:.2} s, {:.1} MiB, {}",
             i.cpu_s, i.peak_rss_mib, i.connections
@@ -154,32 +183,75 @@ pub fn markdown(r: &ExportResults) -> String {
         "Kubernetes' share: status write → EndpointSlice event p50 / p99 (ms)",
         format!("{} / {}", ms(fl.slice_p50_ms), ms(fl.slice_p99_ms)),
     );
-    row(
-        "3 readiness flips",
-        "per change: Consul requests, txn, instance writes",
-        format!(
-            "{:.2}, {:.2}, {:.2} ({})",
-            fl.requests_per_change,
-            fl.txn_per_change,
-            fl.export_writes_per_change,
-            counts(&fl.requests.by_endpoint)
-        ),
-    );
+    if eureka {
+        row(
+            "3 readiness flips",
+            "per change: Eureka requests without heartbeats, write requests (status, status_delete, ...), instance writes; heartbeats in the phase (not caused by the flips)",
+            format!(
+                "{:.2}, {:.2}, {:.2} ({}); {:.0} heartbeats in {:.0} s",
+                fl.requests_per_change_without_heartbeats,
+                fl.registry_writes_per_change,
+                fl.export_writes_per_change,
+                counts(&fl.requests.by_endpoint),
+                fl.heartbeats,
+                fl.phase_s
+            ),
+        );
+    } else {
+        row(
+            "3 readiness flips",
+            "per change: Consul requests, txn, instance writes",
+            format!(
+                "{:.2}, {:.2}, {:.2} ({})",
+                fl.requests_per_change,
+                fl.txn_per_change,
+                fl.export_writes_per_change,
+                counts(&fl.requests.by_endpoint)
+            ),
+        );
+    }
     let rs = &r.rest;
+    if eureka {
+        row(
+            "4 at rest",
+            &format!(
+                "{:.0} s: registry write requests (register, status, cancel), instance writes, write batches, re-registrations",
+                rs.window_s
+            ),
+            format!(
+                "{:.0}, {:.0}, {:.0}, {:.0}",
+                rs.registry_write_requests,
+                rs.export_writes,
+                rs.export_write_requests,
+                rs.reregistrations
+            ),
+        );
+        row(
+            "4 at rest",
+            "heartbeats (lease renewals, apart from the writes); per minute (one per instance per 30 s: expected)",
+            format!(
+                "{:.0}; {:.1} ({:.0})",
+                rs.heartbeats,
+                rs.heartbeats_per_min,
+                2.0 * r.sync.instances as f64
+            ),
+        );
+    } else {
+        row(
+            "4 at rest",
+            &format!(
+                "{:.0} s: txn requests, instance writes, write batches",
+                rs.window_s
+            ),
+            format!(
+                "{:.0}, {:.0}, {:.0}",
+                rs.txn_requests, rs.export_writes, rs.export_write_requests
+            ),
+        );
+    }
     row(
         "4 at rest",
-        &format!(
-            "{:.0} s: txn requests, instance writes, write batches",
-            rs.window_s
-        ),
-        format!(
-            "{:.0}, {:.0}, {:.0}",
-            rs.txn_requests, rs.export_writes, rs.export_write_requests
-        ),
-    );
-    row(
-        "4 at rest",
-        "Consul requests per minute (by endpoint)",
+        &format!("{reg} requests per minute (by endpoint)"),
         format!(
             "{:.1} ({})",
             rs.requests_per_min,
@@ -196,42 +268,81 @@ pub fn markdown(r: &ExportResults) -> String {
     );
     row(
         "4 at rest",
-        "TCP connections to Consul now / most over the process's life",
+        &format!("TCP connections to {reg} now / most over the process's life"),
         format!("{} / {}", rs.connections, rs.connections_peak),
     );
     let rt = &r.restart;
-    row(
-        "5 restart",
-        &format!(
-            "ready; then {:.1} s watched: instance writes, txn",
-            rt.settle_s
-        ),
-        format!(
-            "{}; {:.0}, {:.0}",
-            rt.ready_s
-                .map_or("not ready".into(), |v| format!("{v:.2} s")),
-            rt.export_writes,
-            rt.txn_requests
-        ),
-    );
-    row(
-        "5 restart",
-        "Consul requests since its start; ModifyIndex changed",
-        format!(
-            "{:.0} ({}); {} of {}",
-            rt.requests.total,
-            counts(&rt.requests.by_endpoint),
-            rt.modify_index_changed,
-            rt.instances
-        ),
-    );
+    let ready = rt
+        .ready_s
+        .map_or("not ready".into(), |v| format!("{v:.2} s"));
+    let of = |v: Option<usize>| v.map_or("n/a".into(), |v| format!("{v} of {}", rt.instances));
+    if eureka {
+        row(
+            "5 restart",
+            &format!(
+                "ready; then {:.1} s watched: instance writes, write requests, registrations, re-registrations; heartbeats",
+                rt.settle_s
+            ),
+            format!(
+                "{ready}; {:.0}, {:.0}, {:.0}, {:.0}; {:.0}",
+                rt.export_writes,
+                rt.registry_write_requests,
+                rt.registrations,
+                rt.reregistrations,
+                rt.heartbeats
+            ),
+        );
+        row(
+            "5 restart",
+            "Eureka requests since its start; lastUpdatedTimestamp / lastDirtyTimestamp / leaseInfo.registrationTimestamp changed",
+            format!(
+                "{:.0} ({}); {} / {} / {}",
+                rt.requests.total,
+                counts(&rt.requests.by_endpoint),
+                of(rt.last_updated_changed),
+                of(rt.last_dirty_changed),
+                of(rt.registration_changed)
+            ),
+        );
+    } else {
+        row(
+            "5 restart",
+            &format!(
+                "ready; then {:.1} s watched: instance writes, txn",
+                rt.settle_s
+            ),
+            format!("{ready}; {:.0}, {:.0}", rt.export_writes, rt.txn_requests),
+        );
+        row(
+            "5 restart",
+            "Consul requests since its start; ModifyIndex changed",
+            format!(
+                "{:.0} ({}); {}",
+                rt.requests.total,
+                counts(&rt.requests.by_endpoint),
+                of(rt.modify_index_changed)
+            ),
+        );
+    }
     let c = &r.cleanup;
     row(
         "6 clean-up",
-        "Consul node deregistered, namespace gone (wait), Node deleted",
+        &format!(
+            "{} removed{}, namespace gone (wait), Node deleted",
+            if eureka {
+                "the connector's Eureka instances"
+            } else {
+                "Consul node"
+            },
+            if c.registry_removal.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", c.registry_removal)
+            }
+        ),
         format!(
             "{}, {} ({:.1} s), {}{}",
-            c.consul_node_deregistered,
+            c.registry_removed,
             c.namespace_gone,
             c.namespace_wait_s,
             c.node_deleted,
@@ -279,5 +390,26 @@ mod tests {
             assert!(md.contains(step), "{step} missing");
         }
         assert!(md.contains("shortened from 5 min"));
+        assert!(md.contains("Kubernetes → Consul"));
+    }
+
+    #[test]
+    fn eureka_rows_report_heartbeats_and_timestamps() {
+        let mut r = ExportResults {
+            subject: "registry-connector".into(),
+            registry: Some(Kind::Eureka),
+            ..Default::default()
+        };
+        r.rest.window_s = 60.0;
+        r.rest.heartbeats = 120.0;
+        r.restart.settle_s = 6.0;
+        r.restart.last_updated_changed = Some(0);
+        r.evaluate();
+        let md = markdown(&r);
+        assert!(md.contains("Kubernetes → Eureka"));
+        assert!(md.contains("heartbeats (lease renewals"));
+        assert!(md.contains("lastDirtyTimestamp"));
+        assert!(!md.contains("ModifyIndex"));
+        assert!(!md.contains("Agent limit"));
     }
 }

@@ -1,13 +1,17 @@
 //! The export workload's results document (written as JSON) and its comparison with
 //! the targets. Kept apart from [`crate::results`]: the other direction's figures
 //! (floor of direct writes, EndpointSlices in place) do not apply, and this one's
-//! (instances in Consul, Pod status write → check state) do not apply there.
+//! (instances in the registry, Pod status write → instance state) do not apply there.
+//! One document for both registries: the Consul-only figures (`txn`, `ModifyIndex`)
+//! and the Eureka-only ones (heartbeats, `lastUpdatedTimestamp`, `lastDirtyTimestamp`)
+//! sit side by side, the other registry's left at 0 or `null`.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 
 use crate::host::Machine;
+use crate::registry::Kind;
 use crate::results::{Requests, Target};
 
 /// The workload's parameters, as recorded.
@@ -26,10 +30,12 @@ pub struct ExportParams {
     /// Whether every Pod has an address of its own (N × M ≤ 747), or addresses repeat
     /// across Services.
     pub unique_addresses: bool,
-    /// How a change is seen in Consul, and the resolution of that.
+    /// How a change is seen in the registry, and the resolution of that.
     pub watch: String,
-    /// What a Pod that is not ready looks like in Consul for the program measured.
-    pub not_ready_in_consul: String,
+    /// Eureka: the harness's poll interval of every read-back (no blocking queries).
+    pub registry_poll_ms: Option<u64>,
+    /// What a Pod that is not ready looks like in the registry for the program measured.
+    pub not_ready_in_registry: String,
 }
 
 /// Step 1: Kubernetes alone.
@@ -50,16 +56,23 @@ pub struct KubeFloor {
 #[derive(Debug, Default, Serialize)]
 pub struct ExportSync {
     pub instances: usize,
-    /// Process start → the Consul answer that showed every instance, all passing.
+    /// Process start → the registry answer that showed every instance, all passing
+    /// (Eureka: all `UP`).
     pub complete_s: f64,
     /// Process start → `/readyz` 200.
     pub ready_s: f64,
     /// complete / the floor.
     pub ratio_to_floor: f64,
-    /// Consul requests since the start, by endpoint, read right after completion.
+    /// Registry requests since the start, by endpoint, read right after completion.
     pub requests: Requests,
     pub requests_per_instance: f64,
     pub txn_requests: f64,
+    /// Registry write requests: Consul `txn`; Eureka register, status, status_delete
+    /// and cancel (one instance each). Heartbeats are not writes here.
+    pub registry_write_requests: f64,
+    /// Eureka: lease renewals, and instances registered again after a renewal's 404.
+    pub heartbeats: f64,
+    pub reregistrations: f64,
     /// Instance writes (register, health, deregister) and write batches.
     pub export_writes: f64,
     pub export_write_requests: f64,
@@ -86,11 +99,11 @@ pub struct FlipSample {
     pub at_s: f64,
     /// Status write → the EndpointSlice watch event showing it (Kubernetes' share).
     pub slice_ms: Option<f64>,
-    /// Status write → the Consul answer showing the new check state; `None`: not
-    /// within the land bound.
-    pub consul_ms: Option<f64>,
+    /// Status write → the registry answer showing the new state (Consul: check state;
+    /// Eureka: status); `None`: not within the land bound.
+    pub registry_ms: Option<f64>,
     /// The real latency of a change that landed after the bound.
-    pub consul_late_ms: Option<f64>,
+    pub registry_late_ms: Option<f64>,
 }
 
 /// Step 3.
@@ -110,11 +123,17 @@ pub struct FlipResult {
     /// Kubernetes' share: status write → EndpointSlice event.
     pub slice_p50_ms: Option<f64>,
     pub slice_p99_ms: Option<f64>,
-    /// quiet period + 250 ms.
+    /// quiet period + 250 ms (Eureka: + the harness's poll interval).
     pub target_ms: f64,
     pub requests: Requests,
     pub requests_per_change: f64,
     pub txn_per_change: f64,
+    /// See [`ExportSync::registry_write_requests`].
+    pub registry_writes_per_change: f64,
+    /// Eureka: lease renewals during the phase (not caused by the flips), and the
+    /// requests per change without them.
+    pub heartbeats: f64,
+    pub requests_per_change_without_heartbeats: f64,
     pub export_writes_per_change: f64,
     pub apiserver_requests: BTreeMap<String, f64>,
     pub phase_s: f64,
@@ -126,6 +145,13 @@ pub struct FlipResult {
 pub struct ExportRest {
     pub window_s: f64,
     pub txn_requests: f64,
+    /// See [`ExportSync::registry_write_requests`]: 0 expected.
+    pub registry_write_requests: f64,
+    /// Eureka: lease renewals (the one write Eureka needs at rest, reported apart),
+    /// per minute, and re-registrations (0 expected).
+    pub heartbeats: f64,
+    pub heartbeats_per_min: f64,
+    pub reregistrations: f64,
     pub export_writes: f64,
     pub export_write_requests: f64,
     pub requests: Requests,
@@ -149,16 +175,48 @@ pub struct ExportRestart {
     pub settle_s: f64,
     pub export_writes: f64,
     pub txn_requests: f64,
+    /// See [`ExportSync::registry_write_requests`].
+    pub registry_write_requests: f64,
+    /// Eureka: `POST /apps/<APP>` requests of the restarted connector (0 expected),
+    /// its heartbeats and re-registrations.
+    pub registrations: f64,
+    pub heartbeats: f64,
+    pub reregistrations: f64,
     pub requests: Requests,
     pub instances: usize,
-    /// Registrations whose `ModifyIndex` moved, appeared or went, across the restart.
-    pub modify_index_changed: usize,
+    /// Consul: registrations whose `ModifyIndex` moved, appeared or went, across the
+    /// restart.
+    pub modify_index_changed: Option<usize>,
+    /// Eureka: instances whose `lastUpdatedTimestamp`, `lastDirtyTimestamp`,
+    /// `leaseInfo.registrationTimestamp` moved (or that appeared or went).
+    pub last_updated_changed: Option<usize>,
+    pub last_dirty_changed: Option<usize>,
+    pub registration_changed: Option<usize>,
+}
+
+impl ExportRestart {
+    /// Instances whose stamps moved, whichever registry: the largest count.
+    pub fn stamps_changed(&self) -> usize {
+        [
+            self.modify_index_changed,
+            self.last_updated_changed,
+            self.last_dirty_changed,
+            self.registration_changed,
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(0)
+    }
 }
 
 /// Step 6.
 #[derive(Debug, Default, Serialize)]
 pub struct ExportCleanup {
-    pub consul_node_deregistered: bool,
+    /// The run's registrations removed (Consul: its node; Eureka: its instances).
+    pub registry_removed: bool,
+    /// What was removed, as said in the report.
+    pub registry_removal: String,
     pub namespace_gone: bool,
     pub namespace_wait_s: f64,
     pub node_deleted: bool,
@@ -168,6 +226,7 @@ pub struct ExportCleanup {
 #[derive(Debug, Default, Serialize)]
 pub struct ExportResults {
     pub profile: String,
+    pub registry: Option<Kind>,
     /// What was measured: `registry-connector` (this repository's release build).
     pub subject: String,
     pub started_utc: String,
@@ -213,12 +272,12 @@ pub fn percentile(values: &[Option<f64>], p: f64) -> Option<f64> {
 impl FlipResult {
     /// Fills the percentiles from the samples.
     pub fn summarize(&mut self) {
-        let all: Vec<Option<f64>> = self.samples.iter().map(|s| s.consul_ms).collect();
+        let all: Vec<Option<f64>> = self.samples.iter().map(|s| s.registry_ms).collect();
         let by = |ready: bool| -> Vec<Option<f64>> {
             self.samples
                 .iter()
                 .filter(|s| s.to_ready == ready)
-                .map(|s| s.consul_ms)
+                .map(|s| s.registry_ms)
                 .collect()
         };
         let slices: Vec<Option<f64>> = self.samples.iter().map(|s| s.slice_ms).collect();
@@ -241,8 +300,22 @@ impl ExportResults {
     /// Compares the figures with the targets (reported, never asserted).
     pub fn evaluate(&mut self) {
         let mut t = Vec::new();
+        let eureka = self.registry == Some(Kind::Eureka);
+        let reg = self.registry.map_or("Consul", Kind::name);
         let s = &self.sync;
-        if s.instances > 0 {
+        if s.instances > 0 && eureka {
+            // Eureka has no batch write: one registration per instance is the least.
+            t.push(Target {
+                target:
+                    "initial export: 1 Eureka write per instance (no batch API), no other write"
+                        .into(),
+                measured: format!(
+                    "{:.0} write requests for {} instances ({:.0} requests in all)",
+                    s.registry_write_requests, s.instances, s.requests.total
+                ),
+                met: Some(s.registry_write_requests <= s.instances as f64),
+            });
+        } else if s.instances > 0 {
             t.push(Target {
                 target: "initial export: <= 1 Consul request per 32 instances".into(),
                 measured: format!(
@@ -257,9 +330,13 @@ impl ExportResults {
         }
         let f = &self.flips;
         if f.changes > 0 {
+            let poll = match self.params.registry_poll_ms {
+                Some(p) => format!(" + poll {p} ms"),
+                None => String::new(),
+            };
             t.push(Target {
                 target: format!(
-                    "readiness change p99 <= {:.0} ms (quiet {} ms + 250 ms; Pod status write → Consul, Kubernetes' share included)",
+                    "readiness change p99 <= {:.0} ms (quiet {} ms + 250 ms{poll}; Pod status write → {reg}, Kubernetes' share included)",
                     f.target_ms, self.params.quiet_ms
                 ),
                 measured: format!(
@@ -273,30 +350,64 @@ impl ExportResults {
         }
         let r = &self.rest;
         if r.window_s > 0.0 {
-            let writes = r.txn_requests + r.export_writes + r.export_write_requests;
-            t.push(Target {
-                target: "0 registry writes at rest".into(),
-                measured: format!(
+            let writes = r.registry_write_requests
+                + r.txn_requests
+                + r.export_writes
+                + r.export_write_requests
+                + r.reregistrations;
+            let measured = if eureka {
+                format!(
+                    "{:.0} write requests, {:.0} instance writes, {:.0} write batches, {:.0} re-registrations in {:.0} s (heartbeats apart: {:.0})",
+                    r.registry_write_requests, r.export_writes, r.export_write_requests, r.reregistrations, r.window_s, r.heartbeats
+                )
+            } else {
+                format!(
                     "{:.0} txn requests, {:.0} instance writes, {:.0} write batches in {:.0} s",
                     r.txn_requests, r.export_writes, r.export_write_requests, r.window_s
-                ),
+                )
+            };
+            t.push(Target {
+                target: if eureka {
+                    "0 registry writes at rest (lease renewals not counted)".into()
+                } else {
+                    "0 registry writes at rest".into()
+                },
+                measured,
                 met: Some(writes == 0.0),
             });
         }
         let rs = &self.restart;
         if rs.settle_s > 0.0 {
+            let writes = rs.export_writes + rs.txn_requests + rs.registry_write_requests;
+            let (target, measured) = if eureka {
+                (
+                    "restart with nothing changed: 0 writes, 0 registrations, lastUpdatedTimestamp and lastDirtyTimestamp unchanged",
+                    format!(
+                        "{:.0} instance writes, {:.0} write requests ({:.0} registrations), lastUpdatedTimestamp changed {} / lastDirtyTimestamp changed {} of {}",
+                        rs.export_writes,
+                        rs.registry_write_requests,
+                        rs.registrations,
+                        rs.last_updated_changed.unwrap_or(0),
+                        rs.last_dirty_changed.unwrap_or(0),
+                        rs.instances
+                    ),
+                )
+            } else {
+                (
+                    "restart with nothing changed: 0 writes, every ModifyIndex unchanged",
+                    format!(
+                        "{:.0} instance writes, {:.0} txn requests, {} of {} ModifyIndex changed",
+                        rs.export_writes,
+                        rs.txn_requests,
+                        rs.modify_index_changed.unwrap_or(0),
+                        rs.instances
+                    ),
+                )
+            };
             t.push(Target {
-                target: "restart with nothing changed: 0 writes, every ModifyIndex unchanged"
-                    .into(),
-                measured: format!(
-                    "{:.0} instance writes, {:.0} txn requests, {} of {} ModifyIndex changed",
-                    rs.export_writes, rs.txn_requests, rs.modify_index_changed, rs.instances
-                ),
-                met: Some(
-                    rs.export_writes == 0.0
-                        && rs.txn_requests == 0.0
-                        && rs.modify_index_changed == 0,
-                ),
+                target: target.into(),
+                measured,
+                met: Some(writes == 0.0 && rs.registrations == 0.0 && rs.stamps_changed() == 0),
             });
         }
         self.targets = t;

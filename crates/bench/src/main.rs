@@ -5,7 +5,8 @@
 //!
 //! `scripts/bench quick|full [--registry consul|eureka]` starts the environment,
 //! builds, runs this and stops the environment; `scripts/bench curve --ns ...` runs the
-//! scaling curve instead, and `scripts/bench export` the Kubernetes → Consul direction.
+//! scaling curve instead, and `scripts/bench export` the Kubernetes → registry direction
+//! (Consul or Eureka).
 //! See docs/benchmarks.md for the method.
 #![forbid(unsafe_code)]
 
@@ -394,8 +395,8 @@ async fn curve(
     Ok(())
 }
 
-/// The Kubernetes → Consul workload: the results are written (and the Markdown
-/// printed) whether it succeeded or not, with the error in `status`.
+/// The Kubernetes → registry workload (Consul or Eureka): the results are written (and
+/// the Markdown printed) whether it succeeded or not, with the error in `status`.
 async fn export(
     args: &Args,
     ctx: &mut Ctx,
@@ -403,14 +404,13 @@ async fn export(
     out: &std::path::Path,
     total: Instant,
 ) -> Result<()> {
-    if args.registry != Kind::Consul {
-        bail!("the export profile is Consul-only (--registry consul)");
-    }
     let mut ep = plan::export_plan(&args.export_overrides());
-    let consul = ctx.registry.consul().context("no Consul client")?;
     let subject = match &args.consul_k8s_bin {
         None => Subject::RegistryConnector,
         Some(bin) => {
+            let consul = ctx.registry.consul().context(
+                "--consul-k8s-bin is for --registry consul (consul-k8s writes to Consul only)",
+            )?;
             let c = ConsulK8s::new(
                 bin.clone(),
                 args.consul_k8s_write_interval,
@@ -426,8 +426,19 @@ async fn export(
         }
     };
     let scratch = results::Results::new(args.registry, "export", stamp, &args.command);
+    let eureka = args.registry == Kind::Eureka;
+    let watch = if eureka {
+        format!(
+            "polls, no blocking queries in Eureka: GET /eureka/apps/<APP> every {} ms per flip, GET /eureka/apps every {} ms for the initial export (Accept: application/json); a latency includes up to one poll interval and the answer's round trip. The environment's server serves reads from its read-write cache (eureka.server.use-read-only-response-cache=false in testenv/eureka), invalidated by every registration, status change and cancel, so no response-cache lag is added (a production server's read-only cache lags up to 30 s)",
+            ep.registry_poll.as_millis(),
+            ep.registry_poll_all.as_millis()
+        )
+    } else {
+        "blocking queries (/v1/catalog/node/<node>?index= for the initial export, /v1/health/service/<name>?index= per flip): an answer arrives when Consul commits, within the loopback round trip (a few ms)".into()
+    };
     let mut results = export_results::ExportResults {
         profile: "export".into(),
+        registry: Some(args.registry),
         subject: subject.name(),
         started_utc: stamp.into(),
         command: args.command.clone(),
@@ -445,14 +456,20 @@ async fn export(
             concurrency: ctx.concurrency,
             seed: ctx.seed,
             unique_addresses: ep.n * ep.m <= pods::UNIQUE_ADDRESSES,
-            not_ready_in_consul: subject.not_ready_description().into(),
-            watch: "blocking queries (/v1/catalog/node/<node>?index= for the initial export, /v1/health/service/<name>?index= per flip): an answer arrives when Consul commits, within the loopback round trip (a few ms)".into(),
+            not_ready_in_registry: subject.not_ready_description(args.registry).into(),
+            registry_poll_ms: eureka.then_some(ep.registry_poll.as_millis() as u64),
+            watch,
         },
         ..Default::default()
     };
     say(format!(
-        "export: N = {}, M = {}, K = {}, quiet {:?}, rest {:?}",
-        ep.n, ep.m, ep.k, ep.quiet, ep.rest
+        "export to {}: N = {}, M = {}, K = {}, quiet {:?}, rest {:?}",
+        args.registry.name(),
+        ep.n,
+        ep.m,
+        ep.k,
+        ep.quiet,
+        ep.rest
     ));
     let outcome = workloads::export::run(ctx, &ep, &subject, &mut results, args.keep).await;
     results.status = match &outcome {

@@ -21,6 +21,8 @@ const EUREKA_FULL_FETCHES: &str = "registry_connector_eureka_full_fetches_total"
 /// requests by kind (`read` of what it owns, `write` batches).
 const EXPORT_WRITES: &str = "registry_connector_export_writes_total";
 const EXPORT_REQUESTS: &str = "registry_connector_export_requests_total";
+/// The Kubernetes → Eureka writer: instances registered again after a renewal's 404.
+const EUREKA_REREGISTRATIONS: &str = "registry_connector_eureka_reregistrations_total";
 
 impl Metrics {
     /// Parses the text format; `source` is the connector's registry (`consul`, `eureka`).
@@ -43,6 +45,16 @@ impl Metrics {
             series,
             source: source.to_string(),
         }
+    }
+
+    /// The registry (`source` label) the connector reads or writes.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Eureka writer: instances registered again because a renewal found them gone.
+    pub fn eureka_reregistrations(&self) -> f64 {
+        self.sum(EUREKA_REREGISTRATIONS, &[])
     }
 
     /// Sum of every series of metric `name` whose labels contain all of `labels`
@@ -296,6 +308,14 @@ mod tests {
         assert_eq!(m.registry_requests(), 8.0);
         assert_eq!(m.export_writes(), 62.0);
         assert_eq!(m.export_write_requests(), 3.0);
+        let e = Metrics::parse(
+            "registry_connector_registry_requests_total{source=\"eureka\",endpoint=\"heartbeat\",result=\"ok\"} 4\n\
+             registry_connector_eureka_reregistrations_total 2\n",
+            "eureka",
+        );
+        assert_eq!(e.source(), "eureka");
+        assert_eq!(e.registry_requests_to("heartbeat"), 4.0);
+        assert_eq!(e.eureka_reregistrations(), 2.0);
     }
 
     #[test]

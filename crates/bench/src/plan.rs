@@ -18,7 +18,7 @@ pub enum Profile {
     /// The scaling curve: per N of `--ns`, a fresh data set through floor, initial
     /// sync, propagation, rest and restart; one row per N.
     Curve,
-    /// The Kubernetes → Consul direction (`--sync to-registry`): N selector Services ×
+    /// The Kubernetes → registry direction (`--sync to-registry`, Consul or Eureka): N selector Services ×
     /// M Pods exported from empty, K readiness flips, a window at rest, a restart.
     Export,
 }
@@ -166,6 +166,14 @@ pub struct ExportPlan {
     pub restart_settle: Duration,
     /// Longest wait for the namespace to be gone at the end.
     pub namespace_gone_max: Duration,
+    /// Eureka: how often the harness reads an application back while it waits for a
+    /// flip (no blocking queries): one small `GET /apps/<APP>` per interval, short so
+    /// that it adds little to a latency.
+    pub registry_poll: Duration,
+    /// Eureka: how often `GET /apps` (every instance) is read while the initial export
+    /// is waited for: longer, since each answer is the whole registry (about 1 KiB per
+    /// instance) and the server shares the 2 cores with the connector.
+    pub registry_poll_all: Duration,
 }
 
 /// Command-line overrides of the export workload.
@@ -196,6 +204,8 @@ pub fn export_plan(o: &ExportOverrides) -> ExportPlan {
         restart_timeout: Duration::from_secs(60),
         restart_settle: quiet + Duration::from_secs(5),
         namespace_gone_max: Duration::from_secs(300),
+        registry_poll: Duration::from_millis(50),
+        registry_poll_all: Duration::from_millis(200),
     }
 }
 

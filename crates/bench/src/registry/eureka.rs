@@ -108,6 +108,11 @@ impl Eureka {
         })
     }
 
+    /// The server's API base, `http://127.0.0.1:PORT/eureka`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     /// The server's port (where the connector's connections go).
     pub fn port(&self) -> u16 {
         self.url

@@ -9,6 +9,8 @@ pub mod consul_export;
 pub mod consul_link;
 pub mod consul_proxy;
 pub mod eureka;
+pub mod eureka_export;
+pub mod export_reader;
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -76,12 +78,19 @@ impl Registry {
         }
     }
 
-    /// The Consul client, when the registry is Consul (the export workload is
-    /// Consul-only).
+    /// The Consul client, when the registry is Consul.
     pub fn consul(&self) -> Option<&Consul> {
         match self {
             Registry::Consul(c) => Some(c),
             Registry::Eureka(_) => None,
+        }
+    }
+
+    /// The Eureka client, when the registry is Eureka.
+    pub fn eureka(&self) -> Option<&Eureka> {
+        match self {
+            Registry::Consul(_) => None,
+            Registry::Eureka(e) => Some(e),
         }
     }
 

@@ -1,30 +1,35 @@
-//! The Kubernetes → Consul workload (`scripts/bench export`): the release connector
-//! with `--sync to-registry`, from empty, on N selector Services × M Pods.
+//! The Kubernetes → registry workload (`scripts/bench export [--registry consul|eureka]`):
+//! the release connector with `--sync to-registry`, from empty, on N selector Services
+//! × M Pods, writing to Consul or to Eureka.
 //!
 //! 1. The set is created (Services, Pods bound to one Node object, their status) and
 //!    the harness waits until the controller-manager has built every EndpointSlice:
 //!    the floor, what Kubernetes alone takes.
-//! 2. The connector starts against a Consul that holds nothing of it; timed until
-//!    Consul's answer shows all N × M instances, all passing. Its Consul requests
-//!    (`/metrics`) per instance; the apiserver's requests on the kinds it watches.
+//! 2. The connector starts against a registry that holds nothing of it; timed until
+//!    the registry's answer shows all N × M instances, all passing (Eureka: `UP`). Its
+//!    registry requests (`/metrics`) per instance; the apiserver's requests on the
+//!    kinds it watches.
 //! 3. K readiness flips ([`super::flips`]).
-//! 4. A window at rest: no registry write expected; CPU and memory.
+//! 4. A window at rest: no registry write expected (Eureka's lease renewals counted
+//!    apart); CPU and memory.
 //! 5. A restart with nothing changed: time to ready, writes (0 expected), and every
-//!    registration's `ModifyIndex` compared across it.
-//! 6. Clean-up (always, unless `--keep`): the Consul node deregistered (every
-//!    registration on it goes with it), the Pods force-deleted (no kubelet confirms a
+//!    registration's stamps compared across it (Consul `ModifyIndex`; Eureka
+//!    `lastUpdatedTimestamp`, `lastDirtyTimestamp`, the lease's registration time).
+//! 6. Clean-up (always, unless `--keep`): the run's registrations removed (Consul: its
+//!    node, every registration on it going with it; Eureka: every instance carrying the
+//!    run's connector id, cancelled), the Pods force-deleted (no kubelet confirms a
 //!    graceful deletion), the namespace deleted and waited for, the Node object
 //!    deleted.
 //!
 //! Each run has its own namespace, Node, Consul node name and connector id
 //! (`bench-export-<run id>`), so nothing of another run or test is ever touched. The
 //! program measured is a [`Subject`]: this repository's connector, or consul-k8s for a
-//! side-by-side.
+//! side-by-side. What is registry-specific is read through [`ExportRegistry`].
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use super::export_subject::Subject;
 use super::flips::{self, FlipOpts, FlipTarget};
@@ -34,8 +39,10 @@ use crate::export_results::{ExportRestart, ExportResults, FlipResult};
 use crate::metrics::{apiserver_requests, delta};
 use crate::plan::ExportPlan;
 use crate::pods::{self, ExportService};
-use crate::registry::consul::Consul;
 use crate::registry::consul_export::ExportConsul;
+use crate::registry::eureka_export::ExportEureka;
+use crate::registry::export_reader::ExportRegistry;
+use crate::registry::Registry;
 use crate::tracker::Tracker;
 use crate::{floor, say};
 
@@ -48,23 +55,34 @@ pub struct ExportEnv {
     pub ns: String,
     /// The Kubernetes Node object the Pods are bound to.
     pub node: String,
+    /// Consul: the node every registration goes on (unused with Eureka).
     pub consul_node: String,
     pub connector_id: String,
     pub set: Vec<ExportService>,
-    pub consul: ExportConsul,
+    pub registry: ExportRegistry,
 }
 
 impl ExportEnv {
-    pub fn new(ctx: &Ctx, consul: &Consul, n: usize, m: usize) -> Result<Self> {
+    pub fn new(ctx: &Ctx, ep: &ExportPlan) -> Result<Self> {
         let id = &ctx.run_id;
         let name = format!("bench-export-{id}");
+        let connector_id = format!("bench-{id}");
+        let registry = match &ctx.registry {
+            Registry::Consul(c) => ExportRegistry::Consul(ExportConsul::new(c.http_addr(), &name)?),
+            Registry::Eureka(e) => ExportRegistry::Eureka(ExportEureka::new(
+                e.url(),
+                &connector_id,
+                ep.registry_poll,
+                ep.registry_poll_all,
+            )?),
+        };
         Ok(Self {
-            consul: ExportConsul::new(consul.http_addr(), &name)?,
+            registry,
             ns: name.clone(),
             node: name.clone(),
             consul_node: name,
-            connector_id: format!("bench-{id}"),
-            set: pods::data_set(&format!("e{id}"), n, m),
+            connector_id,
+            set: pods::data_set(&format!("e{id}"), ep.n, ep.m),
         })
     }
 
@@ -81,13 +99,11 @@ pub async fn run(
     results: &mut ExportResults,
     keep: bool,
 ) -> Result<()> {
-    let consul = ctx
-        .registry
-        .consul()
-        .context("the export workload needs --registry consul")?;
-    let mut env = ExportEnv::new(ctx, consul, ep.n, ep.m)?;
+    let mut env = ExportEnv::new(ctx, ep)?;
     results.namespace = env.ns.clone();
-    results.consul_node = env.consul_node.clone();
+    if matches!(env.registry, ExportRegistry::Consul(_)) {
+        results.consul_node = env.consul_node.clone();
+    }
     results.connector_id = env.connector_id.clone();
     let outcome = steps(ctx, ep, subject, &mut env, results).await;
     if !keep {
@@ -160,7 +176,7 @@ async fn kube_floor(
     Ok(slices)
 }
 
-/// Step 2: the connector from empty until Consul holds every instance, passing.
+/// Step 2: the connector from empty until the registry holds every instance, passing.
 async fn initial(
     ctx: &Ctx,
     ep: &ExportPlan,
@@ -169,12 +185,13 @@ async fn initial(
     results: &mut ExportResults,
 ) -> Result<Connector> {
     let want = env.instances();
-    let before = env.consul.node(0).await?;
-    if !before.services.is_empty() {
+    let before = env.registry.existing().await?;
+    if before > 0 {
         anyhow::bail!(
-            "Consul node {} already holds {} registrations",
+            "{} already holds {before} registrations of this run ({} / {})",
+            env.registry.name(),
             env.consul_node,
-            before.services.len()
+            env.connector_id
         );
     }
     let api0 = apiserver_requests(&ctx.client).await;
@@ -186,10 +203,10 @@ async fn initial(
     let started = a.started;
     let (ready, registered) = futures::join!(
         a.wait_ready(ep.sync_timeout),
-        env.consul
+        env.registry
             .wait_registered(subject.owner_id(env), want, deadline)
     );
-    let (at, _) = registered?;
+    let at = registered?;
     let api1 = apiserver_requests(&ctx.client).await;
     // Reads the sync caused after its last write (its node watch answering) count too.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -203,6 +220,9 @@ async fn initial(
     s.requests_per_instance = c.requests.total / want.max(1) as f64;
     s.requests = c.requests;
     s.txn_requests = c.txn;
+    s.registry_write_requests = c.registry_writes;
+    s.heartbeats = c.heartbeats;
+    s.reregistrations = c.reregistrations;
     s.export_writes = c.writes;
     s.export_write_requests = c.write_requests;
     s.kube_writes = c.kube_writes;
@@ -210,9 +230,10 @@ async fn initial(
     s.cpu_s = stats.cpu_seconds;
     s.peak_rss_mib = stats.peak_rss_mib;
     s.connections = a.connections();
+    let reg = env.registry.name();
     say(format!(
-        "export: {want} instances in Consul, all passing, {:.2} s after the start (ready {:.2} s); {:.0} Consul requests ({:.4} per instance), {:.0} txn",
-        s.complete_s, s.ready_s, s.requests.total, s.requests_per_instance, s.txn_requests
+        "export: {want} instances in {reg}, all passing, {:.2} s after the start (ready {:.2} s); {:.0} {reg} requests ({:.4} per instance), {:.0} write requests, {:.0} heartbeats",
+        s.complete_s, s.ready_s, s.requests.total, s.requests_per_instance, s.registry_write_requests, s.heartbeats
     ));
     Ok(a)
 }
@@ -239,10 +260,11 @@ async fn flip_phase(
     let target = FlipTarget {
         client: &ctx.client,
         ns: &env.ns,
-        consul: &env.consul,
+        registry: &env.registry,
         slices,
         started: a.started,
-        not_ready: subject.not_ready_state(),
+        ready: subject.ready_state(env.registry.kind()),
+        not_ready: subject.not_ready_state(env.registry.kind()),
     };
     out.samples = flips::run(&target, &mut env.set, &opts, &mut ctx.rng).await?;
     // The reads a change causes after its write (the node watch answering) count too.
@@ -251,22 +273,31 @@ async fn flip_phase(
     let c = subject.counters(a).await?.since(&c0);
     out.apiserver_requests = watched(&api0, &apiserver_requests(&ctx.client).await);
     out.flips = ep.k;
-    out.target_ms = ep.quiet.as_secs_f64() * 1000.0 + 250.0;
+    // Eureka is polled: a change can wait one poll interval before the harness sees it.
+    let poll = match env.registry {
+        ExportRegistry::Eureka(_) => ep.registry_poll,
+        ExportRegistry::Consul(_) => Duration::ZERO,
+    };
+    out.target_ms = (ep.quiet + poll).as_secs_f64() * 1000.0 + 250.0;
     out.summarize();
     let changes = out.changes.max(1) as f64;
     out.requests_per_change = c.requests.total / changes;
     out.txn_per_change = c.txn / changes;
+    out.registry_writes_per_change = c.registry_writes / changes;
+    out.heartbeats = c.heartbeats;
+    out.requests_per_change_without_heartbeats = (c.requests.total - c.heartbeats) / changes;
     out.export_writes_per_change = c.writes / changes;
     out.requests = c.requests;
     say(format!(
-        "export: {} readiness changes, p50 {} ms, p99 {} ms ({} landed; slices p50 {} ms); {:.2} Consul requests, {:.2} txn per change",
+        "export: {} readiness changes, p50 {} ms, p99 {} ms ({} landed; slices p50 {} ms); {:.2} {} requests, {:.2} write requests per change",
         out.changes,
         crate::export_results::ms(out.p50_ms),
         crate::export_results::ms(out.p99_ms),
         out.landed,
         crate::export_results::ms(out.slice_p50_ms),
         out.requests_per_change,
-        out.txn_per_change
+        env.registry.name(),
+        out.registry_writes_per_change
     ));
     Ok(())
 }
@@ -291,6 +322,10 @@ async fn rest(
     let r = &mut results.rest;
     r.window_s = window;
     r.txn_requests = c.txn;
+    r.registry_write_requests = c.registry_writes;
+    r.heartbeats = c.heartbeats;
+    r.heartbeats_per_min = c.heartbeats / (window / 60.0);
+    r.reregistrations = c.reregistrations;
     r.export_writes = c.writes;
     r.export_write_requests = c.write_requests;
     r.requests_per_min = c.requests.total / (window / 60.0);
@@ -303,8 +338,8 @@ async fn rest(
     r.connections = a.connections();
     r.connections_peak = a.connections_peak();
     say(format!(
-        "export: at rest {:.0} txn, {:.0} instance writes, {:.1} Consul requests/min, CPU {:.3} %, RSS {:.1} MiB (peak {:.1})",
-        r.txn_requests, r.export_writes, r.requests_per_min, r.cpu_pct, r.rss_mib, r.peak_rss_mib
+        "export: at rest {:.0} write requests, {:.0} instance writes, {:.0} heartbeats ({:.1}/min), {:.1} registry requests/min, CPU {:.3} %, RSS {:.1} MiB (peak {:.1})",
+        r.registry_write_requests, r.export_writes, r.heartbeats, r.heartbeats_per_min, r.requests_per_min, r.cpu_pct, r.rss_mib, r.peak_rss_mib
     ));
     Ok(())
 }
@@ -318,7 +353,7 @@ async fn restart(
     a: Connector,
     out: &mut ExportRestart,
 ) -> Result<Connector> {
-    let before = env.consul.node(0).await?.modify_indexes();
+    let before = env.registry.snapshot().await?;
     a.stop().await?;
     let launch = subject.launch(ctx, env, ep.quiet, "connector-restart.log")?;
     let base = subject.baseline();
@@ -331,39 +366,50 @@ async fn restart(
     tokio::time::sleep(settle).await;
     out.settle_s = settle.as_secs_f64();
     let c = subject.counters(&b).await?.since(&base);
-    let after = env.consul.node(0).await?.modify_indexes();
+    let moved = before.compare(&env.registry.snapshot().await?);
     out.export_writes = c.writes;
     out.txn_requests = c.txn;
+    out.registry_write_requests = c.registry_writes;
+    out.registrations = c.registrations;
+    out.heartbeats = c.heartbeats;
+    out.reregistrations = c.reregistrations;
     out.requests = c.requests;
-    out.instances = after.len();
-    out.modify_index_changed = changed(&before, &after);
+    out.instances = moved.instances;
+    match env.registry {
+        ExportRegistry::Consul(_) => out.modify_index_changed = Some(moved.primary),
+        ExportRegistry::Eureka(_) => {
+            out.last_updated_changed = Some(moved.primary);
+            out.last_dirty_changed = moved.last_dirty;
+            out.registration_changed = moved.registration;
+        }
+    }
     say(format!(
-        "export: restart ready after {}, {:.0} instance writes, {:.0} txn, {} of {} ModifyIndex changed",
+        "export: restart ready after {}, {:.0} instance writes, {:.0} write requests ({:.0} registrations), stamps changed on {} of {} instances",
         out.ready_s
             .map_or(format!("> {:.0} s", ep.restart_timeout.as_secs_f64()), |v| format!("{v:.2} s")),
         out.export_writes,
-        out.txn_requests,
-        out.modify_index_changed,
+        out.registry_write_requests,
+        out.registrations,
+        out.stamps_changed(),
         out.instances
     ));
     Ok(b)
 }
 
-/// Registrations whose `ModifyIndex` differs, or that are in one map only.
-fn changed(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> usize {
-    let moved = before
-        .iter()
-        .filter(|(id, ix)| after.get(*id) != Some(*ix))
-        .count();
-    moved + after.keys().filter(|id| !before.contains_key(*id)).count()
-}
-
 /// Step 6, best effort: every failure is recorded, none stops the others.
 async fn cleanup(ctx: &mut Ctx, ep: &ExportPlan, env: &ExportEnv, results: &mut ExportResults) {
     let c = &mut results.cleanup;
-    match env.consul.deregister_node().await {
-        Ok(()) => c.consul_node_deregistered = true,
-        Err(e) => c.errors.push(format!("deregistering Consul node: {e:#}")),
+    // The connector has stopped (or was killed when its step failed), so nothing
+    // renews or registers these again.
+    match env.registry.remove_all().await {
+        Ok(what) => {
+            c.registry_removed = true;
+            c.registry_removal = what;
+        }
+        Err(e) => c.errors.push(format!(
+            "removing the {} registrations: {e:#}",
+            env.registry.name()
+        )),
     }
     if let Err(e) = pods::force_delete_pods(&ctx.client, &env.ns).await {
         c.errors.push(format!("deleting the Pods: {e:#}"));
@@ -381,8 +427,13 @@ async fn cleanup(ctx: &mut Ctx, ep: &ExportPlan, env: &ExportEnv, results: &mut 
         Err(e) => c.errors.push(format!("deleting Node: {e:#}")),
     }
     say(format!(
-        "export: cleaned up (Consul node deregistered: {}, namespace gone after {:.1} s: {}, Node deleted: {}){}",
-        c.consul_node_deregistered,
+        "export: cleaned up ({}: {}, namespace gone after {:.1} s: {}, Node deleted: {}){}",
+        if c.registry_removal.is_empty() {
+            "registry entries removed"
+        } else {
+            &c.registry_removal
+        },
+        c.registry_removed,
         c.namespace_wait_s,
         c.namespace_gone,
         c.node_deleted,
@@ -397,14 +448,6 @@ async fn cleanup(ctx: &mut Ctx, ep: &ExportPlan, env: &ExportEnv, results: &mut 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn changed_counts_moved_added_and_gone() {
-        let before = BTreeMap::from([("a".into(), 1), ("b".into(), 2), ("c".into(), 3)]);
-        let after = BTreeMap::from([("a".into(), 1), ("b".into(), 5), ("d".into(), 4)]);
-        assert_eq!(changed(&before, &after), 3);
-        assert_eq!(changed(&before, &before), 0);
-    }
 
     #[test]
     fn watched_keeps_the_connectors_kinds() {

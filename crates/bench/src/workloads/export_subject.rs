@@ -1,6 +1,7 @@
 //! Who the export workload measures: this repository's connector, or HashiCorp's
-//! consul-k8s `sync-catalog -to-consul` (an MPL-2.0 release, for a side-by-side), on the
-//! same data set, the same steps and the same figures.
+//! consul-k8s `sync-catalog -to-consul` (an MPL-2.0 release, for a side-by-side, Consul
+//! only), on the same data set, the same steps and the same figures. The connector
+//! writes to Consul or to Eureka (`eureka --sync to-registry`).
 //!
 //! The two differ in what can be read from them, and this module hides that:
 //! - Consul requests: the connector counts its own (`/metrics`); consul-k8s does not,
@@ -11,6 +12,9 @@
 //! - Pacing: the connector writes a quiet period after a change; consul-k8s writes
 //!   everything every `-consul-write-interval` (30 s by default), and deregisters what
 //!   its per-service poll (every interval) found stale at the next write.
+//! - Eureka: one request per instance write (no batch API), readiness as the status
+//!   override (`OUT_OF_SERVICE` / `UP`), and lease renewals every 30 s per instance,
+//!   counted apart from the writes.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -22,6 +26,7 @@ use super::Ctx;
 use crate::connector::{Connector, Flavor, Launch};
 use crate::metrics::{delta, Metrics};
 use crate::registry::consul_proxy::{CountingProxy, ProxyCounts};
+use crate::registry::Kind;
 use crate::results::Requests;
 
 /// consul-k8s and how it is run.
@@ -48,6 +53,14 @@ pub enum Subject {
 pub struct Counters {
     pub requests: Requests,
     pub txn: f64,
+    /// Registry write requests: Consul `txn`; Eureka `register`, `status`,
+    /// `status_delete` and `cancel` (heartbeats are not counted here).
+    pub registry_writes: f64,
+    /// Eureka: `POST /apps/<APP>` requests alone.
+    pub registrations: f64,
+    /// Eureka: lease renewals, and registrations again after a renewal's 404.
+    pub heartbeats: f64,
+    pub reregistrations: f64,
     /// Instance writes (the connector: register, health, deregister operations;
     /// consul-k8s: catalog register and deregister calls, one instance each).
     pub writes: f64,
@@ -59,9 +72,22 @@ pub struct Counters {
 
 impl Counters {
     pub fn from_metrics(m: &Metrics) -> Self {
+        let txn = m.registry_requests_to("txn");
+        let registry_writes = if m.source() == "eureka" {
+            EUREKA_WRITES
+                .iter()
+                .map(|e| m.registry_requests_to(e))
+                .sum()
+        } else {
+            txn
+        };
         Counters {
             requests: Requests::since_start(m),
-            txn: m.registry_requests_to("txn"),
+            txn,
+            registry_writes,
+            registrations: m.registry_requests_to("register"),
+            heartbeats: m.registry_requests_to("heartbeat"),
+            reregistrations: m.eureka_reregistrations(),
             writes: m.export_writes(),
             write_requests: m.export_write_requests(),
             kube_writes: m.writes_all(),
@@ -77,6 +103,10 @@ impl Counters {
                 full_fetches: Default::default(),
             },
             txn: c.by_endpoint.get("txn").copied().unwrap_or(0.0),
+            registry_writes: c.by_endpoint.get("txn").copied().unwrap_or(0.0),
+            registrations: 0.0,
+            heartbeats: 0.0,
+            reregistrations: 0.0,
             writes: c.writes_to("catalog_register") + c.writes_to("catalog_deregister"),
             write_requests: c.write_total(),
             kube_writes: 0.0,
@@ -93,12 +123,19 @@ impl Counters {
                 full_fetches: Default::default(),
             },
             txn: self.txn - before.txn,
+            registry_writes: self.registry_writes - before.registry_writes,
+            registrations: self.registrations - before.registrations,
+            heartbeats: self.heartbeats - before.heartbeats,
+            reregistrations: self.reregistrations - before.reregistrations,
             writes: self.writes - before.writes,
             write_requests: self.write_requests - before.write_requests,
             kube_writes: self.kube_writes - before.kube_writes,
         }
     }
 }
+
+/// The connector's Eureka request endpoints that write (its `endpoint` labels).
+const EUREKA_WRITES: [&str; 4] = ["register", "status", "status_delete", "cancel"];
 
 /// A duration as Go's `time.ParseDuration` reads it.
 fn go_duration(d: Duration) -> String {
@@ -143,12 +180,11 @@ impl Subject {
 
     /// How to start it on `env`.
     pub fn launch(&self, ctx: &Ctx, env: &ExportEnv, quiet: Duration, log: &str) -> Result<Launch> {
-        let consul = ctx.registry.consul().context("no Consul client")?;
         let mut launch = Launch {
             flavor: Flavor::RegistryConnector,
             bin: ctx.bin.clone(),
             kubeconfig: ctx.kubeconfig.clone(),
-            source: "consul".into(),
+            source: ctx.registry.source().into(),
             source_flags: Vec::new(),
             namespace: env.ns.clone(),
             quiet_period: quiet,
@@ -156,8 +192,9 @@ impl Subject {
             log: ctx.log_dir.join(log),
             registry_port: ctx.registry.connector_port(),
         };
-        match self {
-            Subject::RegistryConnector => {
+        match (self, ctx.registry.kind()) {
+            (Subject::RegistryConnector, Kind::Consul) => {
+                let consul = ctx.registry.consul().context("no Consul client")?;
                 launch.source_flags = consul.address_flags();
                 launch.source_flags.extend(
                     [
@@ -177,7 +214,29 @@ impl Subject {
                     .extra
                     .extend(["--log-level".into(), ctx.log_level.clone()]);
             }
-            Subject::ConsulK8s(c) => {
+            (Subject::RegistryConnector, Kind::Eureka) => {
+                let eureka = ctx.registry.eureka().context("no Eureka client")?;
+                // No --eureka-poll-interval: that is the reading direction's, which
+                // --sync to-registry does not run.
+                launch.source_flags = [
+                    "--eureka-url",
+                    eureka.url(),
+                    "--sync",
+                    "to-registry",
+                    "--k8s-allow-namespaces",
+                    &env.ns,
+                    "--connector-id",
+                    &env.connector_id,
+                ]
+                .map(String::from)
+                .to_vec();
+                launch.extra = vec!["--log-level".into(), ctx.log_level.clone()];
+            }
+            (Subject::ConsulK8s(_), Kind::Eureka) => {
+                bail!("consul-k8s writes to Consul only (no --registry eureka)")
+            }
+            (Subject::ConsulK8s(c), Kind::Consul) => {
+                let consul = ctx.registry.consul().context("no Consul client")?;
                 if consul.tls() {
                     bail!(
                         "the consul-k8s side-by-side runs over plain HTTP only (no --consul-tls)"
@@ -218,22 +277,34 @@ impl Subject {
         }
     }
 
-    /// What a Pod that is not ready looks like in Consul, for the report.
-    pub fn not_ready_description(&self) -> &'static str {
-        match self {
-            Subject::RegistryConnector => "an instance with a critical check",
-            Subject::ConsulK8s(_) => {
+    /// What a Pod that is not ready looks like in the registry, for the report.
+    pub fn not_ready_description(&self, kind: Kind) -> &'static str {
+        match (self, kind) {
+            (Subject::RegistryConnector, Kind::Consul) => "an instance with a critical check",
+            (Subject::RegistryConnector, Kind::Eureka) => {
+                "an instance with status OUT_OF_SERVICE (the connector's status override)"
+            }
+            (Subject::ConsulK8s(_), _) => {
                 "no instance (this consul-k8s registers the Endpoints' ready addresses only)"
             }
         }
     }
 
-    /// What Consul shows for a Pod that is not ready: a critical check, or (consul-k8s)
-    /// no instance at all (`None`).
-    pub fn not_ready_state(&self) -> Option<&'static str> {
-        match self {
-            Subject::RegistryConnector => Some("critical"),
-            Subject::ConsulK8s(_) => None,
+    /// What the registry shows for a ready Pod: Consul `passing`, Eureka `UP`.
+    pub fn ready_state(&self, kind: Kind) -> &'static str {
+        match kind {
+            Kind::Consul => "passing",
+            Kind::Eureka => "UP",
+        }
+    }
+
+    /// What it shows for a Pod that is not ready: a critical check, `OUT_OF_SERVICE`,
+    /// or (consul-k8s) no instance at all (`None`).
+    pub fn not_ready_state(&self, kind: Kind) -> Option<&'static str> {
+        match (self, kind) {
+            (Subject::RegistryConnector, Kind::Consul) => Some("critical"),
+            (Subject::RegistryConnector, Kind::Eureka) => Some("OUT_OF_SERVICE"),
+            (Subject::ConsulK8s(_), _) => None,
         }
     }
 

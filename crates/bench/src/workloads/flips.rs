@@ -1,12 +1,14 @@
 //! Step 3 of the export workload: readiness flips of random Pods, each timed from the
-//! Pod status write to the Consul answer that shows the instance's new check state.
+//! Pod status write to the registry answer that shows the instance's new state.
 //!
 //! A flip is two status writes on one Pod: Ready False, then (after a gap) True again,
 //! so the set is all ready when the phase ends and both directions are measured. Each
 //! write waits for the previous one to land (or for the land bound). Consul is watched
 //! with blocking queries on the service (`/v1/health/service/<name>?index=`), whose
 //! index moves when the connector's transaction commits: the answer arrives within the
-//! loopback round trip of the commit (a few ms), with no polling interval on top. The
+//! loopback round trip of the commit (a few ms), with no polling interval on top.
+//! Eureka has no blocking queries: `GET /apps/<APP>` is polled (the plan's
+//! `registry_poll`), so its figures carry up to one poll interval more. The
 //! EndpointSlice watch times Kubernetes' share (status write → the controller-manager's
 //! slice update) of the same change.
 
@@ -20,14 +22,14 @@ use rand::Rng;
 
 use crate::export_results::FlipSample;
 use crate::pods::{self, ExportService};
-use crate::registry::consul_export::ExportConsul;
+use crate::registry::export_reader::ExportRegistry;
 use crate::tracker::Tracker;
 
 /// How the flips are made.
 #[derive(Debug, Clone)]
 pub struct FlipOpts {
     pub k: usize,
-    /// A write whose effect is not in Consul within this counts as not landed.
+    /// A write whose effect is not in the registry within this counts as not landed.
     pub land_bound: Duration,
     /// Uniform pause between two writes.
     pub min_gap: Duration,
@@ -38,11 +40,13 @@ pub struct FlipOpts {
 pub struct FlipTarget<'a> {
     pub client: &'a Client,
     pub ns: &'a str,
-    pub consul: &'a ExportConsul,
+    pub registry: &'a ExportRegistry,
     pub slices: &'a Tracker,
     /// When the connector under test started (the samples' time base).
     pub started: Instant,
-    /// What Consul shows for a Pod that is not ready (`None`: no instance).
+    /// What the registry shows for a ready Pod (Consul `passing`, Eureka `UP`).
+    pub ready: &'static str,
+    /// What it shows for a Pod that is not ready (`None`: no instance).
     pub not_ready: Option<&'static str>,
 }
 
@@ -80,24 +84,18 @@ async fn change(
     opts: &FlipOpts,
 ) -> Result<FlipSample> {
     let pod = svc.pods[j].clone();
-    let want = if ready { Some("passing") } else { t.not_ready };
-    // The index to block on is taken before the write, so no commit can be missed.
-    let (_, mut index) = t.consul.instance_status(&svc.name, &pod.ip, 0).await?;
+    let want = if ready { Some(t.ready) } else { t.not_ready };
+    // Taken before the write, so no commit can be missed.
+    let cursor = t.registry.cursor(&svc.name, &pod.ip).await?;
     svc.pods[j].ready = ready;
     let expectation = t.slices.expect(&svc.name, svc.ready_ips());
     let t0 = Instant::now();
     pods::set_status(api, &pod.name, &pod.ip, ready).await?;
     let deadline = t0 + opts.land_bound;
-    let mut landed = None;
-    while Instant::now() < deadline {
-        let (status, at) = t.consul.instance_status(&svc.name, &pod.ip, index).await?;
-        if status.as_deref() == want {
-            landed = Some(Instant::now());
-            break;
-        }
-        // An index that went backwards (a Consul restart) starts over.
-        index = if at < index { 0 } else { at };
-    }
+    let landed = t
+        .registry
+        .wait_status(&svc.name, &pod.ip, want, cursor, deadline)
+        .await?;
     t.slices
         .wait_until(deadline, |s| s.met(expectation).is_some())
         .await;
@@ -110,7 +108,7 @@ async fn change(
         to_ready: ready,
         at_s: t0.saturating_duration_since(t.started).as_secs_f64(),
         slice_ms: t.slices.met(expectation).map(since),
-        consul_ms: latency.filter(|v| *v <= bound_ms),
-        consul_late_ms: latency.filter(|v| *v > bound_ms),
+        registry_ms: latency.filter(|v| *v <= bound_ms),
+        registry_late_ms: latency.filter(|v| *v > bound_ms),
     })
 }
