@@ -299,11 +299,7 @@ impl H2Shard {
         let response = response.await.map_err(Failure::Http2)?;
         let headers_at = std::time::Instant::now();
         let status = response.status();
-        let index = response
-            .headers()
-            .get("X-Consul-Index")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+        let index = super::http::consul_index(response.headers());
         let mut body = response.into_body();
         let mut buffer = BytesMut::new();
         while let Some(chunk) = body.data().await {

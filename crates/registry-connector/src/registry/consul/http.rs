@@ -826,11 +826,7 @@ impl ConsulHttp {
         let headers_at = std::time::Instant::now();
         let status = response.status();
         let version = response.version();
-        let index = response
-            .headers()
-            .get("X-Consul-Index")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+        let index = consul_index(response.headers());
         let body = response.bytes().await.map_err(request_error)?;
         Ok(Answer {
             status,
@@ -894,6 +890,14 @@ impl Answer {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Plain counters: a panic elsewhere leaves them usable.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The `X-Consul-Index` of an answer, when it has a readable one.
+pub(super) fn consul_index(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get("X-Consul-Index")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
 }
 
 /// The timeout of a request: a blocking one outlasts its wait.
