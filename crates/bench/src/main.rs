@@ -422,6 +422,12 @@ async fn export(
             if args.land_bound.is_none() {
                 ep.land_bound = 2 * c.write_interval + Duration::from_secs(15);
             }
+            // It takes its Services one after another, about 5 a second here (seen at
+            // N = 1,000: 590 Services in the 120 s the connector is given); give it room
+            // to finish, so that its time can be reported rather than a timeout.
+            ep.sync_timeout = ep
+                .sync_timeout
+                .max(Duration::from_millis(300 * ep.n as u64) + Duration::from_secs(120));
             Subject::ConsulK8s(c)
         }
     };
