@@ -1,6 +1,7 @@
 //! Test support: a real local control plane (etcd, kube-apiserver, kube-controller-manager),
-//! a real Consul agent and a real Eureka server, started by `scripts/testenv` and shared by
-//! all tests of one test binary.
+//! a real Consul agent and a real Eureka server (and, when the environment was started with
+//! them, a real ZooKeeper and a real Nacos server), started by `scripts/testenv` and shared
+//! by all tests of one test binary.
 //!
 //! `TestEnv::shared()` attaches to an environment that is already up when `TESTENV_DIR`
 //! names one (CI starts one for the whole suite), otherwise it starts its own with
@@ -30,6 +31,8 @@ pub struct TestEnv {
     consul_https_addr: Option<String>,
     eureka_url: Option<String>,
     eureka_jar: Option<PathBuf>,
+    zookeeper_addr: Option<String>,
+    nacos_addr: Option<String>,
 }
 
 static SHARED: OnceLock<std::result::Result<TestEnv, String>> = OnceLock::new();
@@ -98,6 +101,8 @@ impl TestEnv {
             consul_https_addr: get("CONSUL_HTTPS_ADDR"),
             eureka_url: get("EUREKA_URL"),
             eureka_jar: get("TESTENV_EUREKA_JAR").map(PathBuf::from),
+            zookeeper_addr: get("ZOOKEEPER_ADDR"),
+            nacos_addr: get("NACOS_ADDR"),
         })
     }
 
@@ -154,6 +159,26 @@ impl TestEnv {
             .context("this test environment was started without eureka")
     }
 
+    /// `127.0.0.1:PORT` of the ZooKeeper server's client port (`up --with zookeeper`; not
+    /// started by [`TestEnv::shared`]). Standalone, its data on disk: znodes survive
+    /// `stop_component("zookeeper")` and `start_component("zookeeper")`.
+    pub fn zookeeper_addr(&self) -> Result<&str> {
+        self.zookeeper_addr
+            .as_deref()
+            .context("this test environment was started without zookeeper")
+    }
+
+    /// `127.0.0.1:PORT` of the Nacos server's HTTP API (`up --with nacos`; not started by
+    /// [`TestEnv::shared`]): the Open API is under `http://ADDR/nacos/v1/...`, and Nacos's
+    /// clients speak gRPC to PORT + 1000. Ephemeral instances live in memory: after
+    /// `stop_component("nacos")` and `start_component("nacos")` they are gone, while
+    /// persistent instances, configuration and namespaces remain.
+    pub fn nacos_addr(&self) -> Result<&str> {
+        self.nacos_addr
+            .as_deref()
+            .context("this test environment was started without nacos")
+    }
+
     /// The Consul binary the environment's agent runs (the program of its recorded
     /// command line, `DIR/cmd/consul.sh`), else the newest Consul 1.8 in the cache: tests
     /// that need a differently configured agent start a private one from the same binary
@@ -203,7 +228,8 @@ impl TestEnv {
         })
     }
 
-    /// Stops one component (`kube-apiserver`, `consul`, `eureka`, ...) through `scripts/testenv stop`.
+    /// Stops one component (`kube-apiserver`, `consul`, `eureka`, `zookeeper`, `nacos`, ...)
+    /// through `scripts/testenv stop`.
     pub fn stop_component(&self, name: &str) -> Result<()> {
         self.run_script(&["stop", &self.dir.to_string_lossy(), name])
     }
@@ -1128,6 +1154,28 @@ mod tests {
             Some("/home/a b/it's/consul")
         );
         assert_eq!(exec_program("#!/bin/sh\necho hi\n"), None);
+    }
+
+    #[test]
+    fn zookeeper_and_nacos_addresses_come_from_the_env_file() {
+        let dir = std::env::temp_dir().join(unique_name("testenv-env"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = "export KUBECONFIG=/x/admin.kubeconfig\nexport TESTENV_USER_KUBECONFIG=/x/user.kubeconfig\n";
+        std::fs::write(dir.join("env"), base).unwrap();
+        let without = TestEnv::from_dir(&dir).unwrap();
+        assert!(without.zookeeper_addr().is_err());
+        assert!(without.nacos_addr().is_err());
+        std::fs::write(
+            dir.join("env"),
+            format!(
+                "{base}export ZOOKEEPER_ADDR=127.0.0.1:40001\nexport NACOS_ADDR=127.0.0.1:40002\n"
+            ),
+        )
+        .unwrap();
+        let with = TestEnv::from_dir(&dir).unwrap();
+        assert_eq!(with.zookeeper_addr().unwrap(), "127.0.0.1:40001");
+        assert_eq!(with.nacos_addr().unwrap(), "127.0.0.1:40002");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
