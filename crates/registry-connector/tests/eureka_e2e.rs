@@ -111,9 +111,12 @@ async fn out_of_service_instances_leave_the_ready_set_and_come_back() -> Result<
     s.poll_interval = Duration::from_secs(2);
     let interval = s.poll_interval;
     let app = unique_name("api");
-    s.register(Instance::up(&app, "api-1", "192.0.2.41", 8080))
+    // Ids of this run only: Eureka keeps a status override by instance id, even across
+    // applications, so an id a failed run left OUT_OF_SERVICE would start so here.
+    let (one, two) = (format!("{app}-1"), format!("{app}-2"));
+    s.register(Instance::up(&app, &one, "192.0.2.41", 8080))
         .await?;
-    s.register(Instance::up(&app, "api-2", "192.0.2.42", 8080))
+    s.register(Instance::up(&app, &two, "192.0.2.42", 8080))
         .await?;
     let passing_only = s.connector(&[])?;
     // A second connector publishing every instance, ready or not, in its own namespace.
@@ -124,7 +127,7 @@ async fn out_of_service_instances_leave_the_ready_set_and_come_back() -> Result<
         wait_endpoints(client, namespace, &app, BOTH_READY).await?;
     }
 
-    s.set_status(&app, "api-2", "OUT_OF_SERVICE").await?;
+    s.set_status(&app, &two, "OUT_OF_SERVICE").await?;
     let started = Instant::now();
     wait_endpoints(client, ns, &app, &[("192.0.2.41", true)]).await?;
     let took = started.elapsed();
@@ -140,7 +143,7 @@ async fn out_of_service_instances_leave_the_ready_set_and_come_back() -> Result<
     // test's own polling fit in the second.
     assert!(took < 2 * interval, "took {took:?}");
 
-    s.set_status(&app, "api-2", "UP").await?;
+    s.set_status(&app, &two, "UP").await?;
     for namespace in [ns, all_ns.name()] {
         wait_endpoints(client, namespace, &app, BOTH_READY).await?;
     }

@@ -14,6 +14,42 @@ use crate::labels::RESERVED_KEYS;
 use crate::model::ServiceMetadata;
 use crate::naming::{is_label_value, is_qualified_name};
 
+/// A registry entry's metadata, read by key: the map types the sources keep.
+pub trait MetadataLookup {
+    fn value(&self, key: &str) -> Option<&str>;
+}
+
+impl MetadataLookup for BTreeMap<String, String> {
+    fn value(&self, key: &str) -> Option<&str> {
+        self.get(key).map(String::as_str)
+    }
+}
+
+/// Metadata as a sorted vector of boxed strings: what a source keeps for every instance
+/// it mirrors (a `BTreeMap` allocates a leaf with room for eleven entries per instance).
+pub type CompactMetadata = litemap::LiteMap<Box<str>, Box<str>>;
+
+impl MetadataLookup for CompactMetadata {
+    fn value(&self, key: &str) -> Option<&str> {
+        self.get(key).map(|v| &**v)
+    }
+}
+
+/// A [`CompactMetadata`] of `entries`, in any order; of two with one key the last wins.
+pub fn compact_metadata(entries: impl IntoIterator<Item = (String, String)>) -> CompactMetadata {
+    let mut pairs: Vec<(Box<str>, Box<str>)> = entries
+        .into_iter()
+        .map(|(k, v)| (k.into_boxed_str(), v.into_boxed_str()))
+        .collect();
+    // Stable, so that among equal keys the order of arrival stays and the last is kept.
+    pairs.sort_by(|a, b| a.0.cmp(&b.0));
+    pairs.reverse();
+    pairs.dedup_by(|later, earlier| later.0 == earlier.0);
+    pairs.reverse();
+    pairs.shrink_to_fit();
+    CompactMetadata::from_sorted_store_unchecked(pairs)
+}
+
 /// Which metadata keys become labels and which become annotations.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MetadataAllowList {
@@ -81,9 +117,9 @@ impl MetadataAllowList {
     }
 
     /// The labels and annotations for a service whose instances carry `instances`.
-    pub fn apply<'a>(
+    pub fn apply<'a, M: MetadataLookup + 'a>(
         &self,
-        instances: impl IntoIterator<Item = &'a BTreeMap<String, String>>,
+        instances: impl IntoIterator<Item = &'a M>,
     ) -> (ServiceMetadata, Vec<MetadataIssue>) {
         let mut out = ServiceMetadata::default();
         let mut issues = Vec::new();
@@ -93,7 +129,7 @@ impl MetadataAllowList {
         let mut values: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
         for metadata in instances {
             for key in self.labels.iter().chain(&self.annotations) {
-                if let Some(value) = metadata.get(key) {
+                if let Some(value) = metadata.value(key) {
                     values.entry(key).or_default().insert(value.trim());
                 }
             }

@@ -50,6 +50,10 @@ pub enum EurekaError {
         source: serde_json::Error,
     },
 
+    /// The decoding of an answer as it arrived was cut short (the runtime is stopping).
+    #[error("GET {url}: decoding the answer was cut short")]
+    DecodeCancelled { url: String },
+
     /// A registration body could not be encoded.
     #[error("{url}: cannot encode the registration")]
     Encode {

@@ -17,8 +17,37 @@ use reqwest::{Method, Url};
 
 use super::api::{self, Applications};
 use super::config::EurekaConfig;
+use super::delta::{self, DecodedDelta, DeltaMemo};
 use super::error::EurekaError;
 use super::metrics::{Endpoint, EurekaMetrics};
+
+/// An answer's body as a blocking reader, fed chunk by chunk by the task that reads it
+/// (see [`EurekaHttp::fetch_streamed`]). Written here rather than taken from tokio-util's
+/// `SyncIoBridge`: that polls the body, and reqwest's timeout timer with it, from the
+/// blocking thread, which stalled reads for seconds and panics when the runtime stops
+/// during a read. Here every poll stays on the runtime; the reader only waits on a
+/// channel, which ends (as an end of input) when the reading task is dropped.
+pub struct BodyReader {
+    chunks: tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>,
+    current: bytes::Bytes,
+}
+
+impl std::io::Read for BodyReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use bytes::Buf;
+        while self.current.is_empty() {
+            match self.chunks.blocking_recv() {
+                Some(Ok(chunk)) => self.current = chunk,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        self.current.advance(n);
+        Ok(n)
+    }
+}
 
 /// What a write request answered, when it did not fail.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,10 +163,18 @@ impl EurekaHttp {
         &self.urls[self.peer()]
     }
 
-    /// `GET apps/`: the whole registry.
+    /// `GET apps/`: the whole registry, decoded as it arrives.
     pub async fn apps(&self) -> Result<Applications, EurekaError> {
-        self.get(Endpoint::Apps, &["apps", ""], api::decode_applications)
-            .await
+        let index = self.peer();
+        let url = join(&self.urls[index], &["apps", ""]);
+        let result = self
+            .fetch_streamed(
+                url,
+                self.credentials[index].as_ref(),
+                api::read_applications,
+            )
+            .await;
+        self.finish(Endpoint::Apps, index, result)
     }
 
     /// `GET apps/delta`: the changes of the last few minutes, and the hash code of the
@@ -151,15 +188,17 @@ impl EurekaHttp {
         .await
     }
 
-    /// `GET /apps/delta`, decoding only the entries that `last` did not hold.
-    pub async fn delta_since(
-        &self,
-        last: &api::DeltaMemo,
-    ) -> Result<api::DecodedDelta, EurekaError> {
-        self.get(Endpoint::Delta, &["apps", "delta"], |body| {
-            api::decode_delta(body, last)
-        })
-        .await
+    /// `GET /apps/delta` decoded as it arrives, only the entries that `last` did not
+    /// hold (see [`DeltaMemo`]).
+    pub async fn delta_since(&self, last: Arc<DeltaMemo>) -> Result<DecodedDelta, EurekaError> {
+        let index = self.peer();
+        let url = join(&self.urls[index], &["apps", "delta"]);
+        let result = self
+            .fetch_streamed(url, self.credentials[index].as_ref(), move |body| {
+                delta::read_delta(body, &last)
+            })
+            .await;
+        self.finish(Endpoint::Delta, index, result)
     }
 
     /// `GET apps/` decoded by `decode` (the writer reads other fields than the source).
@@ -370,6 +409,16 @@ impl EurekaHttp {
         let result = self
             .fetch(url, self.credentials[index].as_ref(), decode)
             .await;
+        self.finish(endpoint, index, result)
+    }
+
+    /// Counts a read and moves to the next peer when it failed.
+    fn finish<T>(
+        &self,
+        endpoint: Endpoint,
+        index: usize,
+        result: Result<T, EurekaError>,
+    ) -> Result<T, EurekaError> {
         self.metrics.record(endpoint, result.is_ok());
         // A refused delta is not this peer failing: the full read that follows asks the
         // same peer whether it serves `/apps` (deltas off) or refuses everything.
@@ -390,6 +439,85 @@ impl EurekaHttp {
         decode: impl FnOnce(&[u8]) -> Result<T, serde_json::Error>,
     ) -> Result<T, EurekaError> {
         let shown = url.to_string();
+        let response = self.answer(url, credentials).await?;
+        let body = response
+            .bytes()
+            .await
+            .map_err(|source| EurekaError::Request {
+                method: "GET",
+                url: shown.clone(),
+                source,
+            })?;
+        decode(&body).map_err(|source| EurekaError::Decode { url: shown, source })
+    }
+
+    /// `GET url` with the body decoded by `decode` while it is read, on a blocking
+    /// thread: serde_json reads from `std::io::Read` only, and tokio-util's bridge turns
+    /// the body's stream into one. A registry read is never held whole (25 MB of JSON at
+    /// 30,000 instances, beside what it decodes to). The request's timeout still covers
+    /// the whole body.
+    async fn fetch_streamed<T: Send + 'static>(
+        &self,
+        url: Url,
+        credentials: Option<&Credentials>,
+        decode: impl FnOnce(std::io::BufReader<BodyReader>) -> Result<T, serde_json::Error>
+            + Send
+            + 'static,
+    ) -> Result<T, EurekaError> {
+        let shown = url.to_string();
+        let mut response = self.answer(url, credentials).await?;
+        // A few chunks in flight between the reader and the decoder, no more.
+        let (tx, chunks) = tokio::sync::mpsc::channel(4);
+        let reader = BodyReader {
+            chunks,
+            current: bytes::Bytes::new(),
+        };
+        let decoder = tokio::task::spawn_blocking(move || {
+            decode(std::io::BufReader::with_capacity(16 * 1024, reader))
+        });
+        let mut read_error = None;
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    // The decoder stopped (the body is not what it reads): stop too.
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx
+                        .send(Err(std::io::Error::other("the answer was cut short")))
+                        .await;
+                    read_error = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let decoded = decoder.await;
+        if let Some(source) = read_error {
+            return Err(EurekaError::Request {
+                method: "GET",
+                url: shown,
+                source,
+            });
+        }
+        match decoded {
+            Ok(result) => result.map_err(|source| EurekaError::Decode { url: shown, source }),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(EurekaError::DecodeCancelled { url: shown }),
+        }
+    }
+
+    /// `GET url`, answered with a success status (an error status becomes an error, with
+    /// the start of its body).
+    async fn answer(
+        &self,
+        url: Url,
+        credentials: Option<&Credentials>,
+    ) -> Result<reqwest::Response, EurekaError> {
+        let shown = url.to_string();
         let mut request = self
             .client
             .get(url)
@@ -405,8 +533,8 @@ impl EurekaHttp {
         };
         let response = request.send().await.map_err(request_error)?;
         let status = response.status();
-        let body = response.bytes().await.map_err(request_error)?;
         if !status.is_success() {
+            let body = response.bytes().await.map_err(request_error)?;
             return Err(EurekaError::Status {
                 method: "GET",
                 url: shown,
@@ -414,7 +542,7 @@ impl EurekaHttp {
                 body: crate::registry::error_body(&body),
             });
         }
-        decode(&body).map_err(|source| EurekaError::Decode { url: shown, source })
+        Ok(response)
     }
 }
 

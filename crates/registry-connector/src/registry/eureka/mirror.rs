@@ -8,7 +8,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::api::{ActionType, Applications, DeltaMemo, Instance, Status};
+use super::api::{ActionType, Applications, Instance, Status};
+use super::delta::DeltaMemo;
 
 /// Instances of one application, sorted by instance id. A sorted vector, not a B-tree:
 /// an application has a handful of instances, and a B-tree leaf keeps room for eleven
@@ -95,28 +96,31 @@ pub struct Mirror {
     unkeyed: usize,
     /// The entries of the last delta applied to this copy (empty after a full read, so
     /// that the first delta after it is applied whole).
-    delta_memo: DeltaMemo,
+    delta_memo: std::sync::Arc<DeltaMemo>,
 }
 
 impl Mirror {
-    /// The registry as a full fetch reports it.
-    pub fn from_full(answer: &Applications) -> Self {
+    /// The registry as a full fetch reports it. Takes the answer by value: its instances
+    /// move into the copy, so that the registry is not held twice while it is built
+    /// (30,000 instances are tens of MiB).
+    pub fn from_full(answer: Applications) -> Self {
         let mut mirror = Self::default();
-        let mut by_app: BTreeMap<&str, Vec<(String, Instance)>> = BTreeMap::new();
-        for app in &answer.applications {
-            for instance in &app.instances {
+        let mut by_app: BTreeMap<String, Vec<(String, Instance)>> = BTreeMap::new();
+        for app in answer.applications {
+            let mut keyed = Vec::with_capacity(app.instances.len());
+            for instance in app.instances {
                 match instance.id() {
-                    Some(id) => by_app
-                        .entry(&app.name)
-                        .or_default()
-                        .push((id.to_string(), stored(instance))),
+                    Some(id) => keyed.push((id.to_string(), into_stored(instance))),
                     None => mirror.unkeyed += 1,
                 }
+            }
+            if !keyed.is_empty() {
+                by_app.entry(app.name).or_default().append(&mut keyed);
             }
         }
         mirror.apps = by_app
             .into_iter()
-            .map(|(app, instances)| (app.to_string(), instances.into_iter().collect()))
+            .map(|(app, instances)| (app, instances.into_iter().collect()))
             .collect();
         mirror
     }
@@ -145,13 +149,13 @@ impl Mirror {
     }
 
     /// What the last delta applied held (see [`DeltaMemo`]).
-    pub fn delta_memo(&self) -> &DeltaMemo {
-        &self.delta_memo
+    pub fn delta_memo(&self) -> std::sync::Arc<DeltaMemo> {
+        self.delta_memo.clone()
     }
 
     /// Remembers the entries of the delta just applied.
     pub fn remember_delta(&mut self, memo: DeltaMemo) {
-        self.delta_memo = memo;
+        self.delta_memo = std::sync::Arc::new(memo);
     }
 
     /// Eureka's reconcile hash code of this copy: `<STATUS>_<count>_` for each status
@@ -233,10 +237,14 @@ impl Mirror {
 /// here, and the dirty timestamp when, not what it is: two copies of one instance must
 /// compare equal whichever answer they came from.
 fn stored(instance: &Instance) -> Instance {
-    let mut stored = instance.clone();
-    stored.action_type = None;
-    stored.last_dirty_timestamp = None;
-    stored
+    into_stored(instance.clone())
+}
+
+/// [`stored`] of an instance the caller gives up.
+fn into_stored(mut instance: Instance) -> Instance {
+    instance.action_type = None;
+    instance.last_dirty_timestamp = None;
+    instance
 }
 
 #[cfg(test)]
@@ -317,7 +325,7 @@ mod tests {
             ],
             "",
         );
-        let mirror = Mirror::from_full(&full);
+        let mirror = Mirror::from_full(full.clone());
         assert_eq!(mirror.reconcile_hash(), "DOWN_1_OUT_OF_SERVICE_1_UP_2_");
         assert_eq!(Mirror::default().reconcile_hash(), "");
         assert_eq!(mirror.instance_count(), 4);
@@ -333,7 +341,7 @@ mod tests {
             last_dirty_timestamp: Some(at),
             ..instance("a1", Status::Up, action)
         };
-        let mut mirror = Mirror::from_full(&answer(&[("A", vec![dirty(1, None)])], "UP_1_"));
+        let mut mirror = Mirror::from_full(answer(&[("A", vec![dirty(1, None)])], "UP_1_"));
         let changed = mirror.apply_delta(&answer(
             &[("A", vec![dirty(2, Some(ActionType::Modified))])],
             "UP_1_",
@@ -354,7 +362,7 @@ mod tests {
 
     #[test]
     fn deltas_add_modify_and_delete() {
-        let mut mirror = Mirror::from_full(&answer(
+        let mut mirror = Mirror::from_full(answer(
             &[("A", vec![instance("a1", Status::Up, None)])],
             "UP_1_",
         ));
@@ -410,15 +418,15 @@ mod tests {
             ],
             "UP_1_",
         );
-        let mut mirror = Mirror::from_full(&full);
+        let mut mirror = Mirror::from_full(full.clone());
         assert!(mirror.apply_delta(&delta).is_empty());
-        assert_eq!(mirror, Mirror::from_full(&full));
+        assert_eq!(mirror, Mirror::from_full(full.clone()));
     }
 
     #[test]
     fn delta_entries_without_a_known_action_are_ignored() {
         let full = answer(&[("A", vec![instance("a1", Status::Up, None)])], "UP_1_");
-        let mut mirror = Mirror::from_full(&full);
+        let mut mirror = Mirror::from_full(full.clone());
         let changed = mirror.apply_delta(&answer(
             &[(
                 "A",
@@ -430,7 +438,7 @@ mod tests {
             "UP_1_",
         ));
         assert!(changed.is_empty());
-        assert_eq!(mirror, Mirror::from_full(&full));
+        assert_eq!(mirror, Mirror::from_full(full.clone()));
     }
 
     #[test]
@@ -439,7 +447,7 @@ mod tests {
             status: Status::Up,
             ..Instance::default()
         };
-        let mirror = Mirror::from_full(&answer(
+        let mirror = Mirror::from_full(answer(
             &[("A", vec![nameless, instance("a1", Status::Up, None)])],
             "UP_2_",
         ));

@@ -19,6 +19,7 @@
 
 pub mod api;
 pub mod config;
+pub mod delta;
 pub mod error;
 pub mod http;
 pub mod metrics;

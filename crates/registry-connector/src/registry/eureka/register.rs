@@ -27,6 +27,7 @@ use serde_json::{json, Map, Value};
 
 use super::api::{self, Application, Status};
 use crate::export::model::{meta_keys, Health, Instance, ServiceKey};
+use crate::registry::metadata::MetadataLookup;
 
 /// Eureka's data-center class for instances outside AWS.
 pub const DATA_CENTER_CLASS: &str = "com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo";
@@ -70,14 +71,13 @@ pub fn health(status: Status) -> Health {
 
 /// Whether an instance came from Kubernetes (registered by any registry-connector):
 /// the Eureka source skips these, so that `both` mode does not loop.
-pub fn is_exported(metadata: &BTreeMap<String, String>) -> bool {
-    metadata.get(meta_keys::SOURCE).map(String::as_str) == Some(meta_keys::SOURCE_VALUE)
+pub fn is_exported(metadata: &impl MetadataLookup) -> bool {
+    metadata.value(meta_keys::SOURCE) == Some(meta_keys::SOURCE_VALUE)
 }
 
 /// Whether an instance is this connector's: exported, and naming `connector_id`.
-pub fn is_owned(metadata: &BTreeMap<String, String>, connector_id: &str) -> bool {
-    is_exported(metadata)
-        && metadata.get(meta_keys::CONNECTOR).map(String::as_str) == Some(connector_id)
+pub fn is_owned(metadata: &impl MetadataLookup, connector_id: &str) -> bool {
+    is_exported(metadata) && metadata.value(meta_keys::CONNECTOR) == Some(connector_id)
 }
 
 /// The metadata map of a registration: the instance's own entries, the ownership keys,
@@ -157,7 +157,7 @@ pub fn registration(
 pub fn decode(app: &str, entry: &api::Instance) -> Option<Instance> {
     let id = entry.id()?.to_string();
     let meta = &entry.metadata;
-    let text = |key: &str| meta.get(key).cloned().unwrap_or_default();
+    let text = |key: &str| meta.value(key).unwrap_or_default().to_string();
     let address = [&entry.host_name, &entry.ip_addr]
         .into_iter()
         .filter_map(|v| v.as_deref())
@@ -188,7 +188,7 @@ pub fn decode(app: &str, entry: &api::Instance) -> Option<Instance> {
     let extra = meta
         .iter()
         .filter(|(k, _)| !meta_keys::is_reserved(k))
-        .map(|(k, v)| (k.clone(), v.clone()))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     Some(Instance {
         id,
@@ -443,10 +443,9 @@ mod tests {
                 number: Some(80),
                 enabled: Some(true),
             }),
-            metadata: meta
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            metadata: crate::registry::metadata::compact_metadata(
+                meta.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+            ),
             last_dirty_timestamp: Some(7),
             ..api::Instance::default()
         }

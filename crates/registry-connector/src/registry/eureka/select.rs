@@ -32,7 +32,7 @@ use crate::model::{
     MicroSvcName, MicroSvcPort,
 };
 use crate::naming::{is_dns1123_subdomain, is_valid_external_name, kube_service_name};
-use crate::registry::metadata::{MetadataAllowList, MetadataIssue};
+use crate::registry::metadata::{MetadataAllowList, MetadataIssue, MetadataLookup};
 
 use super::api::{Instance, Status};
 use super::mirror::AppInstances;
@@ -85,7 +85,7 @@ impl Selection {
             && self
                 .filter_metadata
                 .iter()
-                .all(|(key, value)| instance.metadata.get(key) == Some(value))
+                .all(|(key, value)| instance.metadata.value(key) == Some(value.as_str()))
     }
 
     /// Builds what the application `app` publishes from its instances.
