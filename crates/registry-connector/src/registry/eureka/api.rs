@@ -277,12 +277,6 @@ pub fn decode_applications(body: &[u8]) -> Result<Applications, serde_json::Erro
     serde_json::from_slice::<Envelope>(body).map(|e| e.applications)
 }
 
-/// Decodes a `GET /apps` body as it is read, so that the body is never held whole
-/// (41 MiB at 30,000 instances, beside what it decodes to).
-pub fn read_applications(body: impl std::io::Read) -> Result<Applications, serde_json::Error> {
-    serde_json::from_reader::<_, Envelope>(body).map(|e| e.applications)
-}
-
 /// A list, a single element standing for a list of one, or null. Streams the elements
 /// (a visitor, not an intermediate `Value` tree): the application and instance lists
 /// hold the whole registry, which can be tens of megabytes.
@@ -554,33 +548,6 @@ mod tests {
             instances[0].secure_port.as_ref().and_then(|p| p.number),
             Some(8443)
         );
-    }
-
-    /// A reader that hands out one byte per call, as a slow body would.
-    struct Trickle<'a>(&'a [u8]);
-
-    impl std::io::Read for Trickle<'_> {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            let Some((first, rest)) = self.0.split_first() else {
-                return Ok(0);
-            };
-            match buf.first_mut() {
-                Some(slot) => {
-                    *slot = *first;
-                    self.0 = rest;
-                    Ok(1)
-                }
-                None => Ok(0),
-            }
-        }
-    }
-
-    #[test]
-    fn a_body_read_as_it_arrives_decodes_like_one_in_memory() {
-        let whole = decode_applications(FULL.as_bytes()).expect("decodes");
-        let streamed = read_applications(Trickle(FULL.as_bytes())).expect("decodes");
-        assert_eq!(streamed, whole);
-        assert!(read_applications(Trickle(br#"{"applications":{}} trailing"#)).is_err());
     }
 
     #[test]

@@ -21,7 +21,10 @@ use super::api::{Application, Applications, Instance};
 /// and decoding them all again at each poll made the poll's work, not its interval,
 /// bound the latency. An entry whose exact text the last delta already carried was
 /// applied then (a delta entry is the instance's current state), so it is skipped
-/// without being decoded. Reset by every full read.
+/// without being decoded. A full read fills it with its own entries: an instance that did
+/// not change has the same text in `/apps` and in `/apps/delta`, so the first delta
+/// after a full read decodes only what changed since (30,000 entries decoded again and
+/// held beside the fresh copy otherwise, right after a mass registration).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DeltaMemo {
     entries: std::collections::HashSet<u64>,
@@ -56,8 +59,8 @@ pub struct DecodedDelta {
     pub skipped: usize,
 }
 
-/// Decodes a `GET /apps/delta` body as it is read, skipping the entries `last` already
-/// held (see [`DeltaMemo`]). The result equals [`super::api::decode_applications`] of the
+/// Decodes a `GET /apps/delta` body (or a `GET /apps` one, with an empty `last`) as it
+/// is read, skipping the entries `last` already held (see [`DeltaMemo`]). The result equals [`super::api::decode_applications`] of the
 /// same body minus those entries.
 pub fn read_delta(body: impl Read, last: &DeltaMemo) -> Result<DecodedDelta, serde_json::Error> {
     let mut out = DecodedDelta {
@@ -391,6 +394,36 @@ mod tests {
             decode_delta(b"{}", &DeltaMemo::default()).is_err(),
             "no applications"
         );
+    }
+
+    /// A reader that hands out one byte per call, as a slow body would.
+    struct Trickle<'a>(&'a [u8]);
+
+    impl std::io::Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let Some((first, rest)) = self.0.split_first() else {
+                return Ok(0);
+            };
+            match buf.first_mut() {
+                Some(slot) => {
+                    *slot = *first;
+                    self.0 = rest;
+                    Ok(1)
+                }
+                None => Ok(0),
+            }
+        }
+    }
+
+    #[test]
+    fn a_body_read_as_it_arrives_decodes_like_one_in_memory() {
+        let whole = decode_applications(DELTA.as_bytes()).expect("decodes");
+        let streamed =
+            read_delta(Trickle(DELTA.as_bytes()), &DeltaMemo::default()).expect("decodes");
+        assert_eq!(streamed.applications, whole);
+        assert_eq!(streamed.memo.len(), 3);
+        let trailing = br#"{"applications":{}} trailing"#;
+        assert!(read_delta(Trickle(trailing), &DeltaMemo::default()).is_err());
     }
 
     #[test]

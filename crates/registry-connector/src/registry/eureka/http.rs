@@ -163,16 +163,15 @@ impl EurekaHttp {
         &self.urls[self.peer()]
     }
 
-    /// `GET apps/`: the whole registry, decoded as it arrives.
-    pub async fn apps(&self) -> Result<Applications, EurekaError> {
+    /// `GET apps/`: the whole registry, decoded as it arrives, with the memo of its
+    /// entries (see [`DeltaMemo`]).
+    pub async fn apps(&self) -> Result<DecodedDelta, EurekaError> {
         let index = self.peer();
         let url = join(&self.urls[index], &["apps", ""]);
         let result = self
-            .fetch_streamed(
-                url,
-                self.credentials[index].as_ref(),
-                api::read_applications,
-            )
+            .fetch_streamed(url, self.credentials[index].as_ref(), |body| {
+                delta::read_delta(body, &DeltaMemo::default())
+            })
             .await;
         self.finish(Endpoint::Apps, index, result)
     }

@@ -94,8 +94,7 @@ pub struct Mirror {
     /// Instances without an id (neither `instanceId` nor `hostName`): they cannot be
     /// tracked by deltas, so they are counted and left out.
     unkeyed: usize,
-    /// The entries of the last delta applied to this copy (empty after a full read, so
-    /// that the first delta after it is applied whole).
+    /// The entries of the last answer applied to this copy, full read or delta.
     delta_memo: std::sync::Arc<DeltaMemo>,
 }
 

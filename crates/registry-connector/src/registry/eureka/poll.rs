@@ -162,13 +162,15 @@ impl Poller {
         reason: FullFetchReason,
         mirror: &mut Mirror,
     ) -> Result<bool, EurekaError> {
-        let mut answer = self.http.apps().await?;
+        let read = self.http.apps().await?;
+        let mut answer = read.applications;
         self.metrics.full_fetch(reason);
         // As for deltas, an absent hash code is an empty one (the empty registry's).
         let theirs = answer.apps_hashcode.take().unwrap_or_default();
         // The old copy goes before the new one is built: never two at once.
         *mirror = Mirror::default();
         *mirror = Mirror::from_full(answer);
+        mirror.remember_delta(read.memo);
         let hash = mirror.reconcile_hash();
         let hash_agrees = theirs == hash;
         self.reported.retain(|app| mirror.app(app).is_some());
