@@ -47,9 +47,11 @@ impl Kind {
     }
 }
 
-/// `ConnectionSetupRequest`, the first message on the bi stream. No `abilityTable`: the
-/// connector needs no negotiated ability, and the server sends its `SetupAckRequest`
-/// either way (which tells that the connection is registered).
+/// `ConnectionSetupRequest`, the first message on the bi stream. An (empty)
+/// `abilityTable` marks a client that negotiates abilities: the server then answers with
+/// a `SetupAckRequest` once it registered the connection, which is how the client knows
+/// requests may start (and, grpc-java sending headers only with a first message, what
+/// makes the stream's response start at all). No ability is needed for reading.
 pub const CONNECTION_SETUP: &str = "ConnectionSetupRequest";
 /// Server → client requests this client understands.
 pub const NOTIFY_SUBSCRIBER: &str = "NotifySubscriberRequest";
@@ -79,6 +81,7 @@ pub fn connection_setup(namespace: &str) -> Value {
         "clientVersion": CLIENT_VERSION,
         "tenant": namespace,
         "labels": {"source": "sdk", "module": "naming"},
+        "abilityTable": {},
         "module": "internal",
     })
 }

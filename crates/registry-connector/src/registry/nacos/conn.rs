@@ -119,40 +119,23 @@ impl Connection {
             conn.headers(),
         );
         let _ = outbound.unbounded_send(setup);
-        let mut grpc = conn.grpc.clone();
-        let open = async {
-            grpc.ready().await.map_err(|e| {
-                NacosError::rpc(Kind::ServerCheck, tonic::Status::from_error(e.into()))
-            })?;
-            grpc.streaming(
-                tonic::Request::new(outbound_rx),
-                proto::path(proto::BI_STREAM_PATH),
-                proto::codec(),
-            )
-            .await
-            .map_err(|source| NacosError::Rpc {
-                kind: "bi_stream",
-                source,
-            })
-        };
-        let inbound = tokio::time::timeout(timeout, open)
-            .await
-            .map_err(|_| NacosError::Timeout {
-                kind: "bi_stream",
-                timeout,
-            })??
-            .into_inner();
+        // The stream is opened by the reader: grpc-java sends the response headers only
+        // with the server's first message, so awaiting them here would wait for it.
         let (ack_tx, ack_rx) = oneshot::channel();
         conn.reader = tokio::spawn(read(
-            inbound,
+            conn.grpc.clone(),
+            outbound_rx,
             outbound,
             events,
             ack_tx,
             Arc::clone(&conn.metrics),
             Arc::clone(&conn.last_active),
         ));
-        if tokio::time::timeout(SETUP_ACK_WAIT, ack_rx).await.is_err() {
-            debug!(server, "no SetupAckRequest from Nacos; going on");
+        match tokio::time::timeout(SETUP_ACK_WAIT, ack_rx).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(why))) => return Err(NacosError::Closed(why)),
+            Ok(Err(_)) => return Err(NacosError::Closed("the reader stopped".into())),
+            Err(_) => debug!(server, "no SetupAckRequest from Nacos yet; going on"),
         }
         Ok((conn, events_rx))
     }
@@ -269,16 +252,39 @@ pub fn decode<T: DeserializeOwned>(kind: Kind, answer: &Payload) -> Result<T, Na
     })
 }
 
-/// The bi stream's reader: answers the server and hands pushes on, until the stream ends.
+/// The bi stream: opens it, answers the server and hands pushes on, until it ends.
+/// `setup_ack` learns when the server registered the connection, or why the stream
+/// ended before.
 async fn read(
-    mut inbound: tonic::Streaming<Payload>,
+    mut grpc: Grpc<Channel>,
+    requests: fmpsc::UnboundedReceiver<Payload>,
     outbound: fmpsc::UnboundedSender<Payload>,
     events: mpsc::UnboundedSender<Inbound>,
-    setup_ack: oneshot::Sender<()>,
+    setup_ack: oneshot::Sender<Result<(), String>>,
     metrics: Arc<NacosMetrics>,
     last_active: Arc<Mutex<Instant>>,
 ) {
     let mut setup_ack = Some(setup_ack);
+    let opened = async {
+        grpc.ready().await.map_err(|e| e.to_string())?;
+        grpc.streaming(
+            tonic::Request::new(requests),
+            proto::path(proto::BI_STREAM_PATH),
+            proto::codec(),
+        )
+        .await
+        .map_err(|status| format!("opening the stream failed: {status}"))
+    };
+    let mut inbound = match opened.await {
+        Ok(response) => response.into_inner(),
+        Err(why) => {
+            if let Some(ack) = setup_ack.take() {
+                let _ = ack.send(Err(why.clone()));
+            }
+            let _ = events.send(Inbound::Closed(why));
+            return;
+        }
+    };
     let reply = |request_type: &str, request_id: &str| {
         if let Some(kind) = api::response_type(request_type) {
             let _ =
@@ -295,6 +301,7 @@ async fn read(
         match message.kind() {
             api::NOTIFY_SUBSCRIBER => {
                 metrics.pushes_received.inc();
+                tracing::trace!(body = %String::from_utf8_lossy(message.json()), "Nacos push");
                 match serde_json::from_slice::<api::NotifySubscriber>(message.json()) {
                     Ok(push) => {
                         reply(api::NOTIFY_SUBSCRIBER, &push.request_id);
@@ -324,7 +331,7 @@ async fn read(
             }
             api::SETUP_ACK => {
                 if let Some(ack) = setup_ack.take() {
-                    let _ = ack.send(());
+                    let _ = ack.send(Ok(()));
                 }
             }
             other => debug!(
@@ -333,6 +340,9 @@ async fn read(
             ),
         }
     };
+    if let Some(ack) = setup_ack.take() {
+        let _ = ack.send(Err(closed.clone()));
+    }
     let _ = events.send(Inbound::Closed(closed));
 }
 
@@ -381,7 +391,7 @@ mod tests {
         );
         assert!(!refused.is_connection_lost());
         assert!(matches!(
-            decode::<api::ServiceListResponse>(Kind::ServiceList, &payload("X", "[]")),
+            decode::<api::ServiceListResponse>(Kind::ServiceList, &payload("X", "7")),
             Err(NacosError::Decode { .. })
         ));
     }
