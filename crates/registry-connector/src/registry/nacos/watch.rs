@@ -20,8 +20,8 @@
 //! restart every such service reads empty for a while. A service that had instances
 //! and reads empty is therefore held: it stays published until a confirming
 //! `ServiceQueryRequest` after `empty_confirm_delay` (2 s) still finds it empty, and
-//! during the first `reconnect_grace` (30 s) of a connection not before that grace has
-//! passed. A real scale to zero thus reaches Kubernetes 2 s late (30 s right after a
+//! during the first `reconnect_grace` (30 s) of a *re*connection not before that grace
+//! has passed. A real scale to zero thus reaches Kubernetes 2 s late (30 s right after a
 //! reconnect); an instance that comes back meanwhile ends the hold with its push. The
 //! sink's mass-deletion guard stays the second line.
 
@@ -196,7 +196,14 @@ impl Watcher {
                 tracked.subscribed = false;
             }
             self.metrics.subscribed_services.set(0);
-            let end = self.session(&conn, events, &shutdown).await;
+            // The first connection reads no restart artefact: what was read empty on it
+            // had instances on it before.
+            let grace = if opened > 1 {
+                self.cfg.reconnect_grace
+            } else {
+                Duration::ZERO
+            };
+            let end = self.session(&conn, events, &shutdown, grace).await;
             self.metrics.connected.set(0);
             self.metrics.subscribed_services.set(0);
             match end {
@@ -248,8 +255,10 @@ impl Watcher {
         conn: &Connection,
         mut events: mpsc::UnboundedReceiver<Inbound>,
         shutdown: &CancellationToken,
+        grace: Duration,
     ) -> SessionEnd {
-        let connected_at = Instant::now();
+        // Holds end no earlier than this (see the module documentation).
+        let holds_until = Instant::now() + grace;
         let mut next_list = Instant::now();
         let mut listed_whole = false;
         let mut tick = tokio::time::interval(TICK);
@@ -269,7 +278,7 @@ impl Watcher {
                     Err(e) => return SessionEnd::Lost(e),
                 }
             }
-            if let Err(e) = self.subscribe_pending(conn, connected_at).await {
+            if let Err(e) = self.subscribe_pending(conn, holds_until).await {
                 return SessionEnd::Lost(e);
             }
             if !self.synced && listed_whole && self.services.values().all(|t| t.subscribed) {
@@ -287,12 +296,12 @@ impl Watcher {
                 biased;
                 _ = shutdown.cancelled() => return SessionEnd::Shutdown,
                 event = events.recv() => match event {
-                    Some(Inbound::Push(push)) => self.on_push(*push, connected_at),
+                    Some(Inbound::Push(push)) => self.on_push(*push, holds_until),
                     Some(Inbound::Closed(why)) => return SessionEnd::Lost(NacosError::Closed(why)),
                     None => return SessionEnd::Lost(NacosError::Closed("the reader stopped".into())),
                 },
                 _ = tick.tick() => {
-                    if let Err(e) = self.on_tick(conn, connected_at).await {
+                    if let Err(e) = self.on_tick(conn, holds_until).await {
                         return SessionEnd::Lost(e);
                     }
                 }
@@ -301,11 +310,7 @@ impl Watcher {
     }
 
     /// Keepalive, confirmations of emptied services, the token.
-    async fn on_tick(
-        &mut self,
-        conn: &Connection,
-        connected_at: Instant,
-    ) -> Result<(), NacosError> {
+    async fn on_tick(&mut self, conn: &Connection, holds_until: Instant) -> Result<(), NacosError> {
         if conn.idle_for() >= KEEPALIVE_IDLE {
             conn.request::<api::Status>(Kind::HealthCheck, api::health_check())
                 .await?;
@@ -328,7 +333,7 @@ impl Watcher {
                     if info.hosts.is_empty() {
                         info!(service = %key, "confirmed empty in Nacos; removing it");
                     }
-                    self.apply(&key, info, Origin::Confirm, connected_at);
+                    self.apply(&key, info, Origin::Confirm, holds_until);
                 }
                 Err(e) if e.is_connection_lost() => return Err(e),
                 Err(e) => {
@@ -460,7 +465,7 @@ impl Watcher {
     async fn subscribe_pending(
         &mut self,
         conn: &Connection,
-        connected_at: Instant,
+        holds_until: Instant,
     ) -> Result<(), NacosError> {
         let pending: Vec<ServiceKey> = self
             .services
@@ -493,7 +498,7 @@ impl Watcher {
                         &key,
                         answer.service_info.unwrap_or_default(),
                         Origin::Subscribe,
-                        connected_at,
+                        holds_until,
                     );
                 }
                 Err(e) if e.is_connection_lost() => lost = Some(e),
@@ -513,7 +518,7 @@ impl Watcher {
         }
     }
 
-    fn on_push(&mut self, push: api::NotifySubscriber, connected_at: Instant) {
+    fn on_push(&mut self, push: api::NotifySubscriber, holds_until: Instant) {
         let Some(info) = push.service_info else {
             return;
         };
@@ -532,17 +537,11 @@ impl Watcher {
             .unwrap_or_else(|| info_name.to_string());
         let key = ServiceKey::new(group, name);
         debug!(service = %key, instances = info.hosts.len(), "Nacos push");
-        self.apply(&key, info, Origin::Push, connected_at);
+        self.apply(&key, info, Origin::Push, holds_until);
     }
 
     /// Applies one whole answer for `key` (see the module documentation on holds).
-    fn apply(
-        &mut self,
-        key: &ServiceKey,
-        info: ServiceInfo,
-        origin: Origin,
-        connected_at: Instant,
-    ) {
+    fn apply(&mut self, key: &ServiceKey, info: ServiceInfo, origin: Origin, holds_until: Instant) {
         let Some(tracked) = self.services.get_mut(key) else {
             debug!(service = %key, "an answer for a service no longer tracked; ignored");
             return;
@@ -568,8 +567,7 @@ impl Watcher {
         let empty = info.hosts.is_empty();
         if empty && tracked.had_instances && origin != Origin::Confirm {
             if tracked.empty_hold.is_none() {
-                let at = (Instant::now() + self.cfg.empty_confirm_delay)
-                    .max(connected_at + self.cfg.reconnect_grace);
+                let at = (Instant::now() + self.cfg.empty_confirm_delay).max(holds_until);
                 tracked.empty_hold = Some(at);
                 info!(service = %key, confirm_in = ?at.saturating_duration_since(Instant::now()), "a Nacos service read empty; keeping it until a read confirms");
                 self.count_holds();
