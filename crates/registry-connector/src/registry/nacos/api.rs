@@ -372,26 +372,26 @@ mod tests {
         assert_eq!(names, ["a", "b"]);
     }
 
-    /// A push as the test environment's Nacos 2.3.2 sent it (captured from the bi stream,
-    /// one instance trimmed).
-    pub const CAPTURED_PUSH: &str = r#"{"headers":{},"requestId":"3","serviceInfo":{"name":"orders","groupName":"G1","clusters":"","cacheMillis":10000,"hosts":[{"ip":"192.0.2.10","port":8080,"weight":1.0,"healthy":true,"enabled":true,"ephemeral":true,"clusterName":"DEFAULT","serviceName":"G1@@orders","metadata":{"preserved.heart.beat.timeout":"3600000","preserved.ip.delete.timeout":"3600000"},"instanceHeartBeatInterval":5000,"ipDeleteTimeout":3600000,"instanceHeartBeatTimeOut":3600000}],"lastRefTime":1796349477545,"checksum":"","allIPs":false,"reachProtectionThreshold":false,"valid":true},"module":"naming"}"#;
+    /// A push as the test environment's Nacos 2.3.2 sent it (the bi stream's body,
+    /// captured with `RUST_LOG=registry_connector::registry::nacos=trace`).
+    pub const CAPTURED_PUSH: &str = r#"{"headers":{},"requestId":"2","serviceInfo":{"name":"orders","groupName":"G1","clusters":"","cacheMillis":10000,"hosts":[{"instanceId":"192.0.2.16#8080#DEFAULT#G1@@orders","ip":"192.0.2.16","port":8080,"weight":1.0,"healthy":true,"enabled":true,"ephemeral":true,"clusterName":"DEFAULT","serviceName":"G1@@orders","metadata":{"preserved.heart.beat.timeout":"3600000","preserved.ip.delete.timeout":"3600000"},"instanceHeartBeatInterval":5000,"instanceHeartBeatTimeOut":3600000,"ipDeleteTimeout":3600000}],"lastRefTime":1796350945377,"checksum":"","allIPs":false,"reachProtectionThreshold":false,"valid":true},"module":"naming"}"#;
 
     #[test]
     fn a_captured_push_decodes_whole() {
         let push: NotifySubscriber = serde_json::from_str(CAPTURED_PUSH).expect("decodes");
-        assert_eq!(push.request_id, "3");
+        assert_eq!(push.request_id, "2");
         let info = push.service_info.expect("service info");
         assert_eq!(info.group_and_name(), (Some("G1"), "orders"));
-        assert_eq!(info.last_ref_time, 1796349477545);
+        assert_eq!(info.last_ref_time, 1796350945377);
         let hosts: Vec<Host> = info.instances().map(|h| h.expect("host")).collect();
         assert_eq!(hosts.len(), 1);
         let h = &hosts[0];
-        assert_eq!(h.ip.as_deref(), Some("192.0.2.10"));
+        assert_eq!(h.ip.as_deref(), Some("192.0.2.16"));
         assert_eq!(h.port, Some(8080));
         assert_eq!(h.weight, Some(1.0));
         assert_eq!((h.healthy, h.enabled), (Some(true), Some(true)));
         assert_eq!(h.cluster(), "DEFAULT");
-        assert_eq!(h.id(), "192.0.2.10#8080#DEFAULT");
+        assert_eq!(h.id(), "192.0.2.16#8080#DEFAULT#G1@@orders");
         assert_eq!(
             h.metadata
                 .get("preserved.ip.delete.timeout")
