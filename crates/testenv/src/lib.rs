@@ -64,6 +64,8 @@ impl TestEnv {
                 "consul",
                 "--with",
                 "eureka",
+                "--with",
+                "nacos",
                 "--watch-pid",
                 &pid,
             ])
@@ -168,8 +170,8 @@ impl TestEnv {
             .context("this test environment was started without zookeeper")
     }
 
-    /// `127.0.0.1:PORT` of the Nacos server's HTTP API (`up --with nacos`; not started by
-    /// [`TestEnv::shared`]): the Open API is under `http://ADDR/nacos/v1/...`, and Nacos's
+    /// `127.0.0.1:PORT` of the Nacos server's HTTP API (`up --with nacos`, which
+    /// [`TestEnv::shared`] passes when it starts its own environment): the Open API is under `http://ADDR/nacos/v1/...`, and Nacos's
     /// clients speak gRPC to PORT + 1000. Ephemeral instances live in memory: after
     /// `stop_component("nacos")` and `start_component("nacos")` they are gone, while
     /// persistent instances, configuration and namespaces remain.

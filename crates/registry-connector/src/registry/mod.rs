@@ -15,6 +15,7 @@ pub mod consul;
 pub mod eureka;
 pub mod metadata;
 pub mod metrics;
+pub mod nacos;
 pub mod pacer;
 pub mod reported;
 pub mod skip;

@@ -41,6 +41,8 @@ pub enum Command {
     /// Sync Eureka applications into Kubernetes (and, with --sync, Kubernetes Services
     /// into Eureka).
     Eureka(Box<EurekaCommand>),
+    /// Sync Nacos 2.x services into Kubernetes (pushed over gRPC).
+    Nacos(Box<NacosCommand>),
     /// Delete every Service, EndpointSlice and Endpoints object that one connector
     /// instance owns in a namespace, and nothing else.
     Purge(PurgeCommand),
@@ -98,6 +100,23 @@ pub struct EurekaCommand {
 
     #[command(flatten)]
     pub export: super::export_args::ExportArgs,
+
+    #[command(flatten)]
+    pub operation: OperationArgs,
+}
+
+/// The shared selection, Kubernetes and operation flags with Nacos's own in front; no
+/// `--sync` yet (only the Nacos → Kubernetes direction exists).
+#[derive(Debug, Args)]
+pub struct NacosCommand {
+    #[command(flatten)]
+    pub nacos: super::nacos_args::NacosArgs,
+
+    #[command(flatten)]
+    pub source: SourceArgs,
+
+    #[command(flatten)]
+    pub sync: SyncArgs,
 
     #[command(flatten)]
     pub operation: OperationArgs,
@@ -327,6 +346,54 @@ mod tests {
             Some("pw-flag"),
             "the value itself is kept"
         );
+    }
+
+    #[test]
+    fn the_nacos_command_takes_its_flags_and_the_shared_ones() {
+        let cli = Cli::try_parse_from([
+            "registry-connector",
+            "nacos",
+            "-n",
+            "apps",
+            "--nacos-addr",
+            "127.0.0.1:8848,127.0.0.2:8848",
+            "--nacos-groups",
+            "A,B",
+            "--nacos-clusters",
+            "SH",
+            "--nacos-group-as-suffix",
+            "--nacos-password",
+            "pw-77d1",
+            "--nacos-username",
+            "reader",
+            "--passing-only=false",
+            "--filter-metadata",
+            "team=blue",
+        ])
+        .expect("parses");
+        assert!(
+            !format!("{cli:?}").contains("pw-77d1"),
+            "no secret in Debug"
+        );
+        let Command::Nacos(cmd) = cli.command else {
+            panic!("nacos command expected");
+        };
+        let cfg = cmd.nacos.to_config(&cmd.source).expect("valid");
+        assert_eq!(cfg.addrs, ["127.0.0.1:8848", "127.0.0.2:8848"]);
+        assert_eq!(
+            cfg.groups,
+            crate::registry::nacos::Groups::Named(vec!["A".into(), "B".into()])
+        );
+        assert_eq!(cfg.clusters, ["SH"]);
+        assert!(cfg.group_as_suffix);
+        assert!(!cfg.passing_only);
+        assert_eq!(cfg.namespace, "public");
+        assert_eq!(cfg.service_list_interval, Duration::from_secs(30));
+        assert_eq!(
+            cfg.filter_metadata,
+            [("team".to_string(), "blue".to_string())]
+        );
+        assert_eq!(cfg.password.as_deref(), Some("pw-77d1"));
     }
 
     #[test]

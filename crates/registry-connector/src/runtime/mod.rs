@@ -8,6 +8,7 @@ pub mod eureka_args;
 pub mod export_args;
 pub mod lease;
 pub mod logging;
+pub mod nacos_args;
 pub mod secret_args;
 pub mod signals;
 pub mod source_args;
@@ -474,6 +475,7 @@ pub async fn run(command: cli::Command) -> Result<()> {
     match command {
         cli::Command::Consul(cmd) => run_consul(*cmd).await,
         cli::Command::Eureka(cmd) => run_eureka(*cmd).await,
+        cli::Command::Nacos(cmd) => run_nacos(*cmd).await,
         cli::Command::Purge(cmd) => {
             let client = sync_args::kube_client(cmd.kubeconfig.as_deref()).await?;
             let purged = crate::sink::purge::purge(&client, &cmd.namespace, &cmd.connector_id)
@@ -549,6 +551,21 @@ async fn run_eureka(cmd: cli::EurekaCommand) -> Result<()> {
         .context("configuring the Kubernetes → Eureka writer")?;
         directions.export = Some(exporter(&cmd.sync, &cmd.export, writer).await?);
     }
+    run_connector(&cmd.sync, &cmd.operation, registry, directions).await
+}
+
+async fn run_nacos(cmd: cli::NacosCommand) -> Result<()> {
+    use crate::registry::nacos::NacosSource;
+    let config = cmd.nacos.to_config(&cmd.source)?;
+    let mut registry = Registry::with_prefix("registry_connector");
+    let source = NacosSource::new(config).context("configuring the Nacos source")?;
+    source.register_metrics(&mut registry);
+    let directions = Directions {
+        source_name: "nacos",
+        note: source.note(),
+        source: Some(source_task(source)),
+        export: None,
+    };
     run_connector(&cmd.sync, &cmd.operation, registry, directions).await
 }
 

@@ -5,6 +5,7 @@
 
 pub mod eureka;
 pub mod export;
+pub mod nacos;
 pub mod objects;
 pub mod process;
 pub mod tls;

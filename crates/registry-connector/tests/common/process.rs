@@ -39,6 +39,7 @@ struct LeaderElection {
 enum Registry {
     Consul,
     Eureka,
+    Nacos,
 }
 
 /// Options of a connector process; `start` spawns it.
@@ -67,6 +68,13 @@ impl ConnectorBuilder<'_> {
     pub fn consul_addr(mut self, addr: impl Into<String>) -> Self {
         self.registry = Registry::Consul;
         self.registry_addr = Some(addr.into());
+        self
+    }
+
+    /// Runs `registry-connector nacos` against the environment's Nacos server.
+    pub fn nacos(mut self) -> Self {
+        self.registry = Registry::Nacos;
+        self.registry_addr = None;
         self
     }
 
@@ -161,6 +169,13 @@ impl ConnectorBuilder<'_> {
                 };
                 cmd.arg("eureka").args(["--eureka-url", &url]);
             }
+            Registry::Nacos => {
+                let addr = match self.registry_addr {
+                    Some(addr) => addr,
+                    None => env.nacos_addr()?.to_string(),
+                };
+                cmd.arg("nacos").args(["--nacos-addr", &addr]);
+            }
         }
         cmd.args(["--kubeconfig", &kubeconfig.to_string_lossy()])
             .args(["--namespace", &self.namespace])
@@ -191,6 +206,7 @@ impl ConnectorBuilder<'_> {
             .env("RUST_LOG", "info,registry_connector=debug")
             .env_remove("CONSUL_HTTP_TOKEN")
             .env_remove("EUREKA_PASSWORD")
+            .env_remove("NACOS_PASSWORD")
             // The test runner's own pod identity (if any) must not leak into the lease.
             .env_remove("POD_NAME")
             .env_remove("POD_NAMESPACE")
