@@ -171,8 +171,6 @@ impl crate::registry::RegistrySource for ConsulSource {
         }
         info!(
             consul = %self.http.base(),
-            wait = %humantime::format_duration(self.wait),
-            http2_poll_wait = %humantime::format_duration(self.http2_poll_wait),
             max_connections = ?self.max_connections,
             "starting the Consul source"
         );
@@ -186,17 +184,20 @@ impl crate::registry::RegistrySource for ConsulSource {
             self.initial_concurrency,
             self.http2_streams,
         );
+        // The wait of the transport chosen, not both: over plain HTTP the HTTP/2 one
+        // would only mislead.
+        let poll_wait = match plan.transport {
+            Transport::Http2 => self.http2_poll_wait,
+            Transport::Http1 => self.wait,
+        };
         info!(
             transport = facts.transport.as_str(),
             agent_conns_per_client = ?facts.conns_per_client,
             connection_budget = plan.connections,
             long_polls = plan.long_polls,
+            poll_wait = %humantime::format_duration(poll_wait),
             "Consul connection budget"
         );
-        let poll_wait = match plan.transport {
-            Transport::Http2 => self.http2_poll_wait,
-            Transport::Http1 => self.wait,
-        };
         self.metrics
             .connection_budget
             .set(i64::try_from(plan.connections).unwrap_or(-1));
