@@ -40,6 +40,7 @@ use plan::{CurveOverrides, ExportOverrides, Overrides, Profile};
 use registry::consul::Consul;
 use registry::consul_link::{ConnectorLink, Tls};
 use registry::eureka::Eureka;
+use registry::nacos::Nacos;
 use registry::{Kind, Registry};
 use workloads::export_subject::{ConsulK8s, Subject};
 use workloads::Ctx;
@@ -74,6 +75,9 @@ struct Args {
     /// Eureka's API base (http://127.0.0.1:PORT/eureka), with --registry eureka.
     #[arg(long, env = "EUREKA_URL")]
     eureka_url: Option<String>,
+    /// Nacos's HTTP API (127.0.0.1:PORT; gRPC on PORT + 1000), with --registry nacos.
+    #[arg(long, env = "NACOS_ADDR")]
+    nacos_addr: Option<String>,
     /// The connector's --eureka-poll-interval. Eureka has no blocking queries, so a
     /// change waits up to this long in the server before the connector reads it.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
@@ -231,6 +235,16 @@ impl Args {
                     bail!("--consul-tls is for --registry consul");
                 }
                 Registry::Eureka(Eureka::new(url, self.eureka_poll_interval)?)
+            }
+            Kind::Nacos => {
+                let addr = self
+                    .nacos_addr
+                    .as_deref()
+                    .context("--registry nacos needs --nacos-addr (or NACOS_ADDR)")?;
+                if self.consul_tls {
+                    bail!("--consul-tls is for --registry consul");
+                }
+                Registry::Nacos(Nacos::new(addr)?)
             }
         })
     }

@@ -1,7 +1,7 @@
 //! The registry under test. The workloads are registry-neutral: they load data sets,
 //! make changes, start connectors and clean up through [`Registry`], which forwards to
-//! the Consul or the Eureka client. An enum rather than a trait object: there are two
-//! registries, the methods are async, and each variant keeps its own quirks (Consul's
+//! the Consul, the Eureka or the Nacos client. An enum rather than a trait object: there
+//! are three registries, the methods are async, and each variant keeps its own quirks (Consul's
 //! abandoned long polls, Eureka's poll interval) behind the same few calls.
 
 pub mod consul;
@@ -11,6 +11,7 @@ pub mod consul_proxy;
 pub mod eureka;
 pub mod eureka_export;
 pub mod export_reader;
+pub mod nacos;
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -22,6 +23,7 @@ use serde::Serialize;
 use crate::model::{Instance, Service};
 use consul::{ConnRelease, Consul};
 use eureka::Eureka;
+use nacos::Nacos;
 
 /// Which registry a run drives (`--registry`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -29,6 +31,7 @@ use eureka::Eureka;
 pub enum Kind {
     Consul,
     Eureka,
+    Nacos,
 }
 
 impl Kind {
@@ -37,6 +40,7 @@ impl Kind {
         match self {
             Kind::Consul => "Consul",
             Kind::Eureka => "Eureka",
+            Kind::Nacos => "Nacos",
         }
     }
 }
@@ -46,6 +50,7 @@ impl Kind {
 pub enum Registry {
     Consul(Consul),
     Eureka(Eureka),
+    Nacos(Nacos),
 }
 
 /// What happens to a data set once the connector reading it has stopped.
@@ -62,6 +67,7 @@ impl Registry {
         match self {
             Registry::Consul(_) => Kind::Consul,
             Registry::Eureka(_) => Kind::Eureka,
+            Registry::Nacos(_) => Kind::Nacos,
         }
     }
 
@@ -75,6 +81,7 @@ impl Registry {
         match self {
             Registry::Consul(_) => "consul",
             Registry::Eureka(_) => "eureka",
+            Registry::Nacos(_) => "nacos",
         }
     }
 
@@ -82,14 +89,14 @@ impl Registry {
     pub fn consul(&self) -> Option<&Consul> {
         match self {
             Registry::Consul(c) => Some(c),
-            Registry::Eureka(_) => None,
+            Registry::Eureka(_) | Registry::Nacos(_) => None,
         }
     }
 
     /// The Eureka client, when the registry is Eureka.
     pub fn eureka(&self) -> Option<&Eureka> {
         match self {
-            Registry::Consul(_) => None,
+            Registry::Consul(_) | Registry::Nacos(_) => None,
             Registry::Eureka(e) => Some(e),
         }
     }
@@ -100,6 +107,7 @@ impl Registry {
         match self {
             Registry::Consul(c) => c.connector_port(),
             Registry::Eureka(e) => e.port(),
+            Registry::Nacos(n) => n.port(),
         }
     }
 
@@ -110,6 +118,7 @@ impl Registry {
             Registry::Consul(c) if c.tls() => "Consul over HTTPS",
             Registry::Consul(_) => "Consul over HTTP",
             Registry::Eureka(_) => "Eureka over HTTP",
+            Registry::Nacos(_) => "Nacos over gRPC",
         }
     }
 
@@ -126,7 +135,7 @@ impl Registry {
                     None
                 }
             },
-            Registry::Eureka(_) => None,
+            Registry::Eureka(_) | Registry::Nacos(_) => None,
         }
     }
 
@@ -135,7 +144,7 @@ impl Registry {
     pub fn agent_connections(&self) -> Option<usize> {
         match self {
             Registry::Consul(c) => Some(c.open_connections()),
-            Registry::Eureka(_) => None,
+            Registry::Eureka(_) | Registry::Nacos(_) => None,
         }
     }
 
@@ -144,6 +153,7 @@ impl Registry {
         match self {
             Registry::Consul(_) => "PUT /v1/catalog/register",
             Registry::Eureka(_) => "POST /apps/{APP}",
+            Registry::Nacos(_) => "POST /nacos/v1/ns/instance",
         }
     }
 
@@ -152,6 +162,7 @@ impl Registry {
         match self {
             Registry::Consul(c) => c.selection_flags(set),
             Registry::Eureka(e) => e.selection_flags(set),
+            Registry::Nacos(n) => n.selection_flags(set),
         }
     }
 
@@ -160,16 +171,18 @@ impl Registry {
         match self {
             Registry::Consul(c) => c.tuning_flags(),
             Registry::Eureka(e) => e.tuning_flags(),
+            Registry::Nacos(n) => n.tuning_flags(),
         }
     }
 
     /// How long a change may wait in the registry before the connector can see it, on
     /// top of the quiet period: nothing with Consul's blocking queries, one poll
-    /// interval with Eureka. Part of the propagation target and of the per-change wait.
+    /// interval with Eureka, the server's push delay with Nacos. Part of the propagation target and of the per-change wait.
     pub fn read_delay(&self) -> Duration {
         match self {
             Registry::Consul(_) => Duration::ZERO,
             Registry::Eureka(e) => e.poll_interval,
+            Registry::Nacos(n) => n.read_delay(),
         }
     }
 
@@ -179,6 +192,7 @@ impl Registry {
         match self {
             Registry::Consul(c) => c.register_all(services, concurrency).await?,
             Registry::Eureka(e) => e.register_all(services, concurrency).await?,
+            Registry::Nacos(n) => n.register_all(services, concurrency).await?,
         }
         Ok(started.elapsed())
     }
@@ -188,23 +202,26 @@ impl Registry {
         match self {
             Registry::Consul(c) => c.register(svc, inst).await,
             Registry::Eureka(e) => e.register(svc, inst).await,
+            Registry::Nacos(n) => n.register(svc, inst).await,
         }
     }
 
-    /// An instance leaves (Consul deregistration, Eureka cancel).
+    /// An instance leaves (Consul or Nacos deregistration, Eureka cancel).
     pub async fn remove(&self, svc: &Service, inst: &Instance) -> Result<()> {
         match self {
             Registry::Consul(c) => c.deregister(svc, inst).await,
             Registry::Eureka(e) => e.cancel(svc, inst).await,
+            Registry::Nacos(n) => n.deregister(svc, inst).await,
         }
     }
 
     /// An instance becomes ready or not (Consul check passing/critical, Eureka status
-    /// `UP`/`OUT_OF_SERVICE`).
+    /// `UP`/`OUT_OF_SERVICE`, Nacos weight 1/0).
     pub async fn set_ready(&self, svc: &Service, inst: &Instance, ready: bool) -> Result<()> {
         match self {
             Registry::Consul(c) => c.set_ready(svc, inst, ready).await,
             Registry::Eureka(e) => e.set_ready(svc, inst, ready).await,
+            Registry::Nacos(n) => n.set_ready(svc, inst, ready).await,
         }
     }
 
@@ -213,13 +230,15 @@ impl Registry {
         match self {
             Registry::Consul(c) => c.instance_count(service).await,
             Registry::Eureka(e) => e.instance_count(service).await,
+            Registry::Nacos(n) => n.instance_count(service).await,
         }
     }
 
     /// After the connector reading `services` stopped: keeps or removes their data set,
     /// and gets the registry ready for the next connector. With Consul that means
     /// ending the stopped connector's abandoned long polls (the figures are returned);
-    /// Eureka keeps nothing for a client that went away.
+    /// Eureka and Nacos keep nothing for a client that went away (Nacos drops the
+    /// subscriptions of a closed connection).
     pub async fn connector_stopped(
         &self,
         services: &[Service],
@@ -241,6 +260,18 @@ impl Registry {
                 }
                 Ok(None)
             }
+            Registry::Nacos(n) => {
+                if then == AfterStop::Remove {
+                    if let Some(s) = services.first() {
+                        let n = n.remove_set(&s.set, concurrency).await?;
+                        crate::say(format!(
+                            "deregistered the {n} instances of {} {when}",
+                            s.set
+                        ));
+                    }
+                }
+                Ok(None)
+            }
         }
     }
 
@@ -249,6 +280,7 @@ impl Registry {
         match self {
             Registry::Consul(c) => c.cleanup().await,
             Registry::Eureka(e) => e.cleanup(concurrency).await,
+            Registry::Nacos(n) => n.cleanup(concurrency).await,
         }
     }
 
@@ -257,7 +289,7 @@ impl Registry {
     /// a failure to read it is reported and yields `None`.
     pub async fn delta_instances(&self) -> Option<usize> {
         match self {
-            Registry::Consul(_) => None,
+            Registry::Consul(_) | Registry::Nacos(_) => None,
             Registry::Eureka(e) => match e.delta_instances().await {
                 Ok(n) => Some(n),
                 Err(err) => {

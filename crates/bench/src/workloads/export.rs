@@ -75,6 +75,9 @@ impl ExportEnv {
                 ep.registry_poll,
                 ep.registry_poll_all,
             )?),
+            Registry::Nacos(_) => {
+                anyhow::bail!("the export workload writes to Consul or Eureka (Kubernetes -> Nacos is not built yet)")
+            }
         };
         Ok(Self {
             registry,
