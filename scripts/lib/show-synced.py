@@ -78,6 +78,19 @@ def main():
     print(f"EndpointSlices in namespace {namespace}:")
     table(rows, ["NAME", "SERVICE", "FAMILY", "PORTS", "READY", "NOT READY"])
 
+    # Nacos's group and clusters, kept in annotations (only services from Nacos have them).
+    nacos = "nacos.connector.flomesh.io/"
+    rows = []
+    for s in sorted(services, key=lambda s: s["metadata"]["name"]):
+        a = s["metadata"].get("annotations", {})
+        if nacos + "group" in a:
+            rows.append((s["metadata"]["name"], a[nacos + "group"], a.get(nacos + "service", ""),
+                         a.get(nacos + "clusters", "") or "-"))
+    if rows:
+        print()
+        print("Nacos annotations (nacos.connector.flomesh.io/...):")
+        table(rows, ["SERVICE", "GROUP", "NACOS SERVICE", "CLUSTERS"])
+
 
 if __name__ == "__main__":
     main()

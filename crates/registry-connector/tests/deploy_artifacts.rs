@@ -767,6 +767,15 @@ fn chart_passes_helm_lint() -> Result<()> {
             "eureka.username=connector",
             "eureka.passwordSecret.name=eureka-credentials",
         ],
+        vec![
+            "registry=nacos",
+            "nacos.addr=nacos-0.nacos:8848\\,nacos-1.nacos:8848",
+            "nacos.groups={DEFAULT_GROUP,PAY}",
+            "nacos.clusters={SH}",
+            "nacos.groupAsSuffix=true",
+            "nacos.username=connector",
+            "nacos.passwordSecret.name=nacos-credentials",
+        ],
     ] {
         let mut args = vec!["lint", "--strict", chart];
         for s in &sets {
@@ -799,6 +808,22 @@ fn chart_passes_helm_lint() -> Result<()> {
         (
             &["registryTLS.secretName=tls", "registryTLS.certKey=tls.crt"][..],
             "a client certificate without its key",
+        ),
+        (
+            &["registry=nacos", "sync=both"][..],
+            "the nacos command has no Kubernetes -> Nacos direction",
+        ),
+        (
+            &["registry=nacos", "registryTLS.secretName=tls"][..],
+            "the nacos command has no TLS",
+        ),
+        (
+            &["registry=nacos", "nacos.groups=null"][..],
+            "Nacos without a group to read",
+        ),
+        (
+            &["registry=nacos", "nacos.serviceListInterval=30"][..],
+            "an interval without its unit",
         ),
     ] {
         let mut args = vec!["template", "x", chart];
@@ -909,8 +934,9 @@ async fn chart_renders_are_accepted_by_the_apiserver() -> Result<()> {
     )
     .await?;
 
-    // The defaults, a set of values that takes the chart's other branches, and Eureka.
-    let variants: [(&str, Vec<(&str, &str)>); 3] = [
+    // The defaults, a set of values that takes the chart's other branches, Eureka and
+    // Nacos.
+    let variants: [(&str, Vec<(&str, &str)>); 4] = [
         (RELEASE, vec![("syncNamespace", sync.name())]),
         (
             "variant",
@@ -947,6 +973,21 @@ async fn chart_renders_are_accepted_by_the_apiserver() -> Result<()> {
                 ("registryTLS.keyKey", "tls.key"),
             ],
         ),
+        (
+            "nacos",
+            vec![
+                ("syncNamespace", sync.name()),
+                ("registry", "nacos"),
+                ("nacos.addr", "nacos-0.nacos:8848\\,nacos-1.nacos:8848"),
+                ("nacos.namespace", "3f1c0a52-prod"),
+                ("nacos.groups", "{DEFAULT_GROUP,PAY}"),
+                ("nacos.clusters", "{SH,BJ}"),
+                ("nacos.serviceListInterval", "1m"),
+                ("nacos.groupAsSuffix", "true"),
+                ("nacos.username", "connector"),
+                ("nacos.passwordSecret.name", "nacos-credentials"),
+            ],
+        ),
     ];
     for (release, sets) in variants {
         let objects = helm_template(&helm, release, own.name(), &sets)?;
@@ -956,10 +997,9 @@ async fn chart_renders_are_accepted_by_the_apiserver() -> Result<()> {
             .and_then(|d| d.pointer("/spec/template/spec/containers/0/args"))
             .cloned()
             .unwrap_or_default();
-        let registry = if release == "eureka" {
-            "eureka"
-        } else {
-            "consul"
+        let registry = match release {
+            "eureka" | "nacos" => release,
+            _ => "consul",
         };
         ensure!(
             args.get(0).and_then(Value::as_str) == Some(registry),
@@ -992,6 +1032,65 @@ async fn chart_renders_are_accepted_by_the_apiserver() -> Result<()> {
                         .pointer("/spec/template/spec/containers/0/volumeMounts/0/mountPath")
                         == Some(&json!("/etc/registry-connector/tls")),
                 "the TLS Secret is not mounted: {deployment}"
+            );
+        } else if release == "nacos" {
+            let args: Vec<&str> = args
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            let flags: Vec<&str> = args
+                .iter()
+                .copied()
+                .filter(|a| a.starts_with("--nacos-"))
+                .collect();
+            ensure!(
+                flags
+                    == [
+                        "--nacos-addr=nacos-0.nacos:8848,nacos-1.nacos:8848",
+                        "--nacos-namespace=3f1c0a52-prod",
+                        "--nacos-groups=DEFAULT_GROUP,PAY",
+                        "--nacos-clusters=SH,BJ",
+                        "--nacos-service-list-interval=1m",
+                        "--nacos-group-as-suffix=true",
+                    ],
+                "release nacos passes {flags:?}"
+            );
+            ensure!(
+                !args.iter().any(|a| a.starts_with("--sync")),
+                "release nacos passes --sync: {args:?}"
+            );
+            let deployment = only_kind(&objects, "Deployment")?;
+            let env = deployment
+                .pointer("/spec/template/spec/containers/0/env")
+                .and_then(Value::as_array)
+                .context("the container has no env")?;
+            let var = |name: &str| env.iter().find(|e| e["name"] == name).cloned();
+            ensure!(
+                var("NACOS_USERNAME")
+                    == Some(json!({"name": "NACOS_USERNAME", "value": "connector"})),
+                "NACOS_USERNAME: {env:?}"
+            );
+            ensure!(
+                var("NACOS_PASSWORD")
+                    == Some(
+                        json!({"name": "NACOS_PASSWORD", "valueFrom": {"secretKeyRef": {
+                            "name": "nacos-credentials", "key": "password", "optional": false,
+                        }}})
+                    ),
+                "NACOS_PASSWORD from the Secret: {env:?}"
+            );
+            ensure!(
+                !env.iter().any(
+                    |e| ["CONSUL_HTTP_TOKEN", "EUREKA_USERNAME", "EUREKA_PASSWORD"]
+                        .contains(&e["name"].as_str().unwrap_or_default())
+                ),
+                "another registry's credentials: {env:?}"
+            );
+            ensure!(
+                deployment_has_no_volumes(&objects),
+                "release nacos mounts volumes"
             );
         } else {
             ensure!(

@@ -199,3 +199,144 @@ impl NacosScenario {
             .map(drop)
     }
 }
+
+/// One instance for [`JavaClient`]: registered by Nacos's own Java client over gRPC,
+/// ephemeral, tied to that client's connection.
+#[derive(Clone)]
+pub struct JavaInstance<'a> {
+    pub service: &'a str,
+    pub group: &'a str,
+    pub ip: &'a str,
+    pub port: u16,
+    pub cluster: &'a str,
+    /// Metadata besides the scenario's marker.
+    pub metadata: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> JavaInstance<'a> {
+    pub fn new(service: &'a str, group: &'a str, ip: &'a str, port: u16) -> Self {
+        Self {
+            service,
+            group,
+            ip,
+            port,
+            cluster: "DEFAULT",
+            metadata: Vec::new(),
+        }
+    }
+}
+
+/// The checkout these tests were built from (not `testenv::repo_root()`, which a
+/// target directory shared between checkouts may have baked in from another one).
+fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("the crate lives two levels below the repository root")
+        .to_path_buf()
+}
+
+/// An application registered through Nacos's official Java client
+/// (`com.alibaba.nacos:nacos-client` 2.3.2, gRPC), as `scripts/lib/nacos-java-register
+/// run` starts it: it registers its instances, says `ready N` and stays connected until
+/// it is killed (or dropped, or this test process goes: it also exits when its standard
+/// input closes). Its instances are ephemeral: Nacos removes them when the connection
+/// goes.
+pub struct JavaClient {
+    child: Option<tokio::process::Child>,
+    /// Held open: the process exits when it closes.
+    _stdin: Option<tokio::process::ChildStdin>,
+    pub log: std::path::PathBuf,
+}
+
+impl JavaClient {
+    /// Builds the fixture once (`scripts/lib/nacos-java-register classpath`: Maven, into
+    /// the testenv cache), starts it against the scenario's Nacos with `instances` (each
+    /// with the scenario's marker) and waits until all are registered.
+    pub async fn start(s: &NacosScenario, instances: &[JavaInstance<'_>]) -> Result<Self> {
+        use std::process::Stdio;
+        use tokio::io::{AsyncBufReadExt, BufReader};
+
+        let script = repo_root().join("scripts/lib/nacos-java-register");
+        // The build may download nacos-client and Maven's plugins on a fresh machine:
+        // no timeout here, Maven's own apply.
+        let build = tokio::process::Command::new("bash")
+            .arg(&script)
+            .arg("classpath")
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .context("running scripts/lib/nacos-java-register classpath")?;
+        if !build.status.success() {
+            bail!(
+                "scripts/lib/nacos-java-register classpath failed with {}:\n{}",
+                build.status,
+                String::from_utf8_lossy(&build.stderr)
+            );
+        }
+
+        let id = unique_name("java");
+        let home = s.env.dir().join("nacos-java").join(&id);
+        std::fs::create_dir_all(&home)?;
+        let log = s.env.dir().join("logs").join(format!("nacos-{id}.log"));
+        let mut cmd = tokio::process::Command::new("bash");
+        cmd.arg(&script)
+            .args(["run", "--until-stdin-closes", &s.addr])
+            .env("NACOS_REGISTER_HOME", &home);
+        for i in instances {
+            let mut metadata = vec![format!("{MARKER_KEY}={}", s.marker)];
+            metadata.extend(i.metadata.iter().map(|(k, v)| format!("{k}={v}")));
+            cmd.arg(format!(
+                "{}|{}|{}|{}|{}|{}",
+                i.group,
+                i.service,
+                i.ip,
+                i.port,
+                i.cluster,
+                metadata.join(",")
+            ));
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).context("Java client log file")?)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the Nacos Java client")?;
+        let stdin = child.stdin.take();
+        let mut lines = BufReader::new(child.stdout.take().context("no stdout")?).lines();
+        let want = format!("ready {}", instances.len());
+        let ready = tokio::time::timeout(std::time::Duration::from_secs(90), async {
+            while let Some(line) = lines.next_line().await? {
+                if line == want {
+                    return Ok(true);
+                }
+            }
+            anyhow::Ok(false)
+        })
+        .await;
+        let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+        match ready {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => bail!("the Java client exited before '{want}':\n{}", log_text()),
+            Ok(Err(e)) => return Err(e.context(log_text())),
+            Err(_) => bail!("no '{want}' from the Java client in 90 s:\n{}", log_text()),
+        }
+        // Nothing more is read: the rest of its output goes nowhere.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self {
+            child: Some(child),
+            _stdin: stdin,
+            log,
+        })
+    }
+
+    /// SIGKILL, as an application that crashes: no deregistration, the connection just
+    /// goes.
+    pub async fn kill(mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await?;
+        }
+        Ok(())
+    }
+}
