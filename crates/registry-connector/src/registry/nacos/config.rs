@@ -97,6 +97,8 @@ pub struct NacosConfig {
     pub reconnect_grace: Duration,
     /// Subscriptions in flight at once (start, reconnect).
     pub subscribe_concurrency: usize,
+    /// The largest gRPC message read, in bytes (Nacos sends up to 10 MiB).
+    pub max_message_size: usize,
     pub passing_only: bool,
     pub filter_metadata: Vec<(String, String)>,
     pub service_prefix: String,
@@ -122,6 +124,7 @@ impl NacosConfig {
             empty_confirm_delay: Duration::from_secs(2),
             reconnect_grace: Duration::from_secs(30),
             subscribe_concurrency: 16,
+            max_message_size: super::conn::DEFAULT_MAX_MESSAGE_SIZE,
             passing_only: true,
             filter_metadata: Vec::new(),
             service_prefix: String::new(),

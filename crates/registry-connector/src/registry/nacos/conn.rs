@@ -41,6 +41,10 @@ const SETUP_ACK_WAIT: Duration = Duration::from_secs(3);
 /// Retries of a request answered with error 301, 100 ms apart: the short window between
 /// the setup request and the server's registration of the connection.
 const UNREGISTERED_RETRIES: u32 = 10;
+/// The largest message accepted by default. Nacos sends up to 10 MiB (its Java client
+/// accepts that much; tonic's own default is 4 MiB): a big service's answer or push must
+/// fit, or its subscription fails for good and a push of it kills the stream.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 
 /// What the reader hands on.
 #[derive(Debug)]
@@ -80,6 +84,7 @@ impl Connection {
         token: TokenSlot,
         metrics: Arc<NacosMetrics>,
         timeout: Duration,
+        max_message_size: usize,
     ) -> Result<(Self, mpsc::UnboundedReceiver<Inbound>), NacosError> {
         let connect_error = |source| NacosError::Connect {
             server: server.to_string(),
@@ -99,7 +104,7 @@ impl Connection {
         let (outbound, outbound_rx) = fmpsc::unbounded();
         let (events, events_rx) = mpsc::unbounded_channel();
         let mut conn = Self {
-            grpc: Grpc::new(channel),
+            grpc: Grpc::new(channel).max_decoding_message_size(max_message_size),
             server: server.to_string(),
             id: String::new(),
             token,

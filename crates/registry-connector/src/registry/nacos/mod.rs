@@ -46,6 +46,9 @@ pub use error::NacosError;
 pub use metrics::NacosMetrics;
 pub use select::Selection;
 
+/// Below this a service of a few instances would not fit an answer.
+const MIN_MESSAGE_SIZE: usize = 64 * 1024;
+
 /// A configured Nacos source, ready to [`run`](crate::registry::RegistrySource::run).
 pub struct NacosSource {
     watch: watch::WatchConfig,
@@ -71,6 +74,12 @@ impl NacosSource {
             return Err(NacosError::Config(
                 "the request timeout must not be zero".into(),
             ));
+        }
+        if cfg.max_message_size < MIN_MESSAGE_SIZE {
+            return Err(NacosError::Config(format!(
+                "the largest Nacos message must be at least {MIN_MESSAGE_SIZE} bytes, got {}",
+                cfg.max_message_size
+            )));
         }
         if cfg.namespace.trim().is_empty() {
             return Err(NacosError::Config("the namespace must not be empty".into()));
@@ -117,6 +126,7 @@ impl NacosSource {
                 empty_confirm_delay: cfg.empty_confirm_delay,
                 reconnect_grace: cfg.reconnect_grace,
                 concurrency: cfg.subscribe_concurrency,
+                max_message_size: cfg.max_message_size,
                 pacing: cfg.pacing,
             },
             selection: Selection {
@@ -195,6 +205,10 @@ mod tests {
             },
             NacosConfig {
                 username: Some("u".into()),
+                ..ok.clone()
+            },
+            NacosConfig {
+                max_message_size: 1024,
                 ..ok.clone()
             },
             NacosConfig {

@@ -78,6 +78,7 @@ pub struct WatchConfig {
     pub empty_confirm_delay: Duration,
     pub reconnect_grace: Duration,
     pub concurrency: usize,
+    pub max_message_size: usize,
     pub pacing: PacerConfig,
 }
 
@@ -230,6 +231,7 @@ impl Watcher {
             self.token.clone(),
             Arc::clone(&self.metrics),
             self.cfg.request_timeout,
+            self.cfg.max_message_size,
         )
         .await
     }
