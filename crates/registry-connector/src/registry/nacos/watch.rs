@@ -11,9 +11,11 @@
 //!    the connection has been idle 5 s (as Nacos's clients do).
 //!
 //! When the connection ends (server restart, network, `ConnectResetRequest`, error 301)
-//! nothing is removed: the last state stays published, a new connection is opened with
-//! backoff, and every service is subscribed again (subscriptions die with the
-//! connection on the server side).
+//! nothing is removed: the last state stays published, a new connection is opened, and
+//! every service is subscribed again (subscriptions die with the connection on the
+//! server side). A connection that ended before its first full listing and subscription
+//! round counts as a failed attempt: the next one waits the backoff and goes to the next
+//! server (see [`is_steady`]).
 //!
 //! **Empty services.** Nacos forgets its ephemeral instances when it restarts, and its
 //! own clients register again only once they have reconnected, so right after a
@@ -108,7 +110,24 @@ enum Origin {
 
 enum SessionEnd {
     Shutdown,
-    Lost(NacosError),
+    /// The connection ended; `steady` when it had run steadily first (see [`is_steady`]).
+    Lost {
+        error: NacosError,
+        steady: bool,
+    },
+}
+
+/// A session that lived this long counts as steady even if its first subscription round
+/// has not ended (a very large namespace).
+const STEADY_AFTER: Duration = Duration::from_secs(60);
+
+/// Whether a session that ended counts as a success for the reconnect backoff: it
+/// finished its first full listing and subscription round, or lived [`STEADY_AFTER`].
+/// A connection that opens and then dies while listing or subscribing (a server that
+/// accepts and then fails, a request that kills the stream) is a failure: without this,
+/// it would be reopened at once, forever, on the same server.
+fn is_steady(first_round_done: bool, alive: Duration) -> bool {
+    first_round_done || alive >= STEADY_AFTER
 }
 
 pub(crate) struct Watcher {
@@ -182,7 +201,6 @@ impl Watcher {
                     continue;
                 }
             };
-            pacer.succeeded();
             if opened > 0 {
                 self.metrics.reconnects.inc();
             }
@@ -209,13 +227,35 @@ impl Watcher {
             self.metrics.subscribed_services.set(0);
             match end {
                 SessionEnd::Shutdown => return,
-                SessionEnd::Lost(e) => warn!(
-                    server = conn.server(),
-                    error = %error_chain(&e),
-                    "lost the connection to Nacos; reconnecting (nothing is removed meanwhile)"
-                ),
+                SessionEnd::Lost { error, steady } => {
+                    self.after_lost(&mut pacer, conn.server(), &error, steady)
+                }
             }
         }
+    }
+
+    /// Paces the next connection after one was lost: at once on the same server after a
+    /// steady session, else with backoff on the next server.
+    fn after_lost(&mut self, pacer: &mut Pacer, server: &str, error: &NacosError, steady: bool) {
+        if steady {
+            pacer.succeeded();
+            warn!(
+                server,
+                error = %error_chain(error),
+                "lost the connection to Nacos; reconnecting (nothing is removed meanwhile)"
+            );
+            return;
+        }
+        let delay = pacer.failed();
+        self.server = (self.server + 1) % self.cfg.servers.len();
+        warn!(
+            server,
+            error = %error_chain(error),
+            failures = pacer.failures(),
+            retry_in = ?delay,
+            next_server = %self.cfg.servers[self.server].grpc,
+            "the connection to Nacos ended before its first full read; reconnecting with backoff (nothing is removed meanwhile)"
+        );
     }
 
     async fn connect(
@@ -252,13 +292,39 @@ impl Watcher {
         Ok(())
     }
 
+    /// One connection's life; the end says whether it ran steadily (see [`is_steady`]).
     async fn session(
+        &mut self,
+        conn: &Connection,
+        events: mpsc::UnboundedReceiver<Inbound>,
+        shutdown: &CancellationToken,
+        grace: Duration,
+    ) -> SessionEnd {
+        let started = Instant::now();
+        let mut first_round_done = false;
+        match self
+            .session_loop(conn, events, shutdown, grace, &mut first_round_done)
+            .await
+        {
+            Ok(()) => SessionEnd::Shutdown,
+            Err(error) => SessionEnd::Lost {
+                error,
+                steady: is_steady(first_round_done, started.elapsed()),
+            },
+        }
+    }
+
+    /// Lists, subscribes and applies pushes until shutdown (`Ok`) or the connection is
+    /// lost. `first_round_done` is set once the first listing and subscription round
+    /// ended without losing the connection.
+    async fn session_loop(
         &mut self,
         conn: &Connection,
         mut events: mpsc::UnboundedReceiver<Inbound>,
         shutdown: &CancellationToken,
         grace: Duration,
-    ) -> SessionEnd {
+        first_round_done: &mut bool,
+    ) -> Result<(), NacosError> {
         // Holds end no earlier than this (see the module documentation).
         let holds_until = Instant::now() + grace;
         let mut next_list = Instant::now();
@@ -277,12 +343,11 @@ impl Watcher {
                             now + TICK
                         };
                     }
-                    Err(e) => return SessionEnd::Lost(e),
+                    Err(e) => return Err(e),
                 }
             }
-            if let Err(e) = self.subscribe_pending(conn, holds_until).await {
-                return SessionEnd::Lost(e);
-            }
+            self.subscribe_pending(conn, holds_until).await?;
+            *first_round_done = true;
             if !self.synced && listed_whole && self.services.values().all(|t| t.subscribed) {
                 self.synced = true;
                 let winners = self.claims.winners();
@@ -296,16 +361,14 @@ impl Watcher {
             }
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+                _ = shutdown.cancelled() => return Ok(()),
                 event = events.recv() => match event {
                     Some(Inbound::Push(push)) => self.on_push(*push, holds_until),
-                    Some(Inbound::Closed(why)) => return SessionEnd::Lost(NacosError::Closed(why)),
-                    None => return SessionEnd::Lost(NacosError::Closed("the reader stopped".into())),
+                    Some(Inbound::Closed(why)) => return Err(NacosError::Closed(why)),
+                    None => return Err(NacosError::Closed("the reader stopped".into())),
                 },
                 _ = tick.tick() => {
-                    if let Err(e) = self.on_tick(conn, holds_until).await {
-                        return SessionEnd::Lost(e);
-                    }
+                    self.on_tick(conn, holds_until).await?;
                 }
             }
         }
@@ -657,5 +720,17 @@ impl Watcher {
         self.metrics
             .empty_holds
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_is_steady_after_its_first_round_or_a_minute() {
+        assert!(!is_steady(false, Duration::from_secs(5)));
+        assert!(is_steady(true, Duration::from_millis(10)));
+        assert!(is_steady(false, STEADY_AFTER));
     }
 }
