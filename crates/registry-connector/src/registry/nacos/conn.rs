@@ -23,6 +23,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tonic::client::Grpc;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, warn};
@@ -64,6 +65,9 @@ pub struct Connection {
     metrics: Arc<NacosMetrics>,
     timeout: Duration,
     last_active: Arc<Mutex<Instant>>,
+    /// Cancelled when the stream ends: requests in flight stop at once instead of
+    /// retrying error 301 or waiting their timeout on a dead connection.
+    closed: CancellationToken,
     reader: tokio::task::JoinHandle<()>,
     /// Kept so the stream stays open while the connection lives.
     _outbound: fmpsc::UnboundedSender<Payload>,
@@ -71,6 +75,7 @@ pub struct Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        self.closed.cancel();
         self.reader.abort();
     }
 }
@@ -111,6 +116,7 @@ impl Connection {
             metrics,
             timeout,
             last_active: Arc::new(Mutex::new(Instant::now())),
+            closed: CancellationToken::new(),
             reader: tokio::spawn(async {}),
             _outbound: outbound.clone(),
         };
@@ -133,8 +139,11 @@ impl Connection {
             outbound,
             events,
             ack_tx,
-            Arc::clone(&conn.metrics),
-            Arc::clone(&conn.last_active),
+            Shared {
+                metrics: Arc::clone(&conn.metrics),
+                last_active: Arc::clone(&conn.last_active),
+                closed: conn.closed.clone(),
+            },
         ));
         match tokio::time::timeout(SETUP_ACK_WAIT, ack_rx).await {
             Ok(Ok(Ok(()))) => {}
@@ -162,17 +171,39 @@ impl Connection {
             .elapsed()
     }
 
+    /// Completes when the stream has ended (the connection is gone).
+    pub fn closed(&self) -> WaitForCancellationFuture<'_> {
+        self.closed.cancelled()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
     /// Sends one request and decodes its answer, counted under `kind`. Error 301 right
     /// after the setup is retried briefly; beyond that it means the server lost the
-    /// connection ([`NacosError::Unregistered`]).
+    /// connection ([`NacosError::Unregistered`]). Once the stream has ended, requests
+    /// (also those in flight) fail at once with [`NacosError::Closed`].
     pub async fn request<T: DeserializeOwned>(
         &self,
         kind: Kind,
         body: Value,
     ) -> Result<T, NacosError> {
+        tokio::select! {
+            biased;
+            _ = self.closed.cancelled() => Err(NacosError::Closed("the stream ended".into())),
+            result = self.request_retrying(kind, &body) => result,
+        }
+    }
+
+    async fn request_retrying<T: DeserializeOwned>(
+        &self,
+        kind: Kind,
+        body: &Value,
+    ) -> Result<T, NacosError> {
         let mut attempt = 0;
         loop {
-            let result = self.request_once(kind, &body).await;
+            let result = self.request_once(kind, body).await;
             match result {
                 Err(NacosError::Unregistered) if attempt < UNREGISTERED_RETRIES => {
                     attempt += 1;
@@ -257,6 +288,14 @@ pub fn decode<T: DeserializeOwned>(kind: Kind, answer: &Payload) -> Result<T, Na
     })
 }
 
+/// What the reader shares with its [`Connection`].
+struct Shared {
+    metrics: Arc<NacosMetrics>,
+    last_active: Arc<Mutex<Instant>>,
+    /// Cancelled when the reader ends, however it ends.
+    closed: CancellationToken,
+}
+
 /// The bi stream: opens it, answers the server and hands pushes on, until it ends.
 /// `setup_ack` learns when the server registered the connection, or why the stream
 /// ended before.
@@ -266,9 +305,14 @@ async fn read(
     outbound: fmpsc::UnboundedSender<Payload>,
     events: mpsc::UnboundedSender<Inbound>,
     setup_ack: oneshot::Sender<Result<(), String>>,
-    metrics: Arc<NacosMetrics>,
-    last_active: Arc<Mutex<Instant>>,
+    shared: Shared,
 ) {
+    let Shared {
+        metrics,
+        last_active,
+        closed,
+    } = shared;
+    let _closed = closed.drop_guard();
     let mut setup_ack = Some(setup_ack);
     let opened = async {
         grpc.ready().await.map_err(|e| e.to_string())?;

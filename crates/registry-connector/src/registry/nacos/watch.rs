@@ -542,18 +542,25 @@ impl Watcher {
             return Ok(());
         }
         let namespace = self.cfg.namespace.clone();
-        let answers: Vec<(ServiceKey, Result<api::ServiceInfoResponse, NacosError>)> =
-            futures::stream::iter(pending)
-                .map(|key| {
-                    let body = api::subscribe(&namespace, &key.group, &key.name, true);
-                    async move { (key, conn.request(Kind::Subscribe, body).await) }
-                })
-                .buffer_unordered(self.cfg.concurrency.max(1))
-                .collect()
-                .await;
+        // Answers are applied as they arrive (no batch of whole services held in
+        // memory), and the batch ends with the connection: at the first lost-connection
+        // error or when the stream ends, not after every remaining request failed.
+        let answers = futures::stream::iter(pending)
+            .map(|key| {
+                let body = api::subscribe(&namespace, &key.group, &key.name, true);
+                async move {
+                    let answer = conn
+                        .request::<api::ServiceInfoResponse>(Kind::Subscribe, body)
+                        .await;
+                    (key, answer)
+                }
+            })
+            .buffer_unordered(self.cfg.concurrency.max(1))
+            .take_until(conn.closed());
+        let mut answers = std::pin::pin!(answers);
         let mut lost = None;
         let mut failed = 0usize;
-        for (key, answer) in answers {
+        while let Some((key, answer)) = answers.next().await {
             match answer {
                 Ok(answer) => {
                     if let Some(t) = self.services.get_mut(&key) {
@@ -566,7 +573,10 @@ impl Watcher {
                         holds_until,
                     );
                 }
-                Err(e) if e.is_connection_lost() => lost = Some(e),
+                Err(e) if e.is_connection_lost() => {
+                    lost = Some(e);
+                    break;
+                }
                 Err(e) => {
                     failed += 1;
                     debug!(service = %key, error = %error_chain(&e), "subscribing failed");
@@ -579,6 +589,9 @@ impl Watcher {
         self.count_subscribed();
         match lost {
             Some(e) => Err(e),
+            None if conn.is_closed() => Err(NacosError::Closed(
+                "the stream ended while subscribing".into(),
+            )),
             None => Ok(()),
         }
     }
