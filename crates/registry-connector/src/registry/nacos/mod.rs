@@ -8,6 +8,7 @@
 //! - [`http`]: login and the every-group listing over HTTP;
 //! - [`select`]: which instances are published, pure functions;
 //! - [`claims`]: one name held by two groups; [`listing`]: when a service is gone;
+//!   `hold` (private): when an emptied service is removed;
 //! - [`metrics`]; `watch` (private): the loop.
 //!
 //! Why not the `nacos-sdk` crate: it keeps a second full cache of every service, writes a
@@ -25,6 +26,7 @@ pub mod claims;
 pub mod config;
 pub mod conn;
 pub mod error;
+mod hold;
 pub mod http;
 pub mod listing;
 pub mod metrics;

@@ -17,14 +17,19 @@
 //! round counts as a failed attempt: the next one waits the backoff and goes to the next
 //! server (see [`is_steady`]).
 //!
-//! **Empty services.** Nacos forgets its ephemeral instances when it restarts, and its
-//! own clients register again only once they have reconnected, so right after a
-//! restart every such service reads empty for a while. A service that had instances
-//! and reads empty is therefore held: it stays published until a confirming
-//! `ServiceQueryRequest` after `empty_confirm_delay` (2 s) still finds it empty, and
-//! during the first `reconnect_grace` (30 s) of a *re*connection not before that grace
-//! has passed. A real scale to zero thus reaches Kubernetes 2 s late (30 s right after a
-//! reconnect); an instance that comes back meanwhile ends the hold with its push. The
+//! **Empty services.** Nacos forgets its ephemeral instances when a node restarts, and
+//! its own clients register again only once they have reconnected (a Java client after
+//! its 3 s redo delay, then the server's 0.5 s push delay), so right after a restart
+//! every such service reads empty for a while. A service that had instances and reads
+//! empty is therefore held: it stays published until two confirming
+//! `ServiceQueryRequest`s, half of `empty_confirm_delay` (10 s) apart, both find it empty
+//! (`hold`), and during the first `reconnect_grace` (30 s) of a *re*connection not before
+//! that grace has passed; a new connection postpones the holds it finds to its own grace.
+//! A real scale to zero thus reaches Kubernetes 10 s late (more right after a
+//! reconnect); an instance that comes back meanwhile ends the hold with its push.
+//! Likewise a service missing from the service list is removed only after two complete
+//! passes without it, none of them within the grace, and a `ServiceQueryRequest` that
+//! finds it empty. The
 //! sink's mass-deletion guard stays the second line.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -47,6 +52,7 @@ use super::claims::Claims;
 use super::config::Groups;
 use super::conn::{Connection, Inbound, TokenSlot};
 use super::error::NacosError;
+use super::hold::{Confirmed, Hold};
 use super::http::NacosHttp;
 use super::listing::Listing;
 use super::metrics::NacosMetrics;
@@ -93,8 +99,8 @@ struct Tracked {
     last_ref_time: i64,
     /// Whether the last applied answer had instances.
     had_instances: bool,
-    /// An empty answer waits for confirmation until then.
-    empty_hold: Option<Instant>,
+    /// An empty answer waiting for confirmation.
+    empty_hold: Option<Hold>,
     /// The last answer came under the protection threshold.
     protected: bool,
 }
@@ -128,6 +134,13 @@ const STEADY_AFTER: Duration = Duration::from_secs(60);
 /// it would be reopened at once, forever, on the same server.
 fn is_steady(first_round_done: bool, alive: Duration) -> bool {
     first_round_done || alive >= STEADY_AFTER
+}
+
+/// Whether a listing pass may count a service's absence towards removing it: only a
+/// complete pass, and not within the grace after a (re)connection (a restarted node
+/// lists a service again only once one of its clients registered again).
+fn counts_for_removal(complete: bool, now: Instant, holds_until: Instant) -> bool {
+    complete && now >= holds_until
 }
 
 pub(crate) struct Watcher {
@@ -211,9 +224,6 @@ impl Watcher {
                 connection = conn.id(),
                 "connected to Nacos"
             );
-            for tracked in self.services.values_mut() {
-                tracked.subscribed = false;
-            }
             self.metrics.subscribed_services.set(0);
             // The first connection reads no restart artefact: what was read empty on it
             // had instances on it before.
@@ -327,6 +337,7 @@ impl Watcher {
     ) -> Result<(), NacosError> {
         // Holds end no earlier than this (see the module documentation).
         let holds_until = Instant::now() + grace;
+        self.start_session(holds_until);
         let mut next_list = Instant::now();
         let mut listed_whole = false;
         let mut tick = tokio::time::interval(TICK);
@@ -334,7 +345,7 @@ impl Watcher {
         loop {
             let now = Instant::now();
             if now >= next_list {
-                match self.list(conn).await {
+                match self.list(conn, holds_until).await {
                     Ok(complete) => {
                         listed_whole |= complete;
                         next_list = if complete || self.synced {
@@ -374,6 +385,19 @@ impl Watcher {
         }
     }
 
+    /// A new connection: nothing is subscribed on it yet, holds wait for its grace and
+    /// their reads start over, and service-list misses seen before it are forgotten (a
+    /// restarted node lists a service only once its clients registered again).
+    fn start_session(&mut self, holds_until: Instant) {
+        for tracked in self.services.values_mut() {
+            tracked.subscribed = false;
+            if let Some(hold) = &mut tracked.empty_hold {
+                hold.restart(holds_until);
+            }
+        }
+        self.listing = Listing::default();
+    }
+
     /// Keepalive, confirmations of emptied services, the token.
     async fn on_tick(&mut self, conn: &Connection, holds_until: Instant) -> Result<(), NacosError> {
         if conn.idle_for() >= KEEPALIVE_IDLE {
@@ -384,7 +408,7 @@ impl Watcher {
         let due: Vec<ServiceKey> = self
             .services
             .iter()
-            .filter(|(_, t)| t.empty_hold.is_some_and(|at| at <= now))
+            .filter(|(_, t)| t.empty_hold.is_some_and(|h| h.due <= now))
             .map(|(k, _)| k.clone())
             .collect();
         for key in due {
@@ -395,10 +419,7 @@ impl Watcher {
             {
                 Ok(answer) => {
                     let info = answer.service_info.unwrap_or_default();
-                    if info.hosts.is_empty() {
-                        info!(service = %key, "confirmed empty in Nacos; removing it");
-                    }
-                    self.apply(&key, info, Origin::Confirm, holds_until);
+                    self.on_confirm(&key, info, holds_until);
                 }
                 Err(e) if e.is_connection_lost() => return Err(e),
                 Err(e) => {
@@ -417,13 +438,33 @@ impl Watcher {
         Ok(())
     }
 
+    /// A confirming read of a held service: instances end the hold; an empty read
+    /// removes the service only if it is the last of [`hold::EMPTY_READS`](super::hold).
+    fn on_confirm(&mut self, key: &ServiceKey, info: ServiceInfo, holds_until: Instant) {
+        if info.hosts.is_empty() {
+            let delay = self.cfg.empty_confirm_delay;
+            let Some(hold) = self
+                .services
+                .get_mut(key)
+                .and_then(|t| t.empty_hold.as_mut())
+            else {
+                return;
+            };
+            if hold.read_empty(Instant::now(), delay, holds_until) == Confirmed::ReadAgain {
+                debug!(service = %key, "a Nacos service read empty again; one more read before removing it");
+                return;
+            }
+            info!(service = %key, "confirmed empty in Nacos; removing it");
+        }
+        self.apply(key, info, Origin::Confirm, holds_until);
+    }
+
     /// One listing pass; `Ok(false)` when part of it failed. Services found are tracked
-    /// (and subscribed by the caller); those gone are removed.
-    async fn list(&mut self, conn: &Connection) -> Result<bool, NacosError> {
+    /// (and subscribed by the caller); those gone are removed once a read confirms it.
+    async fn list(&mut self, conn: &Connection, holds_until: Instant) -> Result<bool, NacosError> {
         let (listed, complete) = self.list_pass(conn).await?;
-        let outcome = self
-            .listing
-            .observe(self.services.keys(), &listed, complete);
+        let counts = counts_for_removal(complete, Instant::now(), holds_until);
+        let outcome = self.listing.observe(self.services.keys(), &listed, counts);
         if !outcome.added.is_empty() {
             debug!(services = outcome.added.len(), "new Nacos services listed");
         }
@@ -431,6 +472,9 @@ impl Watcher {
             self.services.insert(key, Tracked::default());
         }
         for key in outcome.gone {
+            if !self.confirm_gone(conn, &key).await? {
+                continue;
+            }
             info!(service = %key, "gone from the Nacos service list; removing it");
             let was_subscribed = self.services.remove(&key).is_some_and(|t| t.subscribed);
             self.reported.forget(&key.to_string());
@@ -444,6 +488,34 @@ impl Watcher {
         }
         self.count_subscribed();
         Ok(complete)
+    }
+
+    /// Whether a service missing from the list is really gone: a `ServiceQueryRequest`
+    /// must find it empty (a list cut from a shifting set, or a node still taking its
+    /// clients' registrations back, may miss a service that has instances). `Err` only
+    /// when the connection is lost.
+    async fn confirm_gone(&self, conn: &Connection, key: &ServiceKey) -> Result<bool, NacosError> {
+        let body = api::service_query(&self.cfg.namespace, &key.group, &key.name);
+        match conn
+            .request::<api::ServiceInfoResponse>(Kind::ServiceQuery, body)
+            .await
+        {
+            Ok(answer)
+                if answer
+                    .service_info
+                    .as_ref()
+                    .is_some_and(|i| !i.hosts.is_empty()) =>
+            {
+                info!(service = %key, "missing from the Nacos service list but still has instances; kept");
+                Ok(false)
+            }
+            Ok(_) => Ok(true),
+            Err(e) if e.is_connection_lost() => Err(e),
+            Err(e) => {
+                warn!(service = %key, error = %error_chain(&e), "confirming a service gone from the Nacos list failed; kept for now");
+                Ok(false)
+            }
+        }
     }
 
     /// Every selected service the server lists now (consumers left out), and whether
@@ -645,9 +717,10 @@ impl Watcher {
         let empty = info.hosts.is_empty();
         if empty && tracked.had_instances && origin != Origin::Confirm {
             if tracked.empty_hold.is_none() {
-                let at = (Instant::now() + self.cfg.empty_confirm_delay).max(holds_until);
-                tracked.empty_hold = Some(at);
-                info!(service = %key, confirm_in = ?at.saturating_duration_since(Instant::now()), "a Nacos service read empty; keeping it until a read confirms");
+                let now = Instant::now();
+                let hold = Hold::start(now, self.cfg.empty_confirm_delay, holds_until);
+                tracked.empty_hold = Some(hold);
+                info!(service = %key, first_read_in = ?hold.due.saturating_duration_since(now), "a Nacos service read empty; keeping it until reads confirm");
                 self.count_holds();
             }
             return;
@@ -745,5 +818,14 @@ mod tests {
         assert!(!is_steady(false, Duration::from_secs(5)));
         assert!(is_steady(true, Duration::from_millis(10)));
         assert!(is_steady(false, STEADY_AFTER));
+    }
+
+    #[test]
+    fn listing_passes_within_the_grace_remove_nothing() {
+        let now = Instant::now();
+        let grace_end = now + Duration::from_secs(30);
+        assert!(!counts_for_removal(true, now, grace_end));
+        assert!(!counts_for_removal(false, grace_end, grace_end));
+        assert!(counts_for_removal(true, grace_end, grace_end));
     }
 }
