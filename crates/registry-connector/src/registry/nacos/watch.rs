@@ -105,6 +105,20 @@ struct Tracked {
     protected: bool,
 }
 
+impl Tracked {
+    /// A new connection: nothing subscribed on it yet, and its answers are compared with
+    /// each other only. `lastRefTime` is the serving node's wall clock when it answered:
+    /// after a failover to a node whose clock is behind, every answer would look older
+    /// than the last one applied and be dropped. A hold waits for the new grace.
+    fn start_session(&mut self, holds_until: Instant) {
+        self.subscribed = false;
+        self.last_ref_time = 0;
+        if let Some(hold) = &mut self.empty_hold {
+            hold.restart(holds_until);
+        }
+    }
+}
+
 /// Where an answer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Origin {
@@ -390,10 +404,7 @@ impl Watcher {
     /// restarted node lists a service only once its clients registered again).
     fn start_session(&mut self, holds_until: Instant) {
         for tracked in self.services.values_mut() {
-            tracked.subscribed = false;
-            if let Some(hold) = &mut tracked.empty_hold {
-                hold.restart(holds_until);
-            }
+            tracked.start_session(holds_until);
         }
         self.listing = Listing::default();
     }
@@ -818,6 +829,27 @@ mod tests {
         assert!(!is_steady(false, Duration::from_secs(5)));
         assert!(is_steady(true, Duration::from_millis(10)));
         assert!(is_steady(false, STEADY_AFTER));
+    }
+
+    #[test]
+    fn a_new_connection_forgets_the_old_nodes_clock() {
+        let now = Instant::now();
+        let mut tracked = Tracked {
+            subscribed: true,
+            last_ref_time: 1_796_350_945_377,
+            had_instances: true,
+            empty_hold: Some(Hold::start(now, Duration::from_secs(10), now)),
+            protected: false,
+        };
+        let grace_end = now + Duration::from_secs(30);
+        tracked.start_session(grace_end);
+        assert!(!tracked.subscribed);
+        assert_eq!(
+            tracked.last_ref_time, 0,
+            "a slower clock's answers are applied"
+        );
+        assert_eq!(tracked.empty_hold.map(|h| h.due), Some(grace_end));
+        assert!(tracked.had_instances, "what is published stays");
     }
 
     #[test]
