@@ -174,8 +174,9 @@ pub struct ServiceInfoResponse {
     pub service_info: Option<ServiceInfo>,
 }
 
-/// `ServiceListResponse`. Its `count` is the size of the page in Nacos 2.x (not the
-/// total), so pages are read until one comes back short.
+/// `ServiceListResponse`. Its `count` is the group's total at the time of that request
+/// (Nacos 2.3.2 sets it to the size of the set the page is cut from); pages are read
+/// until one comes back short all the same, the set changing between two requests.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct ServiceListResponse {
