@@ -214,6 +214,11 @@ impl Connection {
                     if other.is_ok() {
                         *self.last_active.lock().unwrap_or_else(|e| e.into_inner()) =
                             Instant::now();
+                        // An answer other than the server check's proves the server
+                        // registered the connection, for a server that sends no ack.
+                        if kind != Kind::ServerCheck && !self.is_closed() {
+                            self.metrics.connected.set(1);
+                        }
                     }
                     return other;
                 }
@@ -379,6 +384,8 @@ async fn read(
                 }
             }
             api::SETUP_ACK => {
+                // Connected means registered: before the ack the server answers 301.
+                metrics.connected.set(1);
                 if let Some(ack) = setup_ack.take() {
                     let _ = ack.send(Ok(()));
                 }
@@ -389,6 +396,7 @@ async fn read(
             ),
         }
     };
+    metrics.connected.set(0);
     if let Some(ack) = setup_ack.take() {
         let _ = ack.send(Err(closed.clone()));
     }

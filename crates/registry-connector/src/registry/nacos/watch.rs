@@ -263,7 +263,7 @@ impl Watcher {
                 self.metrics.reconnects.inc();
             }
             opened += 1;
-            self.metrics.connected.set(1);
+            // `connected` goes to 1 with the server's SetupAckRequest (the reader).
             info!(
                 server = conn.server(),
                 connection = conn.id(),
