@@ -19,6 +19,8 @@ const PUSHES: &str = "registry_connector_nacos_pushes_received_total";
 /// How long one change may take to reach Kubernetes (a push, a 100 ms quiet period):
 /// generous for a loaded machine.
 const CHANGE_BOUND: Duration = Duration::from_secs(15);
+/// The default `--nacos-empty-confirm-delay`: an emptied service stays this long.
+const EMPTY_CONFIRM_DELAY: Duration = Duration::from_secs(10);
 
 fn annotation(svc: &Service, key: &str) -> Option<String> {
     svc.metadata.annotations.as_ref()?.get(key).cloned()
@@ -232,7 +234,8 @@ async fn publishes_services_and_follows_every_change_through_pushes() -> Result<
     .await?;
     wait_endpoints(&s.client, &ns, &orders, &v6_only).await?;
 
-    // The last instance of a service goes: after the confirming read, the Service goes.
+    // The last instance of a service goes: after the two confirming reads (the
+    // confirmation delay), the Service goes.
     let started = Instant::now();
     s.deregister(&pay_1).await?;
     for namespace in [&ns, &all] {
@@ -240,7 +243,8 @@ async fn publishes_services_and_follows_every_change_through_pushes() -> Result<
     }
     let took = started.elapsed();
     println!("scale to zero: Service deleted after {took:?}");
-    assert!(took < CHANGE_BOUND, "took {took:?}");
+    assert!(took >= EMPTY_CONFIRM_DELAY, "held only {took:?}");
+    assert!(took < EMPTY_CONFIRM_DELAY + CHANGE_BOUND, "took {took:?}");
 
     assert_eq!(
         requests(&passing, "subscribe").await?,
@@ -249,8 +253,8 @@ async fn publishes_services_and_follows_every_change_through_pushes() -> Result<
     );
     assert_eq!(
         requests(&passing, "service_query").await?,
-        queries + 1.0,
-        "one read, confirming the emptied service"
+        queries + 2.0,
+        "two reads, confirming the emptied service"
     );
     let pushed = passing.metric_sum(PUSHES).await? - pushes;
     assert!(pushed >= 7.0, "{pushed} pushes");

@@ -1,7 +1,10 @@
 //! The Nacos server stopped and started again (empty of ephemeral instances, as a real
 //! restart leaves it): the connector deletes nothing while Nacos is down, reconnects,
-//! subscribes again and converges once the instances are registered again, as Nacos's
-//! own clients do after they reconnect. A binary of its own: it restarts the shared
+//! subscribes again, reads every service empty and holds them, and converges once the
+//! instances are registered again, as Nacos's own clients do some seconds after they
+//! reconnect. The registrations come only 5 s after the connector's reconnection, so
+//! that its empty reads and its service-list passes without the services fall inside
+//! the reconnect grace: a Service deleted meanwhile would come back with a new UID. A binary of its own: it restarts the shared
 //! server, which no other test binary uses meanwhile (test binaries run one at a time).
 
 mod common;
@@ -64,11 +67,6 @@ async fn a_restarted_nacos_is_reconnected_without_deleting_anything() -> Result<
     assert!(services.get_opt(&b).await?.is_some());
 
     s.env.start_component("nacos")?;
-    // The clients register again; one of them moved.
-    s.register(&instances[0]).await?;
-    s.register(&Instance::new(&a, &g, "192.0.2.83", 8080))
-        .await?;
-    s.register(&instances[2]).await?;
     wait_for(
         "the connector to reconnect",
         Duration::from_secs(60),
@@ -86,6 +84,34 @@ async fn a_restarted_nacos_is_reconnected_without_deleting_anything() -> Result<
     )
     .await
     .map_err(|e| e.context(connector.log_tail()))?;
+    // The restarted Nacos knows neither service: both read empty and are held.
+    wait_for(
+        "both services held as emptied",
+        Duration::from_secs(30),
+        || async {
+            let held = connector
+                .metric_sum("registry_connector_nacos_empty_holds")
+                .await
+                .ok()?;
+            (held == 2.0).then_some(())
+        },
+    )
+    .await
+    .map_err(|e| e.context(connector.log_tail()))?;
+    // The clients register again only after a while (a Java client's redo delay, a
+    // loaded node): meanwhile the service list lacks both services for two passes.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        uid(services.get(&a).await?),
+        uid_a,
+        "nothing deleted while the restarted Nacos is empty"
+    );
+    assert_eq!(uid(services.get(&b).await?), uid_b);
+    // One of them moved.
+    s.register(&instances[0]).await?;
+    s.register(&Instance::new(&a, &g, "192.0.2.83", 8080))
+        .await?;
+    s.register(&instances[2]).await?;
     wait_endpoints(
         &s.client,
         s.ns(),
@@ -114,5 +140,13 @@ async fn a_restarted_nacos_is_reconnected_without_deleting_anything() -> Result<
             >= 4.0,
         "both services subscribed again on the new connection"
     );
+    wait_for("the holds to end", Duration::from_secs(30), || async {
+        let held = connector
+            .metric_sum("registry_connector_nacos_empty_holds")
+            .await
+            .ok()?;
+        (held == 0.0).then_some(())
+    })
+    .await?;
     Ok(())
 }

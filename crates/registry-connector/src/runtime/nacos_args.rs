@@ -95,6 +95,16 @@ pub struct NacosArgs {
     #[arg(long, env = "RC_NACOS_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub nacos_request_timeout: Duration,
 
+    /// How long a service that read empty stays published: two reads, half of it apart,
+    /// must find it empty (Nacos clients re-register some seconds after a node restart).
+    #[arg(long, env = "RC_NACOS_EMPTY_CONFIRM_DELAY", default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub nacos_empty_confirm_delay: Duration,
+
+    /// The largest gRPC message read from Nacos, in bytes (Nacos sends up to 10 MiB: a
+    /// service of many instances is one message).
+    #[arg(long, env = "RC_NACOS_MAX_MESSAGE_SIZE", default_value_t = crate::registry::nacos::conn::DEFAULT_MAX_MESSAGE_SIZE, value_name = "BYTES")]
+    pub nacos_max_message_size: usize,
+
     /// Sync only instances whose metadata holds KEY=VALUE (repeatable: all must match;
     /// comma-separated in the environment).
     #[arg(
@@ -135,6 +145,8 @@ impl NacosArgs {
         cfg.service_list_interval = self.nacos_service_list_interval;
         cfg.group_as_suffix = self.nacos_group_as_suffix;
         cfg.request_timeout = self.nacos_request_timeout;
+        cfg.max_message_size = self.nacos_max_message_size;
+        cfg.empty_confirm_delay = self.nacos_empty_confirm_delay;
         cfg.filter_metadata = self
             .filter_metadata
             .iter()

@@ -3,8 +3,9 @@
 //!
 //! Requests are built as JSON values (the server ignores fields it does not know and
 //! fills the ones left out); responses are decoded leniently: every field has a default,
-//! and an instance that does not decode is kept as an error for the selection to report,
-//! so one odd entry never loses its service.
+//! and an instance that does not decode is kept as an error for the selection to report
+//! ([`HostEntry`]), so one odd entry never loses its service. Instances are decoded into
+//! typed values as the answer is read: no JSON tree of a service is kept or cloned.
 
 use std::collections::BTreeMap;
 
@@ -173,8 +174,9 @@ pub struct ServiceInfoResponse {
     pub service_info: Option<ServiceInfo>,
 }
 
-/// `ServiceListResponse`. Its `count` is the size of the page in Nacos 2.x (not the
-/// total), so pages are read until one comes back short.
+/// `ServiceListResponse`. Its `count` is the group's total at the time of that request
+/// (Nacos 2.3.2 sets it to the size of the set the page is cut from); pages are read
+/// until one comes back short all the same, the set changing between two requests.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct ServiceListResponse {
@@ -209,9 +211,26 @@ pub struct ServiceInfo {
     pub name: String,
     pub group_name: Option<String>,
     pub clusters: Option<String>,
-    pub hosts: Vec<Value>,
+    pub hosts: Vec<HostEntry>,
     pub last_ref_time: i64,
     pub reach_protection_threshold: bool,
+}
+
+/// One element of `hosts`: the instance, or why it did not decode (with the start of
+/// its JSON). Decoding it never fails, so one odd element does not lose the service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostEntry(pub Result<Host, String>);
+
+impl<'de> Deserialize<'de> for HostEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // The element's tree lives only while its own instance is decoded from it.
+        let value = Value::deserialize(d)?;
+        Ok(Self(Host::deserialize(&value).map_err(|e| {
+            let text = value.to_string();
+            let cut: String = text.chars().take(120).collect();
+            format!("{e} in {cut}")
+        })))
+    }
 }
 
 /// One instance of a [`ServiceInfo`].
@@ -274,14 +293,10 @@ fn string_map<'de, D: serde::Deserializer<'de>>(
 
 impl ServiceInfo {
     /// The instances, each decoded on its own: `Err` for one that is not an instance.
-    pub fn instances(&self) -> impl Iterator<Item = Result<Host, String>> + '_ {
-        self.hosts.iter().map(|v| {
-            serde_json::from_value::<Host>(v.clone()).map_err(|e| {
-                let text = v.to_string();
-                let cut: String = text.chars().take(120).collect();
-                format!("{e} in {cut}")
-            })
-        })
+    pub fn instances(&self) -> impl Iterator<Item = Result<&Host, &str>> + '_ {
+        self.hosts
+            .iter()
+            .map(|entry| entry.0.as_ref().map_err(String::as_str))
     }
 
     /// Group and plain name, from `groupName` and `name` (`GROUP@@name`).
@@ -383,7 +398,7 @@ mod tests {
         let info = push.service_info.expect("service info");
         assert_eq!(info.group_and_name(), (Some("G1"), "orders"));
         assert_eq!(info.last_ref_time, 1796350945377);
-        let hosts: Vec<Host> = info.instances().map(|h| h.expect("host")).collect();
+        let hosts: Vec<&Host> = info.instances().map(|h| h.expect("host")).collect();
         assert_eq!(hosts.len(), 1);
         let h = &hosts[0];
         assert_eq!(h.ip.as_deref(), Some("192.0.2.16"));
@@ -406,9 +421,9 @@ mod tests {
             r#"{"name":"G@@s","hosts":[{"ip":"192.0.2.1","port":"eighty"},{"ip":"192.0.2.2","port":80,"metadata":{"n":1,"z":null}}, 7]}"#,
         )
         .expect("the service decodes");
-        let all: Vec<Result<Host, String>> = info.instances().collect();
-        assert!(all[0].is_err());
-        let ok = all[1].as_ref().expect("decodes");
+        let all: Vec<Result<&Host, &str>> = info.instances().collect();
+        assert!(all[0].is_err_and(|why| why.contains("eighty")));
+        let ok = all[1].expect("decodes");
         assert_eq!(ok.metadata.get("n").map(String::as_str), Some("1"));
         assert_eq!(ok.metadata.get("z").map(String::as_str), Some(""));
         assert!(all[2].is_err());

@@ -89,14 +89,17 @@ pub struct NacosConfig {
     pub group_as_suffix: bool,
     /// Timeout of one request.
     pub request_timeout: Duration,
-    /// How long a service that became empty stays published before a confirming read
-    /// (the wait is longer right after a reconnect, see `watch`).
+    /// How long a service that became empty stays published: two confirming reads,
+    /// half of it apart, must find it empty (longer right after a reconnect, see
+    /// `watch`). Longer than a Java client's re-registration after a node restart.
     pub empty_confirm_delay: Duration,
     /// After a (re)connection, how long emptied services wait for their clients to
     /// register again (Nacos loses ephemeral instances on restart).
     pub reconnect_grace: Duration,
     /// Subscriptions in flight at once (start, reconnect).
     pub subscribe_concurrency: usize,
+    /// The largest gRPC message read, in bytes (Nacos sends up to 10 MiB).
+    pub max_message_size: usize,
     pub passing_only: bool,
     pub filter_metadata: Vec<(String, String)>,
     pub service_prefix: String,
@@ -119,9 +122,10 @@ impl NacosConfig {
             service_list_interval: Duration::from_secs(30),
             group_as_suffix: false,
             request_timeout: Duration::from_secs(10),
-            empty_confirm_delay: Duration::from_secs(2),
+            empty_confirm_delay: Duration::from_secs(10),
             reconnect_grace: Duration::from_secs(30),
             subscribe_concurrency: 16,
+            max_message_size: super::conn::DEFAULT_MAX_MESSAGE_SIZE,
             passing_only: true,
             filter_metadata: Vec::new(),
             service_prefix: String::new(),

@@ -23,6 +23,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tonic::client::Grpc;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, warn};
@@ -41,6 +42,10 @@ const SETUP_ACK_WAIT: Duration = Duration::from_secs(3);
 /// Retries of a request answered with error 301, 100 ms apart: the short window between
 /// the setup request and the server's registration of the connection.
 const UNREGISTERED_RETRIES: u32 = 10;
+/// The largest message accepted by default. Nacos sends up to 10 MiB (its Java client
+/// accepts that much; tonic's own default is 4 MiB): a big service's answer or push must
+/// fit, or its subscription fails for good and a push of it kills the stream.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 
 /// What the reader hands on.
 #[derive(Debug)]
@@ -60,6 +65,9 @@ pub struct Connection {
     metrics: Arc<NacosMetrics>,
     timeout: Duration,
     last_active: Arc<Mutex<Instant>>,
+    /// Cancelled when the stream ends: requests in flight stop at once instead of
+    /// retrying error 301 or waiting their timeout on a dead connection.
+    closed: CancellationToken,
     reader: tokio::task::JoinHandle<()>,
     /// Kept so the stream stays open while the connection lives.
     _outbound: fmpsc::UnboundedSender<Payload>,
@@ -67,6 +75,7 @@ pub struct Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        self.closed.cancel();
         self.reader.abort();
     }
 }
@@ -80,6 +89,7 @@ impl Connection {
         token: TokenSlot,
         metrics: Arc<NacosMetrics>,
         timeout: Duration,
+        max_message_size: usize,
     ) -> Result<(Self, mpsc::UnboundedReceiver<Inbound>), NacosError> {
         let connect_error = |source| NacosError::Connect {
             server: server.to_string(),
@@ -99,13 +109,14 @@ impl Connection {
         let (outbound, outbound_rx) = fmpsc::unbounded();
         let (events, events_rx) = mpsc::unbounded_channel();
         let mut conn = Self {
-            grpc: Grpc::new(channel),
+            grpc: Grpc::new(channel).max_decoding_message_size(max_message_size),
             server: server.to_string(),
             id: String::new(),
             token,
             metrics,
             timeout,
             last_active: Arc::new(Mutex::new(Instant::now())),
+            closed: CancellationToken::new(),
             reader: tokio::spawn(async {}),
             _outbound: outbound.clone(),
         };
@@ -128,8 +139,11 @@ impl Connection {
             outbound,
             events,
             ack_tx,
-            Arc::clone(&conn.metrics),
-            Arc::clone(&conn.last_active),
+            Shared {
+                metrics: Arc::clone(&conn.metrics),
+                last_active: Arc::clone(&conn.last_active),
+                closed: conn.closed.clone(),
+            },
         ));
         match tokio::time::timeout(SETUP_ACK_WAIT, ack_rx).await {
             Ok(Ok(Ok(()))) => {}
@@ -157,17 +171,39 @@ impl Connection {
             .elapsed()
     }
 
+    /// Completes when the stream has ended (the connection is gone).
+    pub fn closed(&self) -> WaitForCancellationFuture<'_> {
+        self.closed.cancelled()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
     /// Sends one request and decodes its answer, counted under `kind`. Error 301 right
     /// after the setup is retried briefly; beyond that it means the server lost the
-    /// connection ([`NacosError::Unregistered`]).
+    /// connection ([`NacosError::Unregistered`]). Once the stream has ended, requests
+    /// (also those in flight) fail at once with [`NacosError::Closed`].
     pub async fn request<T: DeserializeOwned>(
         &self,
         kind: Kind,
         body: Value,
     ) -> Result<T, NacosError> {
+        tokio::select! {
+            biased;
+            _ = self.closed.cancelled() => Err(NacosError::Closed("the stream ended".into())),
+            result = self.request_retrying(kind, &body) => result,
+        }
+    }
+
+    async fn request_retrying<T: DeserializeOwned>(
+        &self,
+        kind: Kind,
+        body: &Value,
+    ) -> Result<T, NacosError> {
         let mut attempt = 0;
         loop {
-            let result = self.request_once(kind, &body).await;
+            let result = self.request_once(kind, body).await;
             match result {
                 Err(NacosError::Unregistered) if attempt < UNREGISTERED_RETRIES => {
                     attempt += 1;
@@ -178,6 +214,11 @@ impl Connection {
                     if other.is_ok() {
                         *self.last_active.lock().unwrap_or_else(|e| e.into_inner()) =
                             Instant::now();
+                        // An answer other than the server check's proves the server
+                        // registered the connection, for a server that sends no ack.
+                        if kind != Kind::ServerCheck && !self.is_closed() {
+                            self.metrics.connected.set(1);
+                        }
                     }
                     return other;
                 }
@@ -252,6 +293,14 @@ pub fn decode<T: DeserializeOwned>(kind: Kind, answer: &Payload) -> Result<T, Na
     })
 }
 
+/// What the reader shares with its [`Connection`].
+struct Shared {
+    metrics: Arc<NacosMetrics>,
+    last_active: Arc<Mutex<Instant>>,
+    /// Cancelled when the reader ends, however it ends.
+    closed: CancellationToken,
+}
+
 /// The bi stream: opens it, answers the server and hands pushes on, until it ends.
 /// `setup_ack` learns when the server registered the connection, or why the stream
 /// ended before.
@@ -261,9 +310,14 @@ async fn read(
     outbound: fmpsc::UnboundedSender<Payload>,
     events: mpsc::UnboundedSender<Inbound>,
     setup_ack: oneshot::Sender<Result<(), String>>,
-    metrics: Arc<NacosMetrics>,
-    last_active: Arc<Mutex<Instant>>,
+    shared: Shared,
 ) {
+    let Shared {
+        metrics,
+        last_active,
+        closed,
+    } = shared;
+    let _closed = closed.drop_guard();
     let mut setup_ack = Some(setup_ack);
     let opened = async {
         grpc.ready().await.map_err(|e| e.to_string())?;
@@ -330,6 +384,8 @@ async fn read(
                 }
             }
             api::SETUP_ACK => {
+                // Connected means registered: before the ack the server answers 301.
+                metrics.connected.set(1);
                 if let Some(ack) = setup_ack.take() {
                     let _ = ack.send(Ok(()));
                 }
@@ -340,6 +396,7 @@ async fn read(
             ),
         }
     };
+    metrics.connected.set(0);
     if let Some(ack) = setup_ack.take() {
         let _ = ack.send(Err(closed.clone()));
     }

@@ -69,7 +69,9 @@ impl NacosError {
     }
 
     /// Whether the connection has to be opened again (as opposed to one request that
-    /// failed on a working connection).
+    /// failed on a working connection). An answer larger than the decoding limit
+    /// (`OutOfRange`) is a failure of that one request: the connection is fine, and
+    /// reopening it would read the same answer again.
     pub fn is_connection_lost(&self) -> bool {
         match self {
             Self::Connect { .. } | Self::Unregistered | Self::Closed(_) | Self::Timeout { .. } => {
@@ -81,5 +83,21 @@ impl NacosError {
             ),
             _ => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_too_large_answer_fails_the_request_not_the_connection() {
+        let too_large = NacosError::rpc(
+            Kind::Subscribe,
+            tonic::Status::out_of_range("Error, decoded message length too large"),
+        );
+        assert!(!too_large.is_connection_lost());
+        let gone = NacosError::rpc(Kind::Subscribe, tonic::Status::unavailable("gone"));
+        assert!(gone.is_connection_lost());
     }
 }

@@ -8,6 +8,7 @@
 //! - [`http`]: login and the every-group listing over HTTP;
 //! - [`select`]: which instances are published, pure functions;
 //! - [`claims`]: one name held by two groups; [`listing`]: when a service is gone;
+//!   `hold` (private): when an emptied service is removed;
 //! - [`metrics`]; `watch` (private): the loop.
 //!
 //! Why not the `nacos-sdk` crate: it keeps a second full cache of every service, writes a
@@ -25,6 +26,7 @@ pub mod claims;
 pub mod config;
 pub mod conn;
 pub mod error;
+mod hold;
 pub mod http;
 pub mod listing;
 pub mod metrics;
@@ -45,6 +47,9 @@ pub use config::{Groups, NacosConfig};
 pub use error::NacosError;
 pub use metrics::NacosMetrics;
 pub use select::Selection;
+
+/// Below this a service of a few instances would not fit an answer.
+const MIN_MESSAGE_SIZE: usize = 64 * 1024;
 
 /// A configured Nacos source, ready to [`run`](crate::registry::RegistrySource::run).
 pub struct NacosSource {
@@ -71,6 +76,12 @@ impl NacosSource {
             return Err(NacosError::Config(
                 "the request timeout must not be zero".into(),
             ));
+        }
+        if cfg.max_message_size < MIN_MESSAGE_SIZE {
+            return Err(NacosError::Config(format!(
+                "the largest Nacos message must be at least {MIN_MESSAGE_SIZE} bytes, got {}",
+                cfg.max_message_size
+            )));
         }
         if cfg.namespace.trim().is_empty() {
             return Err(NacosError::Config("the namespace must not be empty".into()));
@@ -117,6 +128,7 @@ impl NacosSource {
                 empty_confirm_delay: cfg.empty_confirm_delay,
                 reconnect_grace: cfg.reconnect_grace,
                 concurrency: cfg.subscribe_concurrency,
+                max_message_size: cfg.max_message_size,
                 pacing: cfg.pacing,
             },
             selection: Selection {
@@ -195,6 +207,10 @@ mod tests {
             },
             NacosConfig {
                 username: Some("u".into()),
+                ..ok.clone()
+            },
+            NacosConfig {
+                max_message_size: 1024,
                 ..ok.clone()
             },
             NacosConfig {

@@ -155,11 +155,11 @@ impl Selection {
         let mut members = Vec::new();
         for (i, host) in info.instances().enumerate() {
             match host {
-                Ok(host) if self.takes_part(&host) => members.push(host),
+                Ok(host) if self.takes_part(host) => members.push(host),
                 Ok(_) => {}
                 Err(why) => built.skipped.push(SkippedInstance {
                     instance_id: format!("#{i}"),
-                    reason: Skip::Undecodable(why),
+                    reason: Skip::Undecodable(why.to_string()),
                 }),
             }
         }
@@ -266,7 +266,10 @@ mod tests {
     fn info(hosts: Vec<Value>) -> ServiceInfo {
         ServiceInfo {
             name: "G@@orders".into(),
-            hosts,
+            hosts: hosts
+                .into_iter()
+                .map(|h| serde_json::from_value(h).expect("an entry always decodes"))
+                .collect(),
             ..ServiceInfo::default()
         }
     }
@@ -376,7 +379,11 @@ mod tests {
             with(host("192.0.2.1", false), "clusterName", json!("A")),
             with(host("192.0.2.1", true), "clusterName", json!("B")),
         ]);
-        for order in [i.clone(), info(i.hosts.iter().rev().cloned().collect())] {
+        let reversed = ServiceInfo {
+            hosts: i.hosts.iter().rev().cloned().collect(),
+            ..i.clone()
+        };
+        for order in [i, reversed] {
             let meta = sel(false).build(&key(), &order).service.expect("published");
             assert_eq!(addresses(&meta), [("192.0.2.1".into(), true)]);
         }

@@ -11,18 +11,25 @@
 //!    the connection has been idle 5 s (as Nacos's clients do).
 //!
 //! When the connection ends (server restart, network, `ConnectResetRequest`, error 301)
-//! nothing is removed: the last state stays published, a new connection is opened with
-//! backoff, and every service is subscribed again (subscriptions die with the
-//! connection on the server side).
+//! nothing is removed: the last state stays published, a new connection is opened, and
+//! every service is subscribed again (subscriptions die with the connection on the
+//! server side). A connection that ended before its first full listing and subscription
+//! round counts as a failed attempt: the next one waits the backoff and goes to the next
+//! server (see [`is_steady`]).
 //!
-//! **Empty services.** Nacos forgets its ephemeral instances when it restarts, and its
-//! own clients register again only once they have reconnected, so right after a
-//! restart every such service reads empty for a while. A service that had instances
-//! and reads empty is therefore held: it stays published until a confirming
-//! `ServiceQueryRequest` after `empty_confirm_delay` (2 s) still finds it empty, and
-//! during the first `reconnect_grace` (30 s) of a *re*connection not before that grace
-//! has passed. A real scale to zero thus reaches Kubernetes 2 s late (30 s right after a
-//! reconnect); an instance that comes back meanwhile ends the hold with its push. The
+//! **Empty services.** Nacos forgets its ephemeral instances when a node restarts, and
+//! its own clients register again only once they have reconnected (a Java client after
+//! its 3 s redo delay, then the server's 0.5 s push delay), so right after a restart
+//! every such service reads empty for a while. A service that had instances and reads
+//! empty is therefore held: it stays published until two confirming
+//! `ServiceQueryRequest`s, half of `empty_confirm_delay` (10 s) apart, both find it empty
+//! (`hold`), and during the first `reconnect_grace` (30 s) of a *re*connection not before
+//! that grace has passed; a new connection postpones the holds it finds to its own grace.
+//! A real scale to zero thus reaches Kubernetes 10 s late (more right after a
+//! reconnect); an instance that comes back meanwhile ends the hold with its push.
+//! Likewise a service missing from the service list is removed only after two complete
+//! passes without it, none of them within the grace, and a `ServiceQueryRequest` that
+//! finds it empty. The
 //! sink's mass-deletion guard stays the second line.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -45,6 +52,7 @@ use super::claims::Claims;
 use super::config::Groups;
 use super::conn::{Connection, Inbound, TokenSlot};
 use super::error::NacosError;
+use super::hold::{Confirmed, Hold};
 use super::http::NacosHttp;
 use super::listing::Listing;
 use super::metrics::NacosMetrics;
@@ -78,6 +86,7 @@ pub struct WatchConfig {
     pub empty_confirm_delay: Duration,
     pub reconnect_grace: Duration,
     pub concurrency: usize,
+    pub max_message_size: usize,
     pub pacing: PacerConfig,
 }
 
@@ -90,10 +99,53 @@ struct Tracked {
     last_ref_time: i64,
     /// Whether the last applied answer had instances.
     had_instances: bool,
-    /// An empty answer waits for confirmation until then.
-    empty_hold: Option<Instant>,
+    /// An empty answer waiting for confirmation.
+    empty_hold: Option<Hold>,
     /// The last answer came under the protection threshold.
     protected: bool,
+}
+
+impl Tracked {
+    /// What [`Tally`] counts of it: (held, under the protection threshold).
+    fn flags(&self) -> (bool, bool) {
+        (self.empty_hold.is_some(), self.protected)
+    }
+
+    /// A new connection: nothing subscribed on it yet, and its answers are compared with
+    /// each other only. `lastRefTime` is the serving node's wall clock when it answered:
+    /// after a failover to a node whose clock is behind, every answer would look older
+    /// than the last one applied and be dropped. A hold waits for the new grace.
+    fn start_session(&mut self, holds_until: Instant) {
+        self.subscribed = false;
+        self.last_ref_time = 0;
+        if let Some(hold) = &mut self.empty_hold {
+            hold.restart(holds_until);
+        }
+    }
+}
+
+/// The services held and those under the protection threshold, kept up to date as each
+/// answer changes one of them: scanning every service on every answer made a
+/// subscription round of 10,000 services take 10⁸ steps.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Tally {
+    held: usize,
+    protected: usize,
+}
+
+impl Tally {
+    /// One service's flags went from `before` to `after` ([`Tracked::flags`]).
+    fn update(&mut self, before: (bool, bool), after: (bool, bool)) {
+        fn step(n: &mut usize, before: bool, after: bool) {
+            match (before, after) {
+                (false, true) => *n += 1,
+                (true, false) => *n = n.saturating_sub(1),
+                _ => {}
+            }
+        }
+        step(&mut self.held, before.0, after.0);
+        step(&mut self.protected, before.1, after.1);
+    }
 }
 
 /// Where an answer came from.
@@ -107,7 +159,31 @@ enum Origin {
 
 enum SessionEnd {
     Shutdown,
-    Lost(NacosError),
+    /// The connection ended; `steady` when it had run steadily first (see [`is_steady`]).
+    Lost {
+        error: NacosError,
+        steady: bool,
+    },
+}
+
+/// A session that lived this long counts as steady even if its first subscription round
+/// has not ended (a very large namespace).
+const STEADY_AFTER: Duration = Duration::from_secs(60);
+
+/// Whether a session that ended counts as a success for the reconnect backoff: it
+/// finished its first full listing and subscription round, or lived [`STEADY_AFTER`].
+/// A connection that opens and then dies while listing or subscribing (a server that
+/// accepts and then fails, a request that kills the stream) is a failure: without this,
+/// it would be reopened at once, forever, on the same server.
+fn is_steady(first_round_done: bool, alive: Duration) -> bool {
+    first_round_done || alive >= STEADY_AFTER
+}
+
+/// Whether a listing pass may count a service's absence towards removing it: only a
+/// complete pass, and not within the grace after a (re)connection (a restarted node
+/// lists a service again only once one of its clients registered again).
+fn counts_for_removal(complete: bool, now: Instant, holds_until: Instant) -> bool {
+    complete && now >= holds_until
 }
 
 pub(crate) struct Watcher {
@@ -119,6 +195,7 @@ pub(crate) struct Watcher {
     pub token: TokenSlot,
     pub reported: Reported,
     services: BTreeMap<ServiceKey, Tracked>,
+    tally: Tally,
     claims: Claims,
     listing: Listing,
     synced: bool,
@@ -144,6 +221,7 @@ impl Watcher {
             token: TokenSlot::default(),
             reported: Reported::default(),
             services: BTreeMap::new(),
+            tally: Tally::default(),
             claims,
             listing: Listing::default(),
             synced: false,
@@ -181,20 +259,16 @@ impl Watcher {
                     continue;
                 }
             };
-            pacer.succeeded();
             if opened > 0 {
                 self.metrics.reconnects.inc();
             }
             opened += 1;
-            self.metrics.connected.set(1);
+            // `connected` goes to 1 with the server's SetupAckRequest (the reader).
             info!(
                 server = conn.server(),
                 connection = conn.id(),
                 "connected to Nacos"
             );
-            for tracked in self.services.values_mut() {
-                tracked.subscribed = false;
-            }
             self.metrics.subscribed_services.set(0);
             // The first connection reads no restart artefact: what was read empty on it
             // had instances on it before.
@@ -208,13 +282,35 @@ impl Watcher {
             self.metrics.subscribed_services.set(0);
             match end {
                 SessionEnd::Shutdown => return,
-                SessionEnd::Lost(e) => warn!(
-                    server = conn.server(),
-                    error = %error_chain(&e),
-                    "lost the connection to Nacos; reconnecting (nothing is removed meanwhile)"
-                ),
+                SessionEnd::Lost { error, steady } => {
+                    self.after_lost(&mut pacer, conn.server(), &error, steady)
+                }
             }
         }
+    }
+
+    /// Paces the next connection after one was lost: at once on the same server after a
+    /// steady session, else with backoff on the next server.
+    fn after_lost(&mut self, pacer: &mut Pacer, server: &str, error: &NacosError, steady: bool) {
+        if steady {
+            pacer.succeeded();
+            warn!(
+                server,
+                error = %error_chain(error),
+                "lost the connection to Nacos; reconnecting (nothing is removed meanwhile)"
+            );
+            return;
+        }
+        let delay = pacer.failed();
+        self.server = (self.server + 1) % self.cfg.servers.len();
+        warn!(
+            server,
+            error = %error_chain(error),
+            failures = pacer.failures(),
+            retry_in = ?delay,
+            next_server = %self.cfg.servers[self.server].grpc,
+            "the connection to Nacos ended before its first full read; reconnecting with backoff (nothing is removed meanwhile)"
+        );
     }
 
     async fn connect(
@@ -230,6 +326,7 @@ impl Watcher {
             self.token.clone(),
             Arc::clone(&self.metrics),
             self.cfg.request_timeout,
+            self.cfg.max_message_size,
         )
         .await
     }
@@ -250,15 +347,42 @@ impl Watcher {
         Ok(())
     }
 
+    /// One connection's life; the end says whether it ran steadily (see [`is_steady`]).
     async fn session(
+        &mut self,
+        conn: &Connection,
+        events: mpsc::UnboundedReceiver<Inbound>,
+        shutdown: &CancellationToken,
+        grace: Duration,
+    ) -> SessionEnd {
+        let started = Instant::now();
+        let mut first_round_done = false;
+        match self
+            .session_loop(conn, events, shutdown, grace, &mut first_round_done)
+            .await
+        {
+            Ok(()) => SessionEnd::Shutdown,
+            Err(error) => SessionEnd::Lost {
+                error,
+                steady: is_steady(first_round_done, started.elapsed()),
+            },
+        }
+    }
+
+    /// Lists, subscribes and applies pushes until shutdown (`Ok`) or the connection is
+    /// lost. `first_round_done` is set once the first listing and subscription round
+    /// ended without losing the connection.
+    async fn session_loop(
         &mut self,
         conn: &Connection,
         mut events: mpsc::UnboundedReceiver<Inbound>,
         shutdown: &CancellationToken,
         grace: Duration,
-    ) -> SessionEnd {
+        first_round_done: &mut bool,
+    ) -> Result<(), NacosError> {
         // Holds end no earlier than this (see the module documentation).
         let holds_until = Instant::now() + grace;
+        self.start_session(holds_until);
         let mut next_list = Instant::now();
         let mut listed_whole = false;
         let mut tick = tokio::time::interval(TICK);
@@ -266,7 +390,7 @@ impl Watcher {
         loop {
             let now = Instant::now();
             if now >= next_list {
-                match self.list(conn).await {
+                match self.list(conn, holds_until).await {
                     Ok(complete) => {
                         listed_whole |= complete;
                         next_list = if complete || self.synced {
@@ -275,12 +399,11 @@ impl Watcher {
                             now + TICK
                         };
                     }
-                    Err(e) => return SessionEnd::Lost(e),
+                    Err(e) => return Err(e),
                 }
             }
-            if let Err(e) = self.subscribe_pending(conn, holds_until).await {
-                return SessionEnd::Lost(e);
-            }
+            self.subscribe_pending(conn, holds_until).await?;
+            *first_round_done = true;
             if !self.synced && listed_whole && self.services.values().all(|t| t.subscribed) {
                 self.synced = true;
                 let winners = self.claims.winners();
@@ -294,19 +417,27 @@ impl Watcher {
             }
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+                _ = shutdown.cancelled() => return Ok(()),
                 event = events.recv() => match event {
                     Some(Inbound::Push(push)) => self.on_push(*push, holds_until),
-                    Some(Inbound::Closed(why)) => return SessionEnd::Lost(NacosError::Closed(why)),
-                    None => return SessionEnd::Lost(NacosError::Closed("the reader stopped".into())),
+                    Some(Inbound::Closed(why)) => return Err(NacosError::Closed(why)),
+                    None => return Err(NacosError::Closed("the reader stopped".into())),
                 },
                 _ = tick.tick() => {
-                    if let Err(e) = self.on_tick(conn, holds_until).await {
-                        return SessionEnd::Lost(e);
-                    }
+                    self.on_tick(conn, holds_until).await?;
                 }
             }
         }
+    }
+
+    /// A new connection: nothing is subscribed on it yet, holds wait for its grace and
+    /// their reads start over, and service-list misses seen before it are forgotten (a
+    /// restarted node lists a service only once its clients registered again).
+    fn start_session(&mut self, holds_until: Instant) {
+        for tracked in self.services.values_mut() {
+            tracked.start_session(holds_until);
+        }
+        self.listing = Listing::default();
     }
 
     /// Keepalive, confirmations of emptied services, the token.
@@ -319,7 +450,7 @@ impl Watcher {
         let due: Vec<ServiceKey> = self
             .services
             .iter()
-            .filter(|(_, t)| t.empty_hold.is_some_and(|at| at <= now))
+            .filter(|(_, t)| t.empty_hold.is_some_and(|h| h.due <= now))
             .map(|(k, _)| k.clone())
             .collect();
         for key in due {
@@ -330,10 +461,7 @@ impl Watcher {
             {
                 Ok(answer) => {
                     let info = answer.service_info.unwrap_or_default();
-                    if info.hosts.is_empty() {
-                        info!(service = %key, "confirmed empty in Nacos; removing it");
-                    }
-                    self.apply(&key, info, Origin::Confirm, holds_until);
+                    self.on_confirm(&key, info, holds_until);
                 }
                 Err(e) if e.is_connection_lost() => return Err(e),
                 Err(e) => {
@@ -341,7 +469,7 @@ impl Watcher {
                 }
             }
         }
-        self.count_holds();
+        self.publish_tally();
         if self.login_due.is_some_and(|due| due <= now) {
             let server = self.cfg.servers[self.server].clone();
             if let Err(e) = self.login(&server).await {
@@ -352,13 +480,33 @@ impl Watcher {
         Ok(())
     }
 
+    /// A confirming read of a held service: instances end the hold; an empty read
+    /// removes the service only if it is the last of [`hold::EMPTY_READS`](super::hold).
+    fn on_confirm(&mut self, key: &ServiceKey, info: ServiceInfo, holds_until: Instant) {
+        if info.hosts.is_empty() {
+            let delay = self.cfg.empty_confirm_delay;
+            let Some(hold) = self
+                .services
+                .get_mut(key)
+                .and_then(|t| t.empty_hold.as_mut())
+            else {
+                return;
+            };
+            if hold.read_empty(Instant::now(), delay, holds_until) == Confirmed::ReadAgain {
+                debug!(service = %key, "a Nacos service read empty again; one more read before removing it");
+                return;
+            }
+            info!(service = %key, "confirmed empty in Nacos; removing it");
+        }
+        self.apply(key, info, Origin::Confirm, holds_until);
+    }
+
     /// One listing pass; `Ok(false)` when part of it failed. Services found are tracked
-    /// (and subscribed by the caller); those gone are removed.
-    async fn list(&mut self, conn: &Connection) -> Result<bool, NacosError> {
+    /// (and subscribed by the caller); those gone are removed once a read confirms it.
+    async fn list(&mut self, conn: &Connection, holds_until: Instant) -> Result<bool, NacosError> {
         let (listed, complete) = self.list_pass(conn).await?;
-        let outcome = self
-            .listing
-            .observe(self.services.keys(), &listed, complete);
+        let counts = counts_for_removal(complete, Instant::now(), holds_until);
+        let outcome = self.listing.observe(self.services.keys(), &listed, counts);
         if !outcome.added.is_empty() {
             debug!(services = outcome.added.len(), "new Nacos services listed");
         }
@@ -366,8 +514,16 @@ impl Watcher {
             self.services.insert(key, Tracked::default());
         }
         for key in outcome.gone {
+            if !self.confirm_gone(conn, &key).await? {
+                continue;
+            }
             info!(service = %key, "gone from the Nacos service list; removing it");
-            let was_subscribed = self.services.remove(&key).is_some_and(|t| t.subscribed);
+            let removed = self.services.remove(&key);
+            if let Some(t) = &removed {
+                self.tally.update(t.flags(), (false, false));
+                self.publish_tally();
+            }
+            let was_subscribed = removed.is_some_and(|t| t.subscribed);
             self.reported.forget(&key.to_string());
             self.publish_state(&key, None);
             if was_subscribed {
@@ -379,6 +535,34 @@ impl Watcher {
         }
         self.count_subscribed();
         Ok(complete)
+    }
+
+    /// Whether a service missing from the list is really gone: a `ServiceQueryRequest`
+    /// must find it empty (a list cut from a shifting set, or a node still taking its
+    /// clients' registrations back, may miss a service that has instances). `Err` only
+    /// when the connection is lost.
+    async fn confirm_gone(&self, conn: &Connection, key: &ServiceKey) -> Result<bool, NacosError> {
+        let body = api::service_query(&self.cfg.namespace, &key.group, &key.name);
+        match conn
+            .request::<api::ServiceInfoResponse>(Kind::ServiceQuery, body)
+            .await
+        {
+            Ok(answer)
+                if answer
+                    .service_info
+                    .as_ref()
+                    .is_some_and(|i| !i.hosts.is_empty()) =>
+            {
+                info!(service = %key, "missing from the Nacos service list but still has instances; kept");
+                Ok(false)
+            }
+            Ok(_) => Ok(true),
+            Err(e) if e.is_connection_lost() => Err(e),
+            Err(e) => {
+                warn!(service = %key, error = %error_chain(&e), "confirming a service gone from the Nacos list failed; kept for now");
+                Ok(false)
+            }
+        }
     }
 
     /// Every selected service the server lists now (consumers left out), and whether
@@ -477,18 +661,25 @@ impl Watcher {
             return Ok(());
         }
         let namespace = self.cfg.namespace.clone();
-        let answers: Vec<(ServiceKey, Result<api::ServiceInfoResponse, NacosError>)> =
-            futures::stream::iter(pending)
-                .map(|key| {
-                    let body = api::subscribe(&namespace, &key.group, &key.name, true);
-                    async move { (key, conn.request(Kind::Subscribe, body).await) }
-                })
-                .buffer_unordered(self.cfg.concurrency.max(1))
-                .collect()
-                .await;
+        // Answers are applied as they arrive (no batch of whole services held in
+        // memory), and the batch ends with the connection: at the first lost-connection
+        // error or when the stream ends, not after every remaining request failed.
+        let answers = futures::stream::iter(pending)
+            .map(|key| {
+                let body = api::subscribe(&namespace, &key.group, &key.name, true);
+                async move {
+                    let answer = conn
+                        .request::<api::ServiceInfoResponse>(Kind::Subscribe, body)
+                        .await;
+                    (key, answer)
+                }
+            })
+            .buffer_unordered(self.cfg.concurrency.max(1))
+            .take_until(conn.closed());
+        let mut answers = std::pin::pin!(answers);
         let mut lost = None;
         let mut failed = 0usize;
-        for (key, answer) in answers {
+        while let Some((key, answer)) = answers.next().await {
             match answer {
                 Ok(answer) => {
                     if let Some(t) = self.services.get_mut(&key) {
@@ -501,7 +692,10 @@ impl Watcher {
                         holds_until,
                     );
                 }
-                Err(e) if e.is_connection_lost() => lost = Some(e),
+                Err(e) if e.is_connection_lost() => {
+                    lost = Some(e);
+                    break;
+                }
                 Err(e) => {
                     failed += 1;
                     debug!(service = %key, error = %error_chain(&e), "subscribing failed");
@@ -514,6 +708,9 @@ impl Watcher {
         self.count_subscribed();
         match lost {
             Some(e) => Err(e),
+            None if conn.is_closed() => Err(NacosError::Closed(
+                "the stream ended while subscribing".into(),
+            )),
             None => Ok(()),
         }
     }
@@ -540,10 +737,30 @@ impl Watcher {
         self.apply(&key, info, Origin::Push, holds_until);
     }
 
-    /// Applies one whole answer for `key` (see the module documentation on holds).
+    /// Applies one whole answer for `key` (see the module documentation on holds), and
+    /// counts what it changed.
     fn apply(&mut self, key: &ServiceKey, info: ServiceInfo, origin: Origin, holds_until: Instant) {
-        let Some(tracked) = self.services.get_mut(key) else {
+        let Some(before) = self.services.get(key).map(Tracked::flags) else {
             debug!(service = %key, "an answer for a service no longer tracked; ignored");
+            return;
+        };
+        self.apply_answer(key, info, origin, holds_until);
+        if let Some(after) = self.services.get(key).map(Tracked::flags) {
+            if after != before {
+                self.tally.update(before, after);
+                self.publish_tally();
+            }
+        }
+    }
+
+    fn apply_answer(
+        &mut self,
+        key: &ServiceKey,
+        info: ServiceInfo,
+        origin: Origin,
+        holds_until: Instant,
+    ) {
+        let Some(tracked) = self.services.get_mut(key) else {
             return;
         };
         if origin != Origin::Confirm && info.last_ref_time < tracked.last_ref_time {
@@ -556,27 +773,19 @@ impl Watcher {
             if tracked.protected {
                 warn!(service = %key, "Nacos answers this service under its protection threshold: unhealthy instances are reported healthy");
             }
-            let protected = self.services.values().filter(|t| t.protected).count();
-            self.metrics
-                .protection_threshold
-                .set(i64::try_from(protected).unwrap_or(i64::MAX));
         }
-        let Some(tracked) = self.services.get_mut(key) else {
-            return;
-        };
         let empty = info.hosts.is_empty();
         if empty && tracked.had_instances && origin != Origin::Confirm {
             if tracked.empty_hold.is_none() {
-                let at = (Instant::now() + self.cfg.empty_confirm_delay).max(holds_until);
-                tracked.empty_hold = Some(at);
-                info!(service = %key, confirm_in = ?at.saturating_duration_since(Instant::now()), "a Nacos service read empty; keeping it until a read confirms");
-                self.count_holds();
+                let now = Instant::now();
+                let hold = Hold::start(now, self.cfg.empty_confirm_delay, holds_until);
+                tracked.empty_hold = Some(hold);
+                info!(service = %key, first_read_in = ?hold.due.saturating_duration_since(now), "a Nacos service read empty; keeping it until reads confirm");
             }
             return;
         }
         tracked.empty_hold = None;
         tracked.had_instances = !empty;
-        self.count_holds();
         let built = self.selection.build(key, &info);
         let service = key.to_string();
         for skipped in self
@@ -646,14 +855,80 @@ impl Watcher {
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
-    fn count_holds(&self) {
-        let n = self
-            .services
-            .values()
-            .filter(|t| t.empty_hold.is_some())
-            .count();
+    fn publish_tally(&self) {
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.metrics.empty_holds.set(gauge(self.tally.held));
         self.metrics
-            .empty_holds
-            .set(i64::try_from(n).unwrap_or(i64::MAX));
+            .protection_threshold
+            .set(gauge(self.tally.protected));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_is_steady_after_its_first_round_or_a_minute() {
+        assert!(!is_steady(false, Duration::from_secs(5)));
+        assert!(is_steady(true, Duration::from_millis(10)));
+        assert!(is_steady(false, STEADY_AFTER));
+    }
+
+    #[test]
+    fn a_new_connection_forgets_the_old_nodes_clock() {
+        let now = Instant::now();
+        let mut tracked = Tracked {
+            subscribed: true,
+            last_ref_time: 1_796_350_945_377,
+            had_instances: true,
+            empty_hold: Some(Hold::start(now, Duration::from_secs(10), now)),
+            protected: false,
+        };
+        let grace_end = now + Duration::from_secs(30);
+        tracked.start_session(grace_end);
+        assert!(!tracked.subscribed);
+        assert_eq!(
+            tracked.last_ref_time, 0,
+            "a slower clock's answers are applied"
+        );
+        assert_eq!(tracked.empty_hold.map(|h| h.due), Some(grace_end));
+        assert!(tracked.had_instances, "what is published stays");
+    }
+
+    #[test]
+    fn the_tally_follows_each_change() {
+        let mut tally = Tally::default();
+        tally.update((false, false), (true, true));
+        tally.update((false, false), (true, false));
+        assert_eq!(
+            tally,
+            Tally {
+                held: 2,
+                protected: 1
+            }
+        );
+        tally.update((true, true), (false, true));
+        tally.update((true, false), (true, false));
+        assert_eq!(
+            tally,
+            Tally {
+                held: 1,
+                protected: 1
+            }
+        );
+        tally.update((true, false), (false, false));
+        tally.update((false, true), (false, false));
+        tally.update((false, true), (false, false));
+        assert_eq!(tally, Tally::default(), "never below zero");
+    }
+
+    #[test]
+    fn listing_passes_within_the_grace_remove_nothing() {
+        let now = Instant::now();
+        let grace_end = now + Duration::from_secs(30);
+        assert!(!counts_for_removal(true, now, grace_end));
+        assert!(!counts_for_removal(false, grace_end, grace_end));
+        assert!(counts_for_removal(true, grace_end, grace_end));
     }
 }
