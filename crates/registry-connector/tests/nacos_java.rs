@@ -20,8 +20,9 @@ use testenv::unique_name;
 
 /// How long the removal of a killed client's instances may take to reach Kubernetes:
 /// Nacos sees the connection close at once and pushes; a service left empty is deleted
-/// after the connector's confirming read 2 s later. Generous for a loaded machine.
-const GONE_BOUND: Duration = Duration::from_secs(20);
+/// after the connector's two confirming reads, 5 s and 10 s later
+/// (`--nacos-empty-confirm-delay`). Generous for a loaded machine.
+const GONE_BOUND: Duration = Duration::from_secs(30);
 
 fn annotation(svc: &Service, key: &str) -> Option<String> {
     svc.metadata.annotations.as_ref()?.get(key).cloned()
