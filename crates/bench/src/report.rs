@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::registry::Kind;
 use crate::results::{ms, Requests, Results};
 
 fn ms_opt(v: Option<f64>) -> String {
@@ -64,8 +65,12 @@ pub fn markdown(r: &Results) -> String {
         r.connector_flags, p.concurrency
     ));
     if p.read_delay_ms > 0 {
+        let what = match r.registry {
+            Kind::Nacos => "Nacos push delay (the server's default)",
+            _ => "Eureka poll interval",
+        };
         s.push_str(&format!(
-            "Eureka poll interval {} ms: a change waits up to that long in the server before the connector reads it, on top of the quiet period.\n\n",
+            "{what} {} ms: a change waits up to that long in the server before the connector reads it, on top of the quiet period.\n\n",
             p.read_delay_ms
         ));
     }

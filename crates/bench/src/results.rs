@@ -309,8 +309,13 @@ impl Results {
         });
         for p in &self.propagation {
             let bound = if self.params.read_delay_ms > 0 {
+                let read = if self.registry == Kind::Nacos {
+                    "push delay"
+                } else {
+                    "poll"
+                };
                 format!(
-                    "quiet {} ms + poll {} ms + 250 ms",
+                    "quiet {} ms + {read} {} ms + 250 ms",
                     p.quiet_ms, self.params.read_delay_ms
                 )
             } else {
