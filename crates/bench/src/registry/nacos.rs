@@ -60,10 +60,10 @@ fn metadata(set: &str) -> String {
     .to_string()
 }
 
-/// The parameters that name one instance of `svc`.
-fn instance_params(svc: &Service, address: &str) -> Vec<(&'static str, String)> {
+/// The parameters that name one instance of `service`.
+fn instance_params(service: &str, address: &str) -> Vec<(&'static str, String)> {
     vec![
-        ("serviceName", svc.name.clone()),
+        ("serviceName", service.to_string()),
         ("groupName", "DEFAULT_GROUP".into()),
         ("ip", address.to_string()),
         ("port", PORT.to_string()),
@@ -74,7 +74,7 @@ fn instance_params(svc: &Service, address: &str) -> Vec<(&'static str, String)> 
 /// The parameters of a registration or an update: the instance's weight says whether
 /// it is ready, and the metadata goes with every update (Nacos replaces it).
 fn registration_params(svc: &Service, inst: &Instance) -> Vec<(&'static str, String)> {
-    let mut params = instance_params(svc, &inst.address);
+    let mut params = instance_params(&svc.name, &inst.address);
     params.push(("weight", if inst.ready { "1" } else { "0" }.into()));
     params.push(("enabled", "true".into()));
     params.push(("healthy", "true".into()));
@@ -154,6 +154,18 @@ impl Nacos {
         Ok(())
     }
 
+    /// `DELETE` of one instance. Nacos 2.3.2 answers 500 (a `NullPointerException` on
+    /// `InstancePublishInfo`) for an instance it no longer holds: that one is gone already.
+    async fn deregister_one(&self, service: &str, address: &str) -> Result<()> {
+        match self
+            .call(reqwest::Method::DELETE, &instance_params(service, address))
+            .await
+        {
+            Err(e) if format!("{e:#}").contains("InstancePublishInfo") => Ok(()),
+            other => other,
+        }
+    }
+
     /// Registers one instance.
     pub async fn register(&self, svc: &Service, inst: &Instance) -> Result<()> {
         self.call(reqwest::Method::POST, &registration_params(svc, inst))
@@ -169,11 +181,7 @@ impl Nacos {
 
     /// Deregisters one instance.
     pub async fn deregister(&self, svc: &Service, inst: &Instance) -> Result<()> {
-        self.call(
-            reqwest::Method::DELETE,
-            &instance_params(svc, &inst.address),
-        )
-        .await?;
+        self.deregister_one(&svc.name, &inst.address).await?;
         if let Some(members) = self.sets().get_mut(&svc.set) {
             members.retain(|(s, a)| !(s == &svc.name && a == &inst.address));
         }
@@ -231,16 +239,7 @@ impl Nacos {
         let members = self.sets().remove(set).unwrap_or_default();
         let count = members.len();
         futures::stream::iter(members)
-            .map(|(service, address)| async move {
-                let params = [
-                    ("serviceName", service),
-                    ("groupName", "DEFAULT_GROUP".to_string()),
-                    ("ip", address),
-                    ("port", PORT.to_string()),
-                    ("ephemeral", "true".to_string()),
-                ];
-                self.call(reqwest::Method::DELETE, &params).await
-            })
+            .map(|(service, address)| async move { self.deregister_one(&service, &address).await })
             .buffer_unordered(concurrency.max(1))
             .try_collect::<Vec<()>>()
             .await?;

@@ -97,7 +97,9 @@ struct Tracked {
     subscribed: bool,
     /// `lastRefTime` of the newest answer applied: older ones are dropped.
     last_ref_time: i64,
-    /// Whether the last applied answer had instances.
+    /// Whether the last applied answer published the service (an instance took part).
+    /// Only then can an empty answer delete something: a service whose instances are
+    /// all left out (another data set's, another cluster's) is not held nor confirmed.
     had_instances: bool,
     /// An empty answer waiting for confirmation.
     empty_hold: Option<Hold>,
@@ -785,8 +787,10 @@ impl Watcher {
             return;
         }
         tracked.empty_hold = None;
-        tracked.had_instances = !empty;
         let built = self.selection.build(key, &info);
+        if let Some(tracked) = self.services.get_mut(key) {
+            tracked.had_instances = built.service.is_some();
+        }
         let service = key.to_string();
         for skipped in self
             .reported
