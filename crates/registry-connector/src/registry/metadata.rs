@@ -50,6 +50,44 @@ pub fn compact_metadata(entries: impl IntoIterator<Item = (String, String)>) -> 
     CompactMetadata::from_sorted_store_unchecked(pairs)
 }
 
+/// Parses a `key=value` filter entry (`--filter-metadata`; the value may be empty, the
+/// key may not).
+pub fn parse_metadata_filter(entry: &str) -> Result<(String, String), String> {
+    let (key, value) = entry
+        .split_once('=')
+        .ok_or_else(|| format!("{entry:?} is not KEY=VALUE"))?;
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(format!("{entry:?} has an empty key"));
+    }
+    Ok((key.to_string(), value.trim().to_string()))
+}
+
+/// Every `--filter-metadata` entry of a command line, blank ones ignored.
+pub fn parse_metadata_filters(entries: &[String]) -> Result<Vec<(String, String)>, String> {
+    entries
+        .iter()
+        .filter(|entry| !entry.trim().is_empty())
+        .map(|entry| parse_metadata_filter(entry))
+        .collect()
+}
+
+/// Whether `metadata` carries every `(key, value)` of `filter` (an empty filter matches
+/// everything).
+pub fn matches_filter(metadata: &impl MetadataLookup, filter: &[(String, String)]) -> bool {
+    filter
+        .iter()
+        .all(|(key, value)| metadata.value(key) == Some(value.as_str()))
+}
+
+/// Whether a registry entry was registered from Kubernetes (`external-source=kubernetes`,
+/// what every Kubernetes → registry direction writes): a source never publishes those
+/// back, which would loop in `both` mode and duplicate what the cluster has in any mode.
+pub fn is_from_kubernetes(metadata: &impl MetadataLookup) -> bool {
+    use crate::export::model::meta_keys;
+    metadata.value(meta_keys::SOURCE) == Some(meta_keys::SOURCE_VALUE)
+}
+
 /// Which metadata keys become labels and which become annotations.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MetadataAllowList {
@@ -114,6 +152,12 @@ impl MetadataAllowList {
 
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty() && self.annotations.is_empty()
+    }
+
+    /// Whether `key` is allow-listed (as a label or an annotation): what a source that
+    /// keeps entries for a long time needs to keep of their metadata.
+    pub fn wants(&self, key: &str) -> bool {
+        self.labels.contains(key) || self.annotations.contains(key)
     }
 
     /// The labels and annotations for a service whose instances carry `instances`.
@@ -204,6 +248,31 @@ mod tests {
         );
         let reasons: Vec<&str> = issues.iter().map(MetadataIssue::as_label).collect();
         assert_eq!(reasons, ["invalid_label_value", "conflicting_metadata"]);
+    }
+
+    #[test]
+    fn metadata_filters_parse_and_match() {
+        assert_eq!(
+            parse_metadata_filter(" team = blue "),
+            Ok(("team".into(), "blue".into()))
+        );
+        assert_eq!(parse_metadata_filter("k="), Ok(("k".into(), String::new())));
+        assert!(parse_metadata_filter("novalue").is_err());
+        assert!(parse_metadata_filter("=x").is_err());
+        let filter = parse_metadata_filters(&["team=blue".into(), " ".into(), "tier=web".into()])
+            .expect("valid");
+        assert_eq!(filter.len(), 2);
+        assert!(matches_filter(
+            &map(&[("team", "blue"), ("tier", "web"), ("x", "y")]),
+            &filter
+        ));
+        assert!(!matches_filter(&map(&[("team", "blue")]), &filter));
+        assert!(matches_filter(&map(&[]), &[]));
+        assert!(is_from_kubernetes(&map(&[(
+            "external-source",
+            "kubernetes"
+        )])));
+        assert!(!is_from_kubernetes(&map(&[("external-source", "vm")])));
     }
 
     #[test]

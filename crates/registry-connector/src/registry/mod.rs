@@ -18,8 +18,10 @@ pub mod metrics;
 pub mod nacos;
 pub mod pacer;
 pub mod reported;
+pub mod secret;
 pub mod skip;
 pub mod tls;
+pub mod zookeeper;
 
 pub use pacer::{retry_until_ok, Pacer, PacerConfig};
 pub use skip::SkipReason;

@@ -43,6 +43,9 @@ pub enum Command {
     Eureka(Box<EurekaCommand>),
     /// Sync Nacos 2.x services into Kubernetes (pushed over gRPC).
     Nacos(Box<NacosCommand>),
+    /// Sync ZooKeeper services into Kubernetes: Dubbo providers or Curator (Spring Cloud
+    /// Zookeeper) instances, watched.
+    Zookeeper(Box<ZookeeperCommand>),
     /// Delete every Service, EndpointSlice and Endpoints object that one connector
     /// instance owns in a namespace, and nothing else.
     Purge(PurgeCommand),
@@ -111,6 +114,23 @@ pub struct EurekaCommand {
 pub struct NacosCommand {
     #[command(flatten)]
     pub nacos: super::nacos_args::NacosArgs,
+
+    #[command(flatten)]
+    pub source: SourceArgs,
+
+    #[command(flatten)]
+    pub sync: SyncArgs,
+
+    #[command(flatten)]
+    pub operation: OperationArgs,
+}
+
+/// The shared selection, Kubernetes and operation flags with ZooKeeper's own in front;
+/// no `--sync` yet (only the ZooKeeper → Kubernetes direction exists).
+#[derive(Debug, Args)]
+pub struct ZookeeperCommand {
+    #[command(flatten)]
+    pub zookeeper: super::zookeeper_args::ZookeeperArgs,
 
     #[command(flatten)]
     pub source: SourceArgs,
@@ -394,6 +414,68 @@ mod tests {
             [("team".to_string(), "blue".to_string())]
         );
         assert_eq!(cfg.password.as_deref(), Some("pw-77d1"));
+    }
+
+    #[test]
+    fn the_zookeeper_command_takes_its_flags_and_the_shared_ones() {
+        let cli = Cli::try_parse_from([
+            "registry-connector",
+            "zookeeper",
+            "-n",
+            "apps",
+            "--zookeeper-addr",
+            "127.0.0.1:2181,127.0.0.2:2181/chroot",
+            "--zookeeper-layout",
+            "curator",
+            "--zookeeper-session-timeout",
+            "10s",
+            "--zookeeper-digest-user",
+            "reader",
+            "--zookeeper-digest-password",
+            "pw-5e2a",
+            "--filter-metadata",
+            "team=blue",
+            "--service-prefix",
+            "zk-",
+        ])
+        .expect("parses");
+        assert!(
+            !format!("{cli:?}").contains("pw-5e2a"),
+            "no secret in Debug"
+        );
+        let Command::Zookeeper(cmd) = cli.command else {
+            panic!("zookeeper command expected");
+        };
+        let cfg = cmd.zookeeper.to_config(&cmd.source).expect("valid");
+        assert_eq!(cfg.connect, "127.0.0.1:2181,127.0.0.2:2181/chroot");
+        assert_eq!(cfg.layout, crate::registry::zookeeper::Layout::Curator);
+        assert_eq!(cfg.base_path, "/services", "the layout's default");
+        assert_eq!(cfg.session_timeout, Duration::from_secs(10));
+        assert_eq!(cfg.digest_password.as_deref(), Some("pw-5e2a"));
+        assert_eq!(cfg.service_prefix, "zk-");
+        assert!(cfg.passing_only);
+        assert_eq!(
+            cfg.filter_metadata,
+            [("team".to_string(), "blue".to_string())]
+        );
+        let dubbo = Cli::try_parse_from([
+            "registry-connector",
+            "zookeeper",
+            "-n",
+            "apps",
+            "--dubbo-service-by",
+            "application",
+        ])
+        .expect("parses");
+        let Command::Zookeeper(cmd) = dubbo.command else {
+            panic!("zookeeper command expected");
+        };
+        let cfg = cmd.zookeeper.to_config(&cmd.source).expect("valid");
+        assert_eq!(cfg.base_path, "/dubbo");
+        assert_eq!(
+            cfg.dubbo_service_by,
+            crate::registry::zookeeper::DubboServiceBy::Application
+        );
     }
 
     #[test]

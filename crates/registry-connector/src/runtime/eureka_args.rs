@@ -9,7 +9,8 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::secret_args::{secret, UrlList};
 use super::source_args::SourceArgs;
-use crate::registry::eureka::config::{parse_metadata_filter, EurekaConfig};
+use crate::registry::eureka::config::EurekaConfig;
+use crate::registry::metadata::parse_metadata_filters;
 
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Eureka")]
@@ -109,12 +110,7 @@ impl EurekaArgs {
         cfg.poll_interval = self.eureka_poll_interval;
         cfg.request_timeout = self.eureka_request_timeout;
         cfg.full_fetch_interval = self.eureka_full_fetch_interval;
-        cfg.filter_metadata = self
-            .filter_metadata
-            .iter()
-            .filter(|entry| !entry.trim().is_empty())
-            .map(|entry| parse_metadata_filter(entry))
-            .collect::<Result<_, _>>()
+        cfg.filter_metadata = parse_metadata_filters(&self.filter_metadata)
             .map_err(|e| anyhow::anyhow!("--filter-metadata: {e}"))?;
         cfg.passing_only = shared.passing_only;
         cfg.service_prefix = shared.service_prefix.clone();

@@ -13,6 +13,7 @@ pub mod secret_args;
 pub mod signals;
 pub mod source_args;
 pub mod sync_args;
+pub mod zookeeper_args;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -476,6 +477,7 @@ pub async fn run(command: cli::Command) -> Result<()> {
         cli::Command::Consul(cmd) => run_consul(*cmd).await,
         cli::Command::Eureka(cmd) => run_eureka(*cmd).await,
         cli::Command::Nacos(cmd) => run_nacos(*cmd).await,
+        cli::Command::Zookeeper(cmd) => run_zookeeper(*cmd).await,
         cli::Command::Purge(cmd) => {
             let client = sync_args::kube_client(cmd.kubeconfig.as_deref()).await?;
             let purged = crate::sink::purge::purge(&client, &cmd.namespace, &cmd.connector_id)
@@ -562,6 +564,21 @@ async fn run_nacos(cmd: cli::NacosCommand) -> Result<()> {
     source.register_metrics(&mut registry);
     let directions = Directions {
         source_name: "nacos",
+        note: source.note(),
+        source: Some(source_task(source)),
+        export: None,
+    };
+    run_connector(&cmd.sync, &cmd.operation, registry, directions).await
+}
+
+async fn run_zookeeper(cmd: cli::ZookeeperCommand) -> Result<()> {
+    use crate::registry::zookeeper::ZookeeperSource;
+    let config = cmd.zookeeper.to_config(&cmd.source)?;
+    let mut registry = Registry::with_prefix("registry_connector");
+    let source = ZookeeperSource::new(config).context("configuring the ZooKeeper source")?;
+    source.register_metrics(&mut registry);
+    let directions = Directions {
+        source_name: "zookeeper",
         note: source.note(),
         source: Some(source_task(source)),
         export: None,

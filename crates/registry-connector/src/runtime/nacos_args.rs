@@ -9,7 +9,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::secret_args::secret;
 use super::source_args::SourceArgs;
-use crate::registry::eureka::config::parse_metadata_filter;
+use crate::registry::metadata::parse_metadata_filters;
 use crate::registry::nacos::config::{Groups, NacosConfig};
 
 #[derive(Debug, Clone, Args)]
@@ -147,12 +147,7 @@ impl NacosArgs {
         cfg.request_timeout = self.nacos_request_timeout;
         cfg.max_message_size = self.nacos_max_message_size;
         cfg.empty_confirm_delay = self.nacos_empty_confirm_delay;
-        cfg.filter_metadata = self
-            .filter_metadata
-            .iter()
-            .filter(|entry| !entry.trim().is_empty())
-            .map(|entry| parse_metadata_filter(entry))
-            .collect::<Result<_, _>>()
+        cfg.filter_metadata = parse_metadata_filters(&self.filter_metadata)
             .map_err(|e| anyhow::anyhow!("--filter-metadata: {e}"))?;
         cfg.passing_only = shared.passing_only;
         cfg.service_prefix = shared.service_prefix.clone();

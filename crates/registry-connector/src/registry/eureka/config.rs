@@ -111,32 +111,11 @@ impl fmt::Debug for EurekaConfig {
     }
 }
 
-/// Parses a `key=value` filter entry (the value may be empty, the key may not).
-pub fn parse_metadata_filter(entry: &str) -> Result<(String, String), String> {
-    let (key, value) = entry
-        .split_once('=')
-        .ok_or_else(|| format!("{entry:?} is not KEY=VALUE"))?;
-    let key = key.trim();
-    if key.is_empty() {
-        return Err(format!("{entry:?} has an empty key"));
-    }
-    Ok((key.to_string(), value.trim().to_string()))
-}
+pub use crate::registry::metadata::parse_metadata_filter;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn metadata_filters_parse() {
-        assert_eq!(
-            parse_metadata_filter(" team = blue "),
-            Ok(("team".into(), "blue".into()))
-        );
-        assert_eq!(parse_metadata_filter("k="), Ok(("k".into(), String::new())));
-        assert!(parse_metadata_filter("novalue").is_err());
-        assert!(parse_metadata_filter("=x").is_err());
-    }
 
     #[test]
     fn debug_hides_the_password_in_fields_and_urls() {

@@ -72,7 +72,7 @@ pub fn health(status: Status) -> Health {
 /// Whether an instance came from Kubernetes (registered by any registry-connector):
 /// the Eureka source skips these, so that `both` mode does not loop.
 pub fn is_exported(metadata: &impl MetadataLookup) -> bool {
-    metadata.value(meta_keys::SOURCE) == Some(meta_keys::SOURCE_VALUE)
+    crate::registry::metadata::is_from_kubernetes(metadata)
 }
 
 /// Whether an instance is this connector's: exported, and naming `connector_id`.

@@ -32,7 +32,7 @@ use crate::model::{
     MicroSvcName, MicroSvcPort,
 };
 use crate::naming::{is_dns1123_subdomain, is_valid_external_name, kube_service_name};
-use crate::registry::metadata::{MetadataAllowList, MetadataIssue, MetadataLookup};
+use crate::registry::metadata::{matches_filter, MetadataAllowList, MetadataIssue};
 
 use super::api::{Instance, Status};
 use super::mirror::AppInstances;
@@ -82,10 +82,7 @@ impl Selection {
     /// in `both` mode, and duplicate what the cluster already has in any mode.
     pub fn takes_part(&self, instance: &Instance) -> bool {
         !super::register::is_exported(&instance.metadata)
-            && self
-                .filter_metadata
-                .iter()
-                .all(|(key, value)| instance.metadata.value(key) == Some(value.as_str()))
+            && matches_filter(&instance.metadata, &self.filter_metadata)
     }
 
     /// Builds what the application `app` publishes from its instances.

@@ -30,7 +30,9 @@ use crate::model::{
     MicroSvcName, MicroSvcPort,
 };
 use crate::naming::{is_valid_external_name, kube_service_name};
-use crate::registry::metadata::{MetadataAllowList, MetadataIssue};
+use crate::registry::metadata::{
+    is_from_kubernetes, matches_filter, MetadataAllowList, MetadataIssue,
+};
 use crate::registry::SkipReason;
 
 use super::api::{Host, ServiceInfo};
@@ -139,11 +141,8 @@ impl Selection {
     pub fn takes_part(&self, host: &Host) -> bool {
         host.enabled != Some(false)
             && (self.clusters.is_empty() || self.clusters.iter().any(|c| c == host.cluster()))
-            && host.metadata.get("external-source").map(String::as_str) != Some("kubernetes")
-            && self
-                .filter_metadata
-                .iter()
-                .all(|(key, value)| host.metadata.get(key) == Some(value))
+            && !is_from_kubernetes(&host.metadata)
+            && matches_filter(&host.metadata, &self.filter_metadata)
     }
 
     /// What the service `key` publishes, from its whole instance list `info`.

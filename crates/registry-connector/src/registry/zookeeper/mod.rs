@@ -1,0 +1,205 @@
+//! The ZooKeeper source: Dubbo's interface-level registry and Apache Curator's service
+//! discovery (Spring Cloud Zookeeper, Dubbo 3's application-level discovery), watched
+//! through one persistent recursive watch on the base path, never polled.
+//!
+//! - [`config`]: what the operator sets ([`ZookeeperConfig`]);
+//! - [`api`]: the two layouts' node names and data, decoded (pure);
+//! - [`select`]: which nodes are published, under which names (pure);
+//! - [`mirror`]: the nodes read, by directory and by service (pure);
+//! - [`metrics`], [`error`]; `watch` (private): the session and event loop.
+//!
+//! Cost model: a change costs the reads of that change only: zero for a Dubbo provider
+//! created or deleted (its URL is its node's name), one `getData` for a Curator instance
+//! created or changed; a whole-tree read happens at start, after a session expiry and
+//! after a reconnection (ZooKeeper does not replay what a persistent watch missed).
+//!
+//! The client is the `zookeeper-client` crate (async, tokio, persistent watches, digest
+//! auth); ZooKeeper 3.6 or later is needed for persistent recursive watches. Like every
+//! source it knows nothing about Kubernetes objects or names; only the ZooKeeper →
+//! Kubernetes direction exists, without TLS for now.
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod mirror;
+pub mod select;
+mod watch;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, Instrument};
+
+use crate::catalog::Catalog;
+use crate::registry::secret;
+
+pub use config::{DubboServiceBy, Layout, ZookeeperConfig};
+pub use error::ZookeeperError;
+pub use metrics::ZookeeperMetrics;
+pub use select::Selection;
+
+/// A configured ZooKeeper source, ready to [`run`](crate::registry::RegistrySource::run).
+pub struct ZookeeperSource {
+    watch: watch::WatchConfig,
+    selection: Selection,
+    metrics: Arc<ZookeeperMetrics>,
+}
+
+impl ZookeeperSource {
+    /// Checks the configuration and reads the password file. Does not contact
+    /// ZooKeeper: a source started while ZooKeeper is down waits for it.
+    pub fn new(cfg: ZookeeperConfig) -> Result<Self, ZookeeperError> {
+        let connect = cfg.connect.trim().to_string();
+        if connect.is_empty() || connect.starts_with('/') {
+            return Err(ZookeeperError::Config(
+                "--zookeeper-addr names no server (host:port[,host:port...][/chroot])".into(),
+            ));
+        }
+        let base = cfg.checked_base_path()?;
+        if cfg.session_timeout < Duration::from_secs(1)
+            || cfg.session_timeout > Duration::from_secs(3600)
+        {
+            return Err(ZookeeperError::Config(format!(
+                "the session timeout must be between 1s and 1h, got {}",
+                humantime::format_duration(cfg.session_timeout)
+            )));
+        }
+        let password = secret::resolve(
+            "ZooKeeper digest password",
+            cfg.digest_password.as_deref(),
+            cfg.digest_password_file.as_deref(),
+        )?;
+        let user = cfg.digest_user.filter(|u| !u.trim().is_empty());
+        let digest = match (user, password) {
+            (Some(user), Some(password)) => {
+                if user.contains(':') {
+                    return Err(ZookeeperError::Config(
+                        "the ZooKeeper digest user must not contain ':'".into(),
+                    ));
+                }
+                Some((user, password))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(ZookeeperError::Config(
+                    "the ZooKeeper digest user and password go together".into(),
+                ))
+            }
+        };
+        Ok(Self {
+            watch: watch::WatchConfig {
+                connect,
+                base,
+                layout: cfg.layout,
+                session_timeout: cfg.session_timeout,
+                digest,
+                read_concurrency: cfg.read_concurrency,
+                pacing: cfg.pacing,
+            },
+            selection: Selection {
+                layout: cfg.layout,
+                dubbo_service_by: cfg.dubbo_service_by,
+                filter_metadata: cfg.filter_metadata,
+                passing_only: cfg.passing_only,
+                service_prefix: cfg.service_prefix,
+                metadata: cfg.metadata,
+            },
+            metrics: Arc::default(),
+        })
+    }
+
+    /// The source's counters.
+    pub fn metrics(&self) -> Arc<ZookeeperMetrics> {
+        Arc::clone(&self.metrics)
+    }
+}
+
+impl crate::registry::RegistrySource for ZookeeperSource {
+    const NAME: &'static str = "zookeeper";
+    type Error = ZookeeperError;
+
+    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.metrics.register(registry);
+    }
+
+    /// Watches and applies events until `shutdown`; the first complete read goes to
+    /// [`Catalog::replace_all`]. Failures are retried with backoff, never returned;
+    /// shutdown removes nothing from the catalog (and closes the session).
+    async fn run(
+        self,
+        catalog: Arc<Catalog>,
+        shutdown: CancellationToken,
+    ) -> Result<(), ZookeeperError> {
+        info!(
+            connect = %self.watch.connect,
+            base_path = %self.watch.base,
+            layout = self.watch.layout.as_str(),
+            service_by = ?self.selection.dubbo_service_by,
+            digest_user = self.watch.digest.as_ref().map(|(u, _)| u.as_str()),
+            passing_only = self.selection.passing_only,
+            "starting the ZooKeeper source"
+        );
+        let watcher = watch::Watcher::new(self.watch, self.selection, catalog, self.metrics);
+        watcher
+            .run(shutdown)
+            .instrument(tracing::info_span!(
+                "zookeeper_source",
+                registry = "zookeeper"
+            ))
+            .await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_configurations_fail_at_start() {
+        let ok = ZookeeperConfig::default();
+        assert!(ZookeeperSource::new(ok.clone()).is_ok());
+        for bad in [
+            ZookeeperConfig {
+                connect: " ".into(),
+                ..ok.clone()
+            },
+            ZookeeperConfig {
+                base_path: "dubbo".into(),
+                ..ok.clone()
+            },
+            ZookeeperConfig {
+                session_timeout: Duration::from_millis(10),
+                ..ok.clone()
+            },
+            ZookeeperConfig {
+                digest_user: Some("u".into()),
+                ..ok.clone()
+            },
+            ZookeeperConfig {
+                digest_password: Some("p".into()),
+                ..ok.clone()
+            },
+            ZookeeperConfig {
+                digest_user: Some("u:x".into()),
+                digest_password: Some("p".into()),
+                ..ok.clone()
+            },
+            ZookeeperConfig {
+                digest_user: Some("u".into()),
+                digest_password_file: Some("/nonexistent/pw".into()),
+                ..ok.clone()
+            },
+        ] {
+            assert!(ZookeeperSource::new(bad).is_err());
+        }
+        let with_auth = ZookeeperConfig {
+            digest_user: Some("u".into()),
+            digest_password: Some("p".into()),
+            ..ok
+        };
+        assert!(ZookeeperSource::new(with_auth).is_ok());
+    }
+}
