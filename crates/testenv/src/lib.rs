@@ -1,7 +1,8 @@
 //! Test support: a real local control plane (etcd, kube-apiserver, kube-controller-manager),
-//! a real Consul agent and a real Eureka server (and, when the environment was started with
-//! them, a real ZooKeeper and a real Nacos server), started by `scripts/testenv` and shared
-//! by all tests of one test binary.
+//! a real Consul agent, a real Eureka server, a real ZooKeeper and a real Nacos server (the
+//! last two when the environment was started with them, as [`TestEnv::shared`] and
+//! `scripts/test` do), started by `scripts/testenv` and shared by all tests of one test
+//! binary.
 //!
 //! `TestEnv::shared()` attaches to an environment that is already up when `TESTENV_DIR`
 //! names one (CI starts one for the whole suite), otherwise it starts its own with
@@ -64,6 +65,8 @@ impl TestEnv {
                 "consul",
                 "--with",
                 "eureka",
+                "--with",
+                "zookeeper",
                 "--with",
                 "nacos",
                 "--watch-pid",
@@ -161,8 +164,8 @@ impl TestEnv {
             .context("this test environment was started without eureka")
     }
 
-    /// `127.0.0.1:PORT` of the ZooKeeper server's client port (`up --with zookeeper`; not
-    /// started by [`TestEnv::shared`]). Standalone, its data on disk: znodes survive
+    /// `127.0.0.1:PORT` of the ZooKeeper server's client port (`up --with zookeeper`, which
+    /// [`TestEnv::shared`] passes when it starts its own environment). Standalone, its data on disk: znodes survive
     /// `stop_component("zookeeper")` and `start_component("zookeeper")`.
     pub fn zookeeper_addr(&self) -> Result<&str> {
         self.zookeeper_addr

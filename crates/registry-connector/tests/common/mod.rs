@@ -9,6 +9,7 @@ pub mod nacos;
 pub mod objects;
 pub mod process;
 pub mod tls;
+pub mod zookeeper;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

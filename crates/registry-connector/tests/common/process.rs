@@ -40,6 +40,7 @@ enum Registry {
     Consul,
     Eureka,
     Nacos,
+    Zookeeper,
 }
 
 /// Options of a connector process; `start` spawns it.
@@ -74,6 +75,13 @@ impl ConnectorBuilder<'_> {
     /// Runs `registry-connector nacos` against the environment's Nacos server.
     pub fn nacos(mut self) -> Self {
         self.registry = Registry::Nacos;
+        self.registry_addr = None;
+        self
+    }
+
+    /// Runs `registry-connector zookeeper` against the environment's ZooKeeper server.
+    pub fn zookeeper(mut self) -> Self {
+        self.registry = Registry::Zookeeper;
         self.registry_addr = None;
         self
     }
@@ -176,6 +184,13 @@ impl ConnectorBuilder<'_> {
                 };
                 cmd.arg("nacos").args(["--nacos-addr", &addr]);
             }
+            Registry::Zookeeper => {
+                let addr = match self.registry_addr {
+                    Some(addr) => addr,
+                    None => env.zookeeper_addr()?.to_string(),
+                };
+                cmd.arg("zookeeper").args(["--zookeeper-addr", &addr]);
+            }
         }
         cmd.args(["--kubeconfig", &kubeconfig.to_string_lossy()])
             .args(["--namespace", &self.namespace])
@@ -207,6 +222,7 @@ impl ConnectorBuilder<'_> {
             .env_remove("CONSUL_HTTP_TOKEN")
             .env_remove("EUREKA_PASSWORD")
             .env_remove("NACOS_PASSWORD")
+            .env_remove("ZOOKEEPER_DIGEST_PASSWORD")
             // The test runner's own pod identity (if any) must not leak into the lease.
             .env_remove("POD_NAME")
             .env_remove("POD_NAMESPACE")
