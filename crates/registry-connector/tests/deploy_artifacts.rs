@@ -776,6 +776,13 @@ fn chart_passes_helm_lint() -> Result<()> {
             "nacos.username=connector",
             "nacos.passwordSecret.name=nacos-credentials",
         ],
+        vec![
+            "registry=zookeeper",
+            "zookeeper.addr=zk-0.zk:2181\\,zk-1.zk:2181/apps",
+            "zookeeper.layout=curator",
+            "zookeeper.digestUser=connector",
+            "zookeeper.digestPasswordSecret.name=zk-credentials",
+        ],
     ] {
         let mut args = vec!["lint", "--strict", chart];
         for s in &sets {
@@ -801,9 +808,29 @@ fn chart_passes_helm_lint() -> Result<()> {
             &["serviceType=nodeport"][..],
             "not a service type the connector knows",
         ),
+        (&["registry=etcd"][..], "not a registry the connector reads"),
         (
-            &["registry=zookeeper"][..],
-            "not a registry the connector reads",
+            &["registry=zookeeper", "sync=both"][..],
+            "the zookeeper command has no Kubernetes -> ZooKeeper direction",
+        ),
+        (
+            &["registry=zookeeper", "registryTLS.secretName=tls"][..],
+            "the zookeeper command has no TLS",
+        ),
+        (
+            &["registry=zookeeper", "zookeeper.layout=flat"][..],
+            "not a ZooKeeper layout",
+        ),
+        (
+            &[
+                "registry=zookeeper",
+                "zookeeper.digestPasswordSecret.name=zk-credentials",
+            ][..],
+            "a digest password without its user",
+        ),
+        (
+            &["registry=zookeeper", "zookeeper.digestUser=connector"][..],
+            "a digest user without its password",
         ),
         (
             &["registryTLS.secretName=tls", "registryTLS.certKey=tls.crt"][..],
@@ -934,9 +961,9 @@ async fn chart_renders_are_accepted_by_the_apiserver() -> Result<()> {
     )
     .await?;
 
-    // The defaults, a set of values that takes the chart's other branches, Eureka and
-    // Nacos.
-    let variants: [(&str, Vec<(&str, &str)>); 4] = [
+    // The defaults, a set of values that takes the chart's other branches, Eureka,
+    // Nacos and ZooKeeper.
+    let variants: [(&str, Vec<(&str, &str)>); 5] = [
         (RELEASE, vec![("syncNamespace", sync.name())]),
         (
             "variant",
@@ -988,6 +1015,19 @@ async fn chart_renders_are_accepted_by_the_apiserver() -> Result<()> {
                 ("nacos.passwordSecret.name", "nacos-credentials"),
             ],
         ),
+        (
+            "zookeeper",
+            vec![
+                ("syncNamespace", sync.name()),
+                ("registry", "zookeeper"),
+                ("zookeeper.addr", "zk-0.zk:2181\\,zk-1.zk:2181"),
+                ("zookeeper.basePath", "/dubbo-blue"),
+                ("zookeeper.sessionTimeout", "20s"),
+                ("zookeeper.dubboServiceBy", "application"),
+                ("zookeeper.digestUser", "connector"),
+                ("zookeeper.digestPasswordSecret.name", "zk-credentials"),
+            ],
+        ),
     ];
     for (release, sets) in variants {
         let objects = helm_template(&helm, release, own.name(), &sets)?;
@@ -998,7 +1038,7 @@ async fn chart_renders_are_accepted_by_the_apiserver() -> Result<()> {
             .cloned()
             .unwrap_or_default();
         let registry = match release {
-            "eureka" | "nacos" => release,
+            "eureka" | "nacos" | "zookeeper" => release,
             _ => "consul",
         };
         ensure!(
@@ -1091,6 +1131,67 @@ async fn chart_renders_are_accepted_by_the_apiserver() -> Result<()> {
             ensure!(
                 deployment_has_no_volumes(&objects),
                 "release nacos mounts volumes"
+            );
+        } else if release == "zookeeper" {
+            let args: Vec<&str> = args
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            let flags: Vec<&str> = args
+                .iter()
+                .copied()
+                .filter(|a| a.starts_with("--zookeeper-") || a.starts_with("--dubbo-"))
+                .collect();
+            ensure!(
+                flags
+                    == [
+                        "--zookeeper-addr=zk-0.zk:2181,zk-1.zk:2181",
+                        "--zookeeper-layout=dubbo",
+                        "--zookeeper-base-path=/dubbo-blue",
+                        "--zookeeper-session-timeout=20s",
+                        "--dubbo-service-by=application",
+                    ],
+                "release zookeeper passes {flags:?}"
+            );
+            ensure!(
+                !args.iter().any(|a| a.starts_with("--sync")),
+                "release zookeeper passes --sync: {args:?}"
+            );
+            let deployment = only_kind(&objects, "Deployment")?;
+            let env = deployment
+                .pointer("/spec/template/spec/containers/0/env")
+                .and_then(Value::as_array)
+                .context("the container has no env")?;
+            let var = |name: &str| env.iter().find(|e| e["name"] == name).cloned();
+            ensure!(
+                var("ZOOKEEPER_DIGEST_USER")
+                    == Some(json!({"name": "ZOOKEEPER_DIGEST_USER", "value": "connector"})),
+                "ZOOKEEPER_DIGEST_USER: {env:?}"
+            );
+            ensure!(
+                var("ZOOKEEPER_DIGEST_PASSWORD")
+                    == Some(
+                        json!({"name": "ZOOKEEPER_DIGEST_PASSWORD", "valueFrom": {"secretKeyRef": {
+                            "name": "zk-credentials", "key": "password", "optional": false,
+                        }}})
+                    ),
+                "ZOOKEEPER_DIGEST_PASSWORD from the Secret: {env:?}"
+            );
+            ensure!(
+                !env.iter().any(|e| [
+                    "CONSUL_HTTP_TOKEN",
+                    "EUREKA_USERNAME",
+                    "EUREKA_PASSWORD",
+                    "NACOS_PASSWORD"
+                ]
+                .contains(&e["name"].as_str().unwrap_or_default())),
+                "another registry's credentials: {env:?}"
+            );
+            ensure!(
+                deployment_has_no_volumes(&objects),
+                "release zookeeper mounts volumes"
             );
         } else {
             ensure!(
