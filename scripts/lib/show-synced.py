@@ -91,6 +91,19 @@ def main():
         print("Nacos annotations (nacos.connector.flomesh.io/...):")
         table(rows, ["SERVICE", "GROUP", "NACOS SERVICE", "CLUSTERS"])
 
+    # ZooKeeper's Dubbo interface, version, group and applications, or Curator service.
+    zk = "zookeeper.connector.flomesh.io/"
+    rows = []
+    for s in sorted(services, key=lambda s: s["metadata"]["name"]):
+        a = s["metadata"].get("annotations", {})
+        if any(k.startswith(zk) for k in a):
+            rows.append((s["metadata"]["name"], a.get(zk + "interface") or a.get(zk + "service") or "-",
+                         a.get(zk + "version", "-"), a.get(zk + "group", "-"), a.get(zk + "application", "-")))
+    if rows:
+        print()
+        print("ZooKeeper annotations (zookeeper.connector.flomesh.io/...):")
+        table(rows, ["SERVICE", "INTERFACE / CURATOR NAME", "VERSION", "GROUP", "APPLICATION"])
+
 
 if __name__ == "__main__":
     main()
