@@ -29,16 +29,23 @@ async fn main() -> Result<()> {
         let (path, data) = spec.split_once('=').unwrap_or((&spec, ""));
         if let Some((parent, _)) = path.rsplit_once('/').filter(|(p, _)| !p.is_empty()) {
             match zk
-                .mkdir(parent, &CreateMode::Persistent.with_acls(Acls::anyone_all()))
+                .mkdir(
+                    parent,
+                    &CreateMode::Persistent.with_acls(Acls::anyone_all()),
+                )
                 .await
             {
                 Ok(()) | Err(zookeeper_client::Error::NodeExists) => {}
                 Err(e) => return Err(e).with_context(|| format!("creating {parent}")),
             }
         }
-        zk.create(path, data.as_bytes(), &CreateMode::Ephemeral.with_acls(Acls::anyone_all()))
-            .await
-            .with_context(|| format!("creating {path}"))?;
+        zk.create(
+            path,
+            data.as_bytes(),
+            &CreateMode::Ephemeral.with_acls(Acls::anyone_all()),
+        )
+        .await
+        .with_context(|| format!("creating {path}"))?;
         n += 1;
     }
     println!("ready {n}");

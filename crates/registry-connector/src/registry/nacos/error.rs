@@ -8,11 +8,8 @@ use super::api::Kind;
 pub enum NacosError {
     #[error("invalid Nacos configuration: {0}")]
     Config(String),
-    #[error("reading {path}: {source}")]
-    File {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    #[error("the Nacos password")]
+    Secret(#[from] crate::registry::secret::SecretError),
     #[error("connecting to Nacos at {server} over gRPC")]
     Connect {
         server: String,

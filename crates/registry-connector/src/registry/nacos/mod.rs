@@ -37,7 +37,6 @@ mod watch;
 use std::sync::Arc;
 use std::time::Duration;
 
-use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, Instrument};
 
@@ -86,22 +85,11 @@ impl NacosSource {
         if cfg.namespace.trim().is_empty() {
             return Err(NacosError::Config("the namespace must not be empty".into()));
         }
-        let password = match (&cfg.password, &cfg.password_file) {
-            (Some(_), Some(_)) => {
-                return Err(NacosError::Config(
-                    "give the Nacos password or a password file, not both".into(),
-                ))
-            }
-            (Some(p), None) => Some(SecretString::from(p.clone())),
-            (None, Some(path)) => {
-                let text = std::fs::read_to_string(path).map_err(|source| NacosError::File {
-                    path: path.clone(),
-                    source,
-                })?;
-                Some(SecretString::from(text.trim().to_string()))
-            }
-            (None, None) => None,
-        };
+        let password = crate::registry::secret::resolve(
+            "Nacos password",
+            cfg.password.as_deref(),
+            cfg.password_file.as_deref(),
+        )?;
         if cfg.username.is_some() != password.is_some() {
             return Err(NacosError::Config(
                 "the Nacos username and password go together".into(),
