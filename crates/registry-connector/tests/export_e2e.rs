@@ -169,6 +169,65 @@ async fn pods_become_consul_instances_with_their_readiness() -> Result<()> {
     Ok(())
 }
 
+/// Consul refuses a service whose metadata key has a dot (its transaction rolls back
+/// with 409 naming that operation): the other Service's instance is written all the
+/// same, the refused one is reported on its Service as an Event with Consul's reason
+/// and counted, and once the annotation is fixed it is registered.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_consul_refuses_is_reported_and_keeps_nothing_else_out() -> Result<()> {
+    let s = Scenario::new("k2c-409").await?;
+    let good = unique_name("good");
+    let bad = unique_name("bad");
+    s.service("good", &good).await?;
+    s.service("bad", &bad).await?;
+    let services: Api<Service> = Api::namespaced(s.client.clone(), s.ns.name());
+    let invalid_meta = "connector.flomesh.io/registry-meta-owner.team";
+    services
+        .patch(
+            "bad",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {invalid_meta: "shop"}}})),
+        )
+        .await?;
+    s.pod("good", "good-0", "192.0.2.31", true).await?;
+    s.pod("bad", "bad-0", "192.0.2.32", true).await?;
+    let connector = s.connector(&[])?;
+    connector.wait_ready().await?;
+    s.wait_instances(&good, &[("192.0.2.31", "passing")])
+        .await?;
+
+    let event =
+        common::objects::wait_event(&s.client, s.ns.name(), "RegistryRejected", "bad").await?;
+    let note = event.note.unwrap_or_default();
+    assert!(
+        note.contains("owner.team") && note.contains("invalid characters"),
+        "the Event carries Consul's reason: {note}"
+    );
+    assert!(
+        s.instances(&bad).await?.is_empty(),
+        "nothing of the refused Service is registered"
+    );
+    let rejected = connector
+        .metric_sum("registry_connector_export_rejected_writes_total")
+        .await?;
+    assert!(rejected >= 1.0, "rejected writes counted: {rejected}");
+
+    // The annotation fixed: the Service's next pass registers it.
+    services
+        .patch(
+            "bad",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {
+                invalid_meta: null, "connector.flomesh.io/registry-meta-owner-team": "shop"}}})),
+        )
+        .await?;
+    s.wait_instances(&bad, &[("192.0.2.32", "passing")]).await?;
+    s.wait_instances(&good, &[("192.0.2.31", "passing")])
+        .await?;
+    connector.terminate().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn selection_by_namespace_and_annotation() -> Result<()> {
     let s = Scenario::new("k2c-sel").await?;
