@@ -290,3 +290,108 @@ impl ZkScenario {
             .with_context(|| format!("delete {path}"))
     }
 }
+
+/// The checkout these tests were built from (not `testenv::repo_root()`, which a
+/// target directory shared between checkouts may have baked in from another one).
+fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("the crate lives two levels below the repository root")
+        .to_path_buf()
+}
+
+/// Applications registered through the real client libraries, as
+/// `scripts/lib/zookeeper-java-register run --until-stdin-closes` starts them: Dubbo 3
+/// providers (`dubbo|APPLICATION|INTERFACE|VERSION|GROUP|HOST|PORT[|PROTOCOL[|K=V,...]]`)
+/// and Curator instances shaped as Spring Cloud Zookeeper's
+/// (`curator|NAME|ID|HOST|PORT[|K=V,...]`). It registers, says `ready N` and stays; when
+/// its standard input closes ([`JavaApps::stop`], or this test process going) it shuts
+/// down as an application does, closing its sessions: its ephemeral nodes go at once.
+pub struct JavaApps {
+    child: Option<tokio::process::Child>,
+    stdin: Option<tokio::process::ChildStdin>,
+    pub log: std::path::PathBuf,
+}
+
+impl JavaApps {
+    /// Builds the fixture once (Maven, into the testenv cache), starts it against the
+    /// scenario's ZooKeeper with `specs` and waits until all are registered.
+    pub async fn start(s: &ZkScenario, specs: &[String]) -> Result<Self> {
+        use anyhow::bail;
+        use std::process::Stdio;
+        use tokio::io::{AsyncBufReadExt, BufReader};
+
+        let script = repo_root().join("scripts/lib/zookeeper-java-register");
+        // A fresh machine may download Dubbo and Curator here: Maven's own timeouts apply.
+        let build = tokio::process::Command::new("bash")
+            .arg(&script)
+            .arg("classpath")
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .context("running scripts/lib/zookeeper-java-register classpath")?;
+        if !build.status.success() {
+            bail!(
+                "scripts/lib/zookeeper-java-register classpath failed with {}:\n{}",
+                build.status,
+                String::from_utf8_lossy(&build.stderr)
+            );
+        }
+        let id = unique_name("java");
+        let home = s.env.dir().join("zookeeper-java").join(&id);
+        std::fs::create_dir_all(&home)?;
+        let log = s.env.dir().join("logs").join(format!("zookeeper-{id}.log"));
+        let mut child = tokio::process::Command::new("bash")
+            .arg(&script)
+            .args(["run", "--until-stdin-closes", &s.addr])
+            .args(specs)
+            .env("ZOOKEEPER_REGISTER_HOME", &home)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).context("Java fixture log file")?)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the ZooKeeper Java fixture")?;
+        let stdin = child.stdin.take();
+        let mut lines = BufReader::new(child.stdout.take().context("no stdout")?).lines();
+        let want = format!("ready {}", specs.len());
+        let ready = tokio::time::timeout(Duration::from_secs(120), async {
+            while let Some(line) = lines.next_line().await? {
+                if line == want {
+                    return Ok(true);
+                }
+            }
+            anyhow::Ok(false)
+        })
+        .await;
+        let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+        match ready {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => bail!("the Java fixture exited before '{want}':\n{}", log_text()),
+            Ok(Err(e)) => return Err(e.context(log_text())),
+            Err(_) => bail!(
+                "no '{want}' from the Java fixture in 120 s:\n{}",
+                log_text()
+            ),
+        }
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self {
+            child: Some(child),
+            stdin,
+            log,
+        })
+    }
+
+    /// Closes its standard input: it shuts down as an application does (Dubbo's
+    /// shutdown hook unregisters, the sessions close), and waits for it to exit.
+    pub async fn stop(mut self) -> Result<()> {
+        drop(self.stdin.take());
+        if let Some(mut child) = self.child.take() {
+            tokio::time::timeout(Duration::from_secs(30), child.wait())
+                .await
+                .context("the Java fixture did not exit within 30 s")??;
+        }
+        Ok(())
+    }
+}
