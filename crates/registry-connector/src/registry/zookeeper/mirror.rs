@@ -10,15 +10,18 @@
 //! service gathers many directories.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use super::select::{Built, Entry, Member, Selection, Skip};
 
-type Node = (Box<str>, Box<str>);
+/// A node by `(directory, name)`. The names are shared between the directory map and the
+/// service index: a Dubbo node's name is its whole URL, some 500 bytes.
+type Node = (Arc<str>, Arc<str>);
 
 /// The nodes read, by directory and name, and which services they make.
 #[derive(Debug, Default)]
 pub struct Mirror {
-    dirs: HashMap<Box<str>, BTreeMap<Box<str>, Entry>>,
+    dirs: HashMap<Arc<str>, BTreeMap<Arc<str>, Entry>>,
     /// Service → its member nodes `(dir, name)`.
     services: HashMap<Box<str>, BTreeSet<Node>>,
 }
@@ -27,9 +30,23 @@ impl Mirror {
     /// Sets node `name` of `dir` to `entry`; returns the services it left and joined.
     pub fn set(&mut self, dir: &str, name: &str, entry: Entry) -> Vec<Box<str>> {
         let joined = entry.service().map(Box::<str>::from);
-        let nodes = self.dirs.entry(dir.into()).or_default();
+        let (dir_key, nodes) = match self.dirs.get_key_value(dir) {
+            Some((key, _)) => {
+                let key = Arc::clone(key);
+                let nodes = self.dirs.get_mut(dir).expect("just found");
+                (key, nodes)
+            }
+            None => {
+                let key: Arc<str> = Arc::from(dir);
+                (Arc::clone(&key), self.dirs.entry(key).or_default())
+            }
+        };
+        let name_key: Arc<str> = match nodes.get_key_value(name) {
+            Some((key, _)) => Arc::clone(key),
+            None => Arc::from(name),
+        };
         let left = nodes
-            .insert(name.into(), entry)
+            .insert(Arc::clone(&name_key), entry)
             .and_then(|old| old.service().map(Box::<str>::from));
         if let Some(service) = &left {
             self.unindex(service, dir, name);
@@ -38,7 +55,7 @@ impl Mirror {
             self.services
                 .entry(service.clone())
                 .or_default()
-                .insert((dir.into(), name.into()));
+                .insert((dir_key, name_key));
         }
         left.into_iter()
             .chain(joined)
@@ -83,7 +100,7 @@ impl Mirror {
 
     fn unindex(&mut self, service: &str, dir: &str, name: &str) {
         if let Some(members) = self.services.get_mut(service) {
-            members.remove(&(Box::from(dir), Box::from(name)));
+            members.remove(&(Arc::from(dir), Arc::from(name)));
             if members.is_empty() {
                 self.services.remove(service);
             }
