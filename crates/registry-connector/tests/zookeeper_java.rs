@@ -133,7 +133,7 @@ async fn dubbo_and_curator_registrations_of_real_clients_are_published() -> Resu
     .await?;
     assert_eq!(
         service_names(&s.client, curator_ns.name()).await?,
-        [billing.clone()]
+        [billing.as_str()]
     );
     let curator_services: Api<Service> = Api::namespaced(s.client.clone(), curator_ns.name());
     assert_eq!(

@@ -6,6 +6,7 @@
 //! - [`api`]: the two layouts' node names and data, decoded (pure);
 //! - [`select`]: which nodes are published, under which names (pure);
 //! - [`mirror`]: the nodes read, by directory and by service (pure);
+//! - [`events`]: what one watch event does to the mirror (pure);
 //! - [`metrics`], [`error`]; `watch` (private): the session and event loop.
 //!
 //! Cost model: a change costs the reads of that change only: zero for a Dubbo provider
@@ -21,6 +22,7 @@
 pub mod api;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod metrics;
 pub mod mirror;
 pub mod select;

@@ -45,9 +45,10 @@ use crate::catalog::Catalog;
 use crate::registry::reported::Reported;
 use crate::registry::{error_chain, Pacer, PacerConfig};
 
-use super::api::{self, Below, PROVIDERS};
+use super::api::{self, PROVIDERS};
 use super::config::Layout;
 use super::error::ZookeeperError;
+use super::events;
 use super::metrics::ZookeeperMetrics;
 use super::mirror::Mirror;
 use super::select::Selection;
@@ -439,9 +440,23 @@ impl Watcher {
         let mut touched = BTreeSet::new();
         let mut dirs = BTreeSet::new();
         for (i, event) in events.iter().enumerate() {
-            let (changed, dir) = self.apply_event(event, data.get(&i));
-            touched.extend(changed);
-            dirs.extend(dir);
+            let Some(change) = change_of(event.event_type) else {
+                continue;
+            };
+            let applied = events::apply(
+                &mut self.mirror,
+                &self.selection,
+                self.cfg.layout,
+                &self.cfg.base,
+                change,
+                &event.path,
+                data.get(&i).map(|d| d.as_deref()),
+            );
+            if applied.dir.is_none() && applied.touched.is_empty() {
+                debug!(path = %event.path, kind = %event.event_type, "ZooKeeper event without effect; ignored");
+            }
+            touched.extend(applied.touched);
+            dirs.extend(applied.dir);
         }
         for dir in &dirs {
             self.report_problems(dir);
@@ -463,19 +478,14 @@ impl Watcher {
         client: &Client,
         events: &[WatchedEvent],
     ) -> std::collections::HashMap<usize, Option<Vec<u8>>> {
-        if self.cfg.layout != Layout::Curator {
-            return Default::default();
-        }
         let wanted: Vec<(usize, String)> = events
             .iter()
             .enumerate()
             .filter(|(_, e)| {
-                matches!(
-                    e.event_type,
-                    EventType::NodeCreated | EventType::NodeDataChanged
-                )
+                change_of(e.event_type).is_some_and(|change| {
+                    events::needs_data(self.cfg.layout, &self.cfg.base, change, &e.path)
+                })
             })
-            .filter(|(_, e)| matches!(api::below(&self.cfg.base, &e.path), Below::Two(..)))
             .map(|(i, e)| (i, e.path.clone()))
             .collect();
         let n = self.cfg.read_concurrency.max(1);
@@ -497,54 +507,6 @@ impl Watcher {
             }
         }
         out
-    }
-
-    /// Applies one node event to the mirror; returns the services it touched and the
-    /// directory whose problems may have changed. `data` is the read a Curator creation
-    /// or change needed (`Some(None)`: the node is gone again).
-    fn apply_event(
-        &mut self,
-        event: &WatchedEvent,
-        data: Option<&Option<Vec<u8>>>,
-    ) -> (Vec<Box<str>>, Option<String>) {
-        let deleted = event.event_type == EventType::NodeDeleted;
-        let below = api::below(&self.cfg.base, &event.path);
-        if deleted && below == Below::Base {
-            let dirs: Vec<String> = self.mirror.dirs().map(str::to_string).collect();
-            let touched = dirs
-                .iter()
-                .flat_map(|d| self.mirror.remove_dir(d))
-                .collect();
-            return (touched, None);
-        }
-        match (self.cfg.layout, below) {
-            (_, Below::One(dir)) if deleted => (self.mirror.remove_dir(dir), Some(dir.into())),
-            (Layout::Dubbo, Below::Two(iface, PROVIDERS)) if deleted => {
-                (self.mirror.remove_dir(iface), Some(iface.into()))
-            }
-            (Layout::Dubbo, Below::Three(iface, PROVIDERS, node)) => match event.event_type {
-                EventType::NodeCreated => {
-                    let entry = self.selection.dubbo_entry(iface, node);
-                    (self.mirror.set(iface, node, entry), Some(iface.into()))
-                }
-                EventType::NodeDeleted => (self.mirror.remove(iface, node), Some(iface.into())),
-                _ => (Vec::new(), None),
-            },
-            (Layout::Curator, Below::Two(name, id)) => match (event.event_type, data) {
-                (EventType::NodeDeleted, _) | (_, Some(None)) => {
-                    (self.mirror.remove(name, id), Some(name.into()))
-                }
-                (_, Some(Some(bytes))) => {
-                    let entry = self.selection.curator_entry(name, bytes);
-                    (self.mirror.set(name, id, entry), Some(name.into()))
-                }
-                (_, None) => (Vec::new(), None),
-            },
-            _ => {
-                debug!(path = %event.path, kind = %event.event_type, "ZooKeeper event outside the layout; ignored");
-                (Vec::new(), None)
-            }
-        }
     }
 
     fn build(&self, service: &str) -> Option<crate::model::MicroSvcMeta> {
@@ -595,6 +557,15 @@ impl Watcher {
         self.metrics
             .services
             .set(gauge(self.mirror.service_count()));
+    }
+}
+
+fn change_of(kind: EventType) -> Option<events::Change> {
+    match kind {
+        EventType::NodeCreated => Some(events::Change::Created),
+        EventType::NodeDeleted => Some(events::Change::Deleted),
+        EventType::NodeDataChanged => Some(events::Change::DataChanged),
+        EventType::NodeChildrenChanged | EventType::Session => None,
     }
 }
 
