@@ -35,7 +35,8 @@ pub enum ServiceByArg {
 #[command(next_help_heading = "ZooKeeper")]
 pub struct ZookeeperArgs {
     /// The ensemble's connect string: host:port, comma-separated for several servers,
-    /// optionally followed by a chroot (/path).
+    /// optionally followed by a chroot (/path); or a Dubbo registry address
+    /// (zookeeper://host:port?backup=host:port,...).
     #[arg(
         long,
         env = "ZOOKEEPER_ADDR",

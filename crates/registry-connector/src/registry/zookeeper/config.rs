@@ -117,6 +117,52 @@ impl Default for ZookeeperConfig {
     }
 }
 
+/// The connect string for `addr`: a ZooKeeper connect string as it stands
+/// (`host:port[,host:port...][/chroot]`), or a Dubbo registry address as Dubbo
+/// applications configure it (`zookeeper://host:port?backup=host:port,host:port`), whose
+/// hosts are taken and whose path and other parameters are not (a Dubbo address's path
+/// names Dubbo's registry interface, not a chroot). Credentials in the address are
+/// refused rather than logged: they go in the digest flags.
+pub fn connect_string(addr: &str) -> Result<String, ZookeeperError> {
+    let addr = addr.trim();
+    let bad = |why: &str| ZookeeperError::Config(format!("--zookeeper-addr: {why}"));
+    let connect = match addr.get(..12) {
+        Some(scheme) if scheme.eq_ignore_ascii_case("zookeeper://") => {
+            let rest = &addr[12..];
+            let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let hosts = rest.split('/').next().unwrap_or("");
+            if hosts.contains('@') {
+                return Err(bad(
+                    "credentials in the address; give --zookeeper-digest-user and a password file",
+                ));
+            }
+            let backups = query
+                .split('&')
+                .filter_map(|p| p.strip_prefix("backup="))
+                .flat_map(|b| b.split(','))
+                .filter(|h| !h.trim().is_empty());
+            std::iter::once(hosts)
+                .chain(backups)
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+        _ => addr.to_string(),
+    };
+    if connect.contains("://") {
+        return Err(bad(
+            "give host:port (or a zookeeper:// address), not another URL",
+        ));
+    }
+    let hosts = connect.split('/').next().unwrap_or("");
+    if hosts.is_empty() || hosts.split(',').any(|h| h.trim().is_empty()) {
+        return Err(bad(
+            "names no server (host:port[,host:port...][/chroot], or zookeeper://host:port)",
+        ));
+    }
+    Ok(connect)
+}
+
 /// `path` as ZooKeeper takes it: absolute, no empty, `.` or `..` segment, no trailing
 /// `/` except for the root itself.
 pub fn normalize_path(path: &str) -> Result<String, ZookeeperError> {
@@ -171,6 +217,34 @@ mod tests {
         for bad in ["dubbo", "", "/a//b", "/a/./b", "/a/.."] {
             assert!(normalize_path(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn connect_strings_and_dubbo_addresses() {
+        let ok = |a: &str| connect_string(a).expect(a);
+        assert_eq!(ok(" zk-1:2181,zk-2:2181/apps "), "zk-1:2181,zk-2:2181/apps");
+        assert_eq!(ok("[2001:db8::1]:2181"), "[2001:db8::1]:2181");
+        assert_eq!(
+            ok("zookeeper://zk-1:2181?backup=zk-2:2181,zk-3:2181&timeout=5000"),
+            "zk-1:2181,zk-2:2181,zk-3:2181"
+        );
+        assert_eq!(
+            ok("ZOOKEEPER://zk-1:2181/org.apache.dubbo.registry.RegistryService"),
+            "zk-1:2181",
+            "a Dubbo address's path is no chroot"
+        );
+        for bad in [
+            "",
+            " ",
+            "/chroot",
+            "zk-1:2181,,zk-2:2181",
+            "http://zk:2181",
+            "zookeeper://",
+        ] {
+            assert!(connect_string(bad).is_err(), "{bad:?}");
+        }
+        let err = connect_string("zookeeper://admin:s3cr3t@zk-1:2181").unwrap_err();
+        assert!(!err.to_string().contains("s3cr3t"), "{err}");
     }
 
     #[test]

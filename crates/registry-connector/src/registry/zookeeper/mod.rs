@@ -53,12 +53,7 @@ impl ZookeeperSource {
     /// Checks the configuration and reads the password file. Does not contact
     /// ZooKeeper: a source started while ZooKeeper is down waits for it.
     pub fn new(cfg: ZookeeperConfig) -> Result<Self, ZookeeperError> {
-        let connect = cfg.connect.trim().to_string();
-        if connect.is_empty() || connect.starts_with('/') {
-            return Err(ZookeeperError::Config(
-                "--zookeeper-addr names no server (host:port[,host:port...][/chroot])".into(),
-            ));
-        }
+        let connect = config::connect_string(&cfg.connect)?;
         let base = cfg.checked_base_path()?;
         if cfg.session_timeout < Duration::from_secs(1)
             || cfg.session_timeout > Duration::from_secs(3600)
