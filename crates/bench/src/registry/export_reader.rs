@@ -136,7 +136,17 @@ impl ExportRegistry {
         match (self, cursor) {
             (ExportRegistry::Consul(c), Cursor::Consul(mut index)) => {
                 while Instant::now() < deadline {
-                    let (status, at) = c.instance_status(service, ip, index).await?;
+                    // A request that fails (Consul closing a connection at its
+                    // per-client limit, which consul-k8s's own connections from this
+                    // address count against) is asked again, not the end of the run.
+                    let (status, at) = match c.instance_status(service, ip, index).await {
+                        Ok(answer) => answer,
+                        Err(e) => {
+                            crate::say(format!("asking Consul again after: {e:#}"));
+                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                            continue;
+                        }
+                    };
                     if status.as_deref() == want {
                         return Ok(Some(Instant::now()));
                     }

@@ -25,29 +25,11 @@ impl MetadataLookup for BTreeMap<String, String> {
     }
 }
 
-/// Metadata as a sorted vector of boxed strings: what a source keeps for every instance
-/// it mirrors (a `BTreeMap` allocates a leaf with room for eleven entries per instance).
-pub type CompactMetadata = litemap::LiteMap<Box<str>, Box<str>>;
-
-impl MetadataLookup for CompactMetadata {
-    fn value(&self, key: &str) -> Option<&str> {
-        self.get(key).map(|v| &**v)
-    }
-}
+pub use super::packed::CompactMetadata;
 
 /// A [`CompactMetadata`] of `entries`, in any order; of two with one key the last wins.
 pub fn compact_metadata(entries: impl IntoIterator<Item = (String, String)>) -> CompactMetadata {
-    let mut pairs: Vec<(Box<str>, Box<str>)> = entries
-        .into_iter()
-        .map(|(k, v)| (k.into_boxed_str(), v.into_boxed_str()))
-        .collect();
-    // Stable, so that among equal keys the order of arrival stays and the last is kept.
-    pairs.sort_by(|a, b| a.0.cmp(&b.0));
-    pairs.reverse();
-    pairs.dedup_by(|later, earlier| later.0 == earlier.0);
-    pairs.reverse();
-    pairs.shrink_to_fit();
-    CompactMetadata::from_sorted_store_unchecked(pairs)
+    entries.into_iter().collect()
 }
 
 /// Parses a `key=value` filter entry (`--filter-metadata`; the value may be empty, the

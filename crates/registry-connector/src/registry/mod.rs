@@ -17,6 +17,7 @@ pub mod metadata;
 pub mod metrics;
 pub mod nacos;
 pub mod pacer;
+pub mod packed;
 pub mod reported;
 pub mod secret;
 pub mod skip;

@@ -240,9 +240,18 @@ fn stored(instance: &Instance) -> Instance {
 }
 
 /// [`stored`] of an instance the caller gives up.
+///
+/// Fields the mirror never reads are dropped too (four strings per instance, 120,000
+/// allocations at 10,000 applications × 3): the id, which is the instance's key in its
+/// application, the host name it may come from, the application, which is the key of
+/// the instance list, and the secure VIP (the published domain comes from the VIP).
 fn into_stored(mut instance: Instance) -> Instance {
     instance.action_type = None;
     instance.last_dirty_timestamp = None;
+    instance.instance_id = None;
+    instance.host_name = None;
+    instance.app = None;
+    instance.secure_vip_address = None;
     instance
 }
 
