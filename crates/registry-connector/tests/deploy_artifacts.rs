@@ -814,8 +814,12 @@ fn chart_passes_helm_lint() -> Result<()> {
             "the zookeeper command has no Kubernetes -> ZooKeeper direction",
         ),
         (
-            &["registry=zookeeper", "registryTLS.secretName=tls"][..],
-            "the zookeeper command has no TLS",
+            &[
+                "registry=zookeeper",
+                "registryTLS.secretName=tls",
+                "registryTLS.caKey=",
+            ][..],
+            "TLS to ZooKeeper without a CA (its client has no system roots)",
         ),
         (
             &["registry=zookeeper", "zookeeper.layout=flat"][..],
@@ -1026,6 +1030,9 @@ async fn chart_renders_are_accepted_by_the_apiserver() -> Result<()> {
                 ("zookeeper.dubboServiceBy", "application"),
                 ("zookeeper.digestUser", "connector"),
                 ("zookeeper.digestPasswordSecret.name", "zk-credentials"),
+                ("registryTLS.secretName", "zk-tls"),
+                ("registryTLS.certKey", "tls.crt"),
+                ("registryTLS.keyKey", "tls.key"),
             ],
         ),
     ];
@@ -1152,6 +1159,9 @@ async fn chart_renders_are_accepted_by_the_apiserver() -> Result<()> {
                         "--zookeeper-base-path=/dubbo-blue",
                         "--zookeeper-session-timeout=20s",
                         "--dubbo-service-by=application",
+                        "--zookeeper-ca-file=/etc/registry-connector/tls/ca.crt",
+                        "--zookeeper-client-cert=/etc/registry-connector/tls/tls.crt",
+                        "--zookeeper-client-key=/etc/registry-connector/tls/tls.key",
                     ],
                 "release zookeeper passes {flags:?}"
             );
@@ -1190,8 +1200,9 @@ async fn chart_renders_are_accepted_by_the_apiserver() -> Result<()> {
                 "another registry's credentials: {env:?}"
             );
             ensure!(
-                deployment_has_no_volumes(&objects),
-                "release zookeeper mounts volumes"
+                deployment.pointer("/spec/template/spec/volumes/0/secret/secretName")
+                    == Some(&json!("zk-tls")),
+                "the TLS Secret is not mounted: {deployment}"
             );
         } else {
             ensure!(

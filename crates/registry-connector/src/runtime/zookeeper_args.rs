@@ -1,5 +1,5 @@
 //! The ZooKeeper command's own flags: the connect string, the tree and its layout, the
-//! session timeout, digest authentication and the metadata filter.
+//! session timeout, digest authentication, TLS and the metadata filter.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -83,6 +83,29 @@ pub struct ZookeeperArgs {
     #[arg(long, env = "ZOOKEEPER_DIGEST_PASSWORD_FILE", value_name = "FILE")]
     pub zookeeper_digest_password_file: Option<PathBuf>,
 
+    /// CA certificate(s) to verify the servers' certificates: TLS to ZooKeeper's secure
+    /// client port is on when this is given.
+    #[arg(long, env = "ZOOKEEPER_CACERT", value_name = "FILE")]
+    pub zookeeper_ca_file: Option<PathBuf>,
+
+    /// Client certificate for mutual TLS (ssl.clientAuth=need).
+    #[arg(
+        long,
+        env = "ZOOKEEPER_CLIENT_CERT",
+        value_name = "FILE",
+        requires = "zookeeper_client_key"
+    )]
+    pub zookeeper_client_cert: Option<PathBuf>,
+
+    /// Client key for mutual TLS.
+    #[arg(
+        long,
+        env = "ZOOKEEPER_CLIENT_KEY",
+        value_name = "FILE",
+        requires = "zookeeper_client_cert"
+    )]
+    pub zookeeper_client_key: Option<PathBuf>,
+
     /// What one Kubernetes Service stands for in the dubbo layout.
     #[arg(
         long,
@@ -131,6 +154,9 @@ impl ZookeeperArgs {
             .as_ref()
             .map(|p| p.expose_secret().to_string());
         cfg.digest_password_file = self.zookeeper_digest_password_file.clone();
+        cfg.ca_file = self.zookeeper_ca_file.clone();
+        cfg.client_cert_file = self.zookeeper_client_cert.clone();
+        cfg.client_key_file = self.zookeeper_client_key.clone();
         cfg.filter_metadata = parse_metadata_filters(&self.filter_metadata)
             .map_err(|e| anyhow::anyhow!("--filter-metadata: {e}"))?;
         cfg.passing_only = shared.passing_only;

@@ -86,6 +86,13 @@ impl ConnectorBuilder<'_> {
         self
     }
 
+    /// Runs `registry-connector zookeeper` against another server than the environment's.
+    pub fn zookeeper_at(mut self, addr: impl Into<String>) -> Self {
+        self.registry = Registry::Zookeeper;
+        self.registry_addr = Some(addr.into());
+        self
+    }
+
     /// Runs `registry-connector eureka` against the environment's Eureka server (or the
     /// given service URL) instead of the Consul command.
     pub fn eureka(mut self, url: Option<&str>) -> Self {

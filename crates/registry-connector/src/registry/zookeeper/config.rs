@@ -71,6 +71,12 @@ pub struct ZookeeperConfig {
     pub digest_user: Option<String>,
     pub digest_password: Option<String>,
     pub digest_password_file: Option<PathBuf>,
+    /// TLS to the ensemble's secure client port: on when a CA file is given (the client
+    /// has no system roots; ZooKeeper ensembles use private CAs), with an optional
+    /// client certificate and key for `ssl.clientAuth=need`.
+    pub ca_file: Option<PathBuf>,
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
     /// Reads in flight at once while the tree is read.
     pub read_concurrency: usize,
     pub passing_only: bool,
@@ -92,6 +98,9 @@ impl ZookeeperConfig {
             digest_user: None,
             digest_password: None,
             digest_password_file: None,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
             read_concurrency: 64,
             passing_only: true,
             filter_metadata: Vec::new(),
@@ -198,6 +207,9 @@ impl fmt::Debug for ZookeeperConfig {
                 &self.digest_password.as_ref().map(|_| "<redacted>"),
             )
             .field("digest_password_file", &self.digest_password_file)
+            .field("ca_file", &self.ca_file)
+            .field("client_cert_file", &self.client_cert_file)
+            .field("client_key_file", &self.client_key_file)
             .field("passing_only", &self.passing_only)
             .field("filter_metadata", &self.filter_metadata)
             .field("service_prefix", &self.service_prefix)

@@ -1,5 +1,5 @@
-//! What can go wrong with ZooKeeper. Only [`ZookeeperError::Config`] and
-//! [`ZookeeperError::Secret`] end the source (at start); every other error is logged
+//! What can go wrong with ZooKeeper. Only [`ZookeeperError::Config`],
+//! [`ZookeeperError::Secret`] and the TLS file errors end the source (at start); every other error is logged
 //! and retried by the watch loop: a read again on the same session, a new session when
 //! the old one is gone ([`ZookeeperError::is_session_lost`]). No variant holds the
 //! digest password.
@@ -12,6 +12,14 @@ pub enum ZookeeperError {
     Config(String),
     #[error("the ZooKeeper digest password")]
     Secret(#[from] SecretError),
+    #[error(transparent)]
+    TlsFile(#[from] crate::registry::tls::TlsFileError),
+    #[error("invalid TLS material for ZooKeeper ({what})")]
+    Tls {
+        what: &'static str,
+        #[source]
+        source: zookeeper_client::Error,
+    },
     #[error("opening a ZooKeeper session with {connect}")]
     Connect {
         connect: String,
@@ -49,7 +57,7 @@ impl ZookeeperError {
                 source,
                 E::SessionExpired | E::SessionMoved | E::ClientClosed | E::AuthFailed | E::NoHosts
             ),
-            Self::Config(_) | Self::Secret(_) => false,
+            Self::Config(_) | Self::Secret(_) | Self::TlsFile(_) | Self::Tls { .. } => false,
         }
     }
 }

@@ -17,7 +17,8 @@
 //! The client is the `zookeeper-client` crate (async, tokio, persistent watches, digest
 //! auth); ZooKeeper 3.6 or later is needed for persistent recursive watches. Like every
 //! source it knows nothing about Kubernetes objects or names; only the ZooKeeper →
-//! Kubernetes direction exists, without TLS for now.
+//! Kubernetes direction exists. TLS (the ensemble's secure client port) is on when a CA
+//! file is given.
 
 pub mod api;
 pub mod config;
@@ -33,6 +34,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, Instrument};
+use zookeeper_client::TlsOptions;
 
 use crate::catalog::Catalog;
 use crate::registry::secret;
@@ -55,6 +57,7 @@ impl ZookeeperSource {
     pub fn new(cfg: ZookeeperConfig) -> Result<Self, ZookeeperError> {
         let connect = config::connect_string(&cfg.connect)?;
         let base = cfg.checked_base_path()?;
+        let tls = tls_options(&cfg)?;
         if cfg.session_timeout < Duration::from_secs(1)
             || cfg.session_timeout > Duration::from_secs(3600)
         {
@@ -87,6 +90,7 @@ impl ZookeeperSource {
         };
         Ok(Self {
             watch: watch::WatchConfig {
+                tls,
                 connect,
                 base,
                 layout: cfg.layout,
@@ -113,6 +117,54 @@ impl ZookeeperSource {
     }
 }
 
+/// The TLS options of `cfg`: none without a CA file; the client certificate and key go
+/// together.
+fn tls_options(cfg: &ZookeeperConfig) -> Result<Option<TlsOptions>, ZookeeperError> {
+    use crate::registry::tls::read_file;
+    let pem = |what: &'static str, path: &std::path::Path| -> Result<String, ZookeeperError> {
+        String::from_utf8(read_file(what, path)?).map_err(|_| {
+            ZookeeperError::Config(format!(
+                "the {what} file {} is not PEM text",
+                path.display()
+            ))
+        })
+    };
+    let identity = match (&cfg.client_cert_file, &cfg.client_key_file) {
+        (Some(cert), Some(key)) => {
+            Some((pem("client certificate", cert)?, pem("client key", key)?))
+        }
+        (None, None) => None,
+        _ => {
+            return Err(ZookeeperError::Config(
+                "the ZooKeeper client certificate and key go together".into(),
+            ))
+        }
+    };
+    let Some(ca_file) = &cfg.ca_file else {
+        if identity.is_some() {
+            return Err(ZookeeperError::Config(
+                "a ZooKeeper client certificate needs --zookeeper-ca-file (TLS is on with a CA: the client has no system roots)".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    let mut options = TlsOptions::new()
+        .with_pem_ca(&pem("CA", ca_file)?)
+        .map_err(|source| ZookeeperError::Tls {
+            what: "CA file",
+            source,
+        })?;
+    if let Some((cert, key)) = identity {
+        options = options
+            .with_pem_identity(&cert, &key)
+            .map_err(|source| ZookeeperError::Tls {
+                what: "client certificate or key",
+                source,
+            })?;
+    }
+    Ok(Some(options))
+}
+
 impl crate::registry::RegistrySource for ZookeeperSource {
     const NAME: &'static str = "zookeeper";
     type Error = ZookeeperError;
@@ -135,6 +187,7 @@ impl crate::registry::RegistrySource for ZookeeperSource {
             layout = self.watch.layout.as_str(),
             service_by = ?self.selection.dubbo_service_by,
             digest_user = self.watch.digest.as_ref().map(|(u, _)| u.as_str()),
+            tls = self.watch.tls.is_some(),
             passing_only = self.selection.passing_only,
             "starting the ZooKeeper source"
         );
@@ -187,6 +240,27 @@ mod tests {
             ZookeeperConfig {
                 digest_user: Some("u".into()),
                 digest_password_file: Some("/nonexistent/pw".into()),
+                ..ok.clone()
+            },
+        ] {
+            assert!(ZookeeperSource::new(bad).is_err());
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let garbage = dir.path().join("ca.pem");
+        std::fs::write(&garbage, "not a certificate").expect("write");
+        for bad in [
+            ZookeeperConfig {
+                client_cert_file: Some(garbage.clone()),
+                ..ok.clone()
+            },
+            ZookeeperConfig {
+                ca_file: Some(garbage.clone()),
+                client_cert_file: Some(garbage.clone()),
+                client_key_file: Some(garbage.clone()),
+                ..ok.clone()
+            },
+            ZookeeperConfig {
+                ca_file: Some(dir.path().join("missing.pem")),
                 ..ok.clone()
             },
         ] {

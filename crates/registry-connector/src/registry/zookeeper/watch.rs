@@ -59,6 +59,8 @@ const MAX_BATCH: usize = 1024;
 
 pub(super) struct WatchConfig {
     pub connect: String,
+    /// TLS to every server of the connect string (`secure_connect`).
+    pub tls: Option<zookeeper_client::TlsOptions>,
     pub base: String,
     pub layout: Layout,
     pub session_timeout: std::time::Duration,
@@ -165,13 +167,19 @@ impl Watcher {
             let auth = zeroizing(format!("{user}:{}", password.expose_secret()));
             connector = connector.with_auth("digest", auth.expose_secret().as_bytes());
         }
-        connector
-            .connect(&self.cfg.connect)
-            .await
-            .map_err(|source| ZookeeperError::Connect {
-                connect: self.cfg.connect.clone(),
-                source,
-            })
+        let session = match &self.cfg.tls {
+            Some(tls) => {
+                connector
+                    .with_tls(tls.clone())
+                    .secure_connect(&self.cfg.connect)
+                    .await
+            }
+            None => connector.connect(&self.cfg.connect).await,
+        };
+        session.map_err(|source| ZookeeperError::Connect {
+            connect: self.cfg.connect.clone(),
+            source,
+        })
     }
 
     /// One session: the watch, then reads and events until the session ends.
