@@ -288,6 +288,9 @@ impl Watcher {
                     connected = false;
                 }
                 _ => {
+                    if !connected {
+                        self.metrics.reconnects.inc();
+                    }
                     self.metrics.connected.set(1);
                     connected = true;
                 }
@@ -297,7 +300,6 @@ impl Watcher {
 
     /// Reads the whole tree below the base path into a new mirror.
     async fn read_tree(&self, client: &Client) -> Result<Mirror, ZookeeperError> {
-        self.metrics.tree_reads.inc();
         let started = std::time::Instant::now();
         let base = &self.cfg.base;
         let dirs = self.children(client, base).await?.unwrap_or_default();
@@ -350,6 +352,7 @@ impl Watcher {
                 }
             }
         }
+        self.metrics.tree_reads.inc();
         info!(
             nodes = mirror.len(),
             services = mirror.service_count(),
