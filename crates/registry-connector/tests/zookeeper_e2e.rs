@@ -78,6 +78,7 @@ async fn dubbo_providers_become_services_and_changes_cost_no_reads() -> Result<(
     let v1_kube = format!("com-example-orders{t}-1-0-0");
     let v2_kube = format!("blue-com-example-orders{t}-2-0-0");
     let pay_kube = format!("com-example-pay{t}");
+    let orders_kube = format!("com-example-orders{t}");
 
     let v1 = Provider {
         version: "1.0.0",
@@ -117,7 +118,18 @@ async fn dubbo_providers_become_services_and_changes_cost_no_reads() -> Result<(
     s.register_raw(&pay, "providers", "not-a-provider-url")
         .await?;
 
-    let passing = s.connector_in(&ns, "dubbo", &["--metadata-annotations", "release"])?;
+    // `passing` splits an interface by version and group; `everything` keeps the
+    // default, one Service per interface.
+    let passing = s.connector_in(
+        &ns,
+        "dubbo",
+        &[
+            "--dubbo-service-by",
+            "service-key",
+            "--metadata-annotations",
+            "release",
+        ],
+    )?;
     let everything = s.connector_in(&all, "dubbo", &["--passing-only=false"])?;
     let apps = s.connector_in(&by_app, "dubbo", &["--dubbo-service-by", "application"])?;
     for c in [&passing, &everything, &apps] {
@@ -125,9 +137,15 @@ async fn dubbo_providers_become_services_and_changes_cost_no_reads() -> Result<(
     }
 
     let both = [("192.0.2.91", true), ("2001:db8::91", true)];
+    wait_endpoints(&s.client, &ns, &v1_kube, &both).await?;
+    wait_endpoints(&s.client, &ns, &v2_kube, &[("192.0.2.92", true)]).await?;
+    let every_version = [
+        ("192.0.2.91", true),
+        ("192.0.2.92", true),
+        ("2001:db8::91", true),
+    ];
+    wait_endpoints(&s.client, &all, &orders_kube, &every_version).await?;
     for namespace in [&ns, &all] {
-        wait_endpoints(&s.client, namespace, &v1_kube, &both).await?;
-        wait_endpoints(&s.client, namespace, &v2_kube, &[("192.0.2.92", true)]).await?;
         wait_endpoints(&s.client, namespace, &pay_kube, &[("198.51.100.91", true)]).await?;
     }
     let mut want = vec![v1_kube.clone(), v2_kube.clone(), pay_kube.clone()];
@@ -136,6 +154,32 @@ async fn dubbo_providers_become_services_and_changes_cost_no_reads() -> Result<(
         service_names(&s.client, &ns).await?,
         want,
         "one Service per interface version and group; no consumer, configurator or bad node"
+    );
+    let mut want = vec![orders_kube.clone(), pay_kube.clone()];
+    want.sort();
+    assert_eq!(
+        service_names(&s.client, &all).await?,
+        want,
+        "by default one Service per interface"
+    );
+    let all_services: Api<Service> = Api::namespaced(s.client.clone(), &all);
+    let orders_svc = all_services.get(&orders_kube).await?;
+    assert_eq!(
+        annotation(&orders_svc, &zk("interface")),
+        Some(orders.clone())
+    );
+    assert_eq!(
+        annotation(&orders_svc, &zk("version")).as_deref(),
+        Some("1.0.0,2.0.0"),
+        "the versions its providers export"
+    );
+    assert_eq!(
+        annotation(&orders_svc, &zk("group")).as_deref(),
+        Some("blue")
+    );
+    assert_eq!(
+        annotation(&orders_svc, INHERITED_FROM),
+        Some(orders.clone())
     );
     let services: Api<Service> = Api::namespaced(s.client.clone(), &ns);
     let v1_svc = services.get(&v1_kube).await?;
@@ -263,8 +307,12 @@ async fn dubbo_providers_become_services_and_changes_cost_no_reads() -> Result<(
     wait_endpoints(
         &s.client,
         &all,
-        &v1_kube,
-        &[("192.0.2.91", true), ("192.0.2.96", false)],
+        &orders_kube,
+        &[
+            ("192.0.2.91", true),
+            ("192.0.2.92", true),
+            ("192.0.2.96", false),
+        ],
     )
     .await?;
     took("a weight-0 provider", started);
@@ -275,6 +323,20 @@ async fn dubbo_providers_become_services_and_changes_cost_no_reads() -> Result<(
     s.delete(&s.provider_path(&v2)).await?;
     wait_service_gone(&s.client, &ns, &v2_kube).await?;
     took("the last provider of a version", started);
+    // By interface, the Service stays with the other version's providers.
+    wait_endpoints(
+        &s.client,
+        &all,
+        &orders_kube,
+        &[("192.0.2.91", true), ("192.0.2.96", false)],
+    )
+    .await?;
+    let orders_svc = all_services.get(&orders_kube).await?;
+    assert_eq!(
+        annotation(&orders_svc, &zk("version")).as_deref(),
+        Some("1.0.0")
+    );
+    assert_eq!(annotation(&orders_svc, &zk("group")), None);
 
     assert_eq!(
         reads(&passing).await?,

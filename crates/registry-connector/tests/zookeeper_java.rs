@@ -75,7 +75,14 @@ async fn dubbo_and_curator_registrations_of_real_clients_are_published() -> Resu
     .await?;
 
     let filter = ["--filter-metadata", &marker];
-    let dubbo = connector(&s, s.ns(), "dubbo", &filter)?;
+    // By service key: each version and group of OrderService apart, as a Dubbo consumer
+    // sees them (the default, by interface, is covered by zookeeper_e2e).
+    let dubbo = connector(
+        &s,
+        s.ns(),
+        "dubbo",
+        &[filter[0], filter[1], "--dubbo-service-by", "service-key"],
+    )?;
     let curator = connector(&s, curator_ns.name(), "curator", &filter)?;
     // Dubbo 3's application-level instances carry no URL parameter: no filter, and only
     // this test's applications are looked at.

@@ -25,8 +25,11 @@ pub enum LayoutArg {
 /// `--dubbo-service-by`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ServiceByArg {
-    /// One Service per Dubbo service: interface, and each version and group of it.
+    /// One Service per Dubbo interface; its versions and groups in annotations.
     Interface,
+    /// One Service per Dubbo service key (group/interface:version): each version and
+    /// group of an interface apart.
+    ServiceKey,
     /// One Service per Dubbo application.
     Application,
 }
@@ -145,6 +148,7 @@ impl ZookeeperArgs {
             .to_string();
         cfg.dubbo_service_by = match self.dubbo_service_by {
             ServiceByArg::Interface => DubboServiceBy::Interface,
+            ServiceByArg::ServiceKey => DubboServiceBy::ServiceKey,
             ServiceByArg::Application => DubboServiceBy::Application,
         };
         cfg.session_timeout = self.zookeeper_session_timeout;

@@ -45,11 +45,14 @@ impl Layout {
 /// What one Kubernetes Service stands for in the Dubbo layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DubboServiceBy {
-    /// One Service per Dubbo service: an interface, and within it each version and group
-    /// (Dubbo's own service key `group/interface:version`), since a consumer never calls
-    /// a provider of another version or group.
+    /// One Service per Dubbo interface, whatever its versions and groups (listed in
+    /// annotations): the name a migrating team knows the service by.
     #[default]
     Interface,
+    /// One Service per Dubbo service key (`group/interface:version`): each version and
+    /// group of an interface apart, since a Dubbo consumer never calls a provider of
+    /// another version or group.
+    ServiceKey,
     /// One Service per Dubbo application (the providers' `application` parameter): the
     /// processes, whatever interfaces they export.
     Application,

@@ -5,9 +5,9 @@
 //! rebuilds only its service(s).
 //!
 //! A directory is what ZooKeeper groups nodes by; a service is what Kubernetes gets. They
-//! differ: in the Dubbo layout one interface directory holds each version and group of
-//! the interface (several services), and with `--dubbo-service-by application` one
-//! service gathers many directories.
+//! differ: in the Dubbo layout with `--dubbo-service-by service-key` one interface
+//! directory holds each version and group of the interface (several services), and with
+//! `--dubbo-service-by application` one service gathers many directories.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -200,7 +200,7 @@ mod tests {
 
     #[test]
     fn a_change_touches_only_its_services() {
-        let s = sel(DubboServiceBy::Interface);
+        let s = sel(DubboServiceBy::ServiceKey);
         let mut m = Mirror::default();
         let a1 = node("192.0.2.1", "A", "");
         let a2 = node("192.0.2.2", "A", "version=2");

@@ -8,20 +8,21 @@
 //!   provider (`side` other than `provider`, a `category` other than `providers`, the
 //!   `empty` protocol), was registered from Kubernetes (`external-source=kubernetes`),
 //!   or lacks a `--filter-metadata` pair among its URL parameters;
-//! - by default (`--dubbo-service-by interface`) its service is its Dubbo service key,
-//!   `group/interface:version` without the empty parts: an interface without version or
-//!   group is one Service named after the interface (`com.example.OrderService` →
-//!   `com-example-orderservice`); each version and group of it is a Service of its own
+//! - by default (`--dubbo-service-by interface`) its service is its interface
+//!   (`com.example.OrderService` → `com-example-orderservice`), whatever its version and
+//!   group: the versions and groups of the providers are listed in annotations. With
+//!   `--dubbo-service-by service-key` its service is Dubbo's service key,
+//!   `group/interface:version` without the empty parts
 //!   (`blue/com.example.OrderService:1.0.0` → `blue-com-example-orderservice-1-0-0`),
-//!   since Dubbo never sends a consumer of one version or group to a provider of
-//!   another. With `--dubbo-service-by application` its service is its `application`
-//!   (a provider without one is left out and reported);
+//!   for clients that must not reach a provider of another version or group. With
+//!   `--dubbo-service-by application` its service is its `application` (a provider
+//!   without one is left out and reported);
 //! - the endpoint is the URL's host and port, the port named by the URL's protocol
 //!   (`dubbo`, `tri`, `rest`...: the port's name and `appProtocol`); a provider with
 //!   `weight=0` (or below) is not ready: left out with `passing_only`, else published not
 //!   ready;
-//! - annotations: the interface, version and group (interface mode), the applications
-//!   of the providers (comma-separated, sorted); the URL parameters are the metadata
+//! - annotations: the interface, versions and groups (interface and service-key modes),
+//!   the applications of the providers (each comma-separated, sorted); the URL parameters are the metadata
 //!   the allow-lists copy (`--metadata-annotations methods`, say).
 //!
 //! **Curator** layout (`<base>/<name>/<id>`, a JSON instance):
@@ -207,7 +208,7 @@ impl Selection {
         let application = url.param("application").map(str::to_string);
         let (service, mut facts): (String, Vec<(&'static str, Box<str>)>) =
             match self.dubbo_service_by {
-                DubboServiceBy::Interface => {
+                DubboServiceBy::Interface | DubboServiceBy::ServiceKey => {
                     let mut facts = vec![(INTERFACE_ANNOTATION, interface.as_str().into())];
                     if !version.is_empty() {
                         facts.push((VERSION_ANNOTATION, version.as_str().into()));
@@ -215,7 +216,12 @@ impl Selection {
                     if !group.is_empty() {
                         facts.push((GROUP_ANNOTATION, group.as_str().into()));
                     }
-                    (service_key(&interface, &version, &group), facts)
+                    let service = if self.dubbo_service_by == DubboServiceBy::ServiceKey {
+                        service_key(&interface, &version, &group)
+                    } else {
+                        interface
+                    };
+                    (service, facts)
                 }
                 DubboServiceBy::Application => match &application {
                     Some(app) => (app.clone(), Vec::new()),
@@ -435,8 +441,53 @@ mod tests {
     }
 
     #[test]
-    fn each_version_and_group_of_an_interface_is_a_service_of_its_own() {
+    fn by_default_one_service_per_interface_lists_its_versions_and_groups() {
         let s = sel();
+        let iface = "com.example.OrderService";
+        let entries = [
+            s.dubbo_entry(iface, &provider("192.0.2.1:20880", iface, "")),
+            s.dubbo_entry(iface, &provider("192.0.2.2:20880", iface, "version=1.0.0")),
+            s.dubbo_entry(
+                iface,
+                &provider("192.0.2.3:20880", iface, "version=2.0.0&group=blue"),
+            ),
+            // One process exporting two versions at one address: one endpoint.
+            s.dubbo_entry(iface, &provider("192.0.2.2:20880", iface, "version=2.0.0")),
+        ];
+        for e in &entries {
+            let Entry::Member(m) = e else {
+                panic!("not a member: {e:?}")
+            };
+            assert_eq!(&*m.service, iface, "every version and group: one service");
+        }
+        let meta = built(&s, &entries);
+        assert_eq!(meta.domain.as_str(), "com-example-orderservice");
+        assert_eq!(
+            addresses(&meta),
+            [
+                ("192.0.2.1".to_string(), true),
+                ("192.0.2.2".to_string(), true),
+                ("192.0.2.3".to_string(), true)
+            ]
+        );
+        assert_eq!(annotation(&meta, INTERFACE_ANNOTATION), Some(iface));
+        assert_eq!(annotation(&meta, VERSION_ANNOTATION), Some("1.0.0,2.0.0"));
+        assert_eq!(annotation(&meta, GROUP_ANNOTATION), Some("blue"));
+        assert_eq!(annotation(&meta, APPLICATION_ANNOTATION), Some("shop"));
+        let ports: Vec<String> = meta
+            .ports()
+            .iter()
+            .map(|(p, proto)| format!("{proto}/{p}"))
+            .collect();
+        assert_eq!(ports, ["dubbo/20880"]);
+    }
+
+    #[test]
+    fn by_service_key_each_version_and_group_is_a_service_of_its_own() {
+        let s = Selection {
+            dubbo_service_by: DubboServiceBy::ServiceKey,
+            ..sel()
+        };
         let iface = "com.example.OrderService";
         let plain = member(s.dubbo_entry(iface, &provider("192.0.2.1:20880", iface, "")));
         assert_eq!(&*plain.service, "com.example.OrderService");
@@ -465,12 +516,6 @@ mod tests {
             None,
             "no empty version"
         );
-        let ports: Vec<String> = meta
-            .ports()
-            .iter()
-            .map(|(p, proto)| format!("{proto}/{p}"))
-            .collect();
-        assert_eq!(ports, ["dubbo/20880"]);
         assert_eq!(meta.domain.as_str(), "com-example-orderservice");
     }
 
