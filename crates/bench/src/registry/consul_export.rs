@@ -23,6 +23,13 @@ use testenv::consul::ConsulClient;
 /// The `wait` of every blocking query: short, so that a deadline is checked often.
 const BLOCKING_WAIT: &str = "10s";
 
+/// How often a refused request is tried before the step fails. A client that holds
+/// the agent's whole per-client connection budget (consul-k8s with one long poll per
+/// Service, all from 127.0.0.1 like the harness) makes the agent refuse the harness's
+/// reads for a while; the harness retries rather than losing a measurement to it.
+const ATTEMPTS: u32 = 30;
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
+
 /// One registration on the node (the fields the workload reads; the map key is its id).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -112,7 +119,7 @@ impl ExportConsul {
         } else {
             format!("/v1/catalog/node/{}", self.node)
         };
-        let (body, index) = self.consul.get(&path).await?;
+        let (body, index) = self.get(&path).await?;
         // A node that does not exist yet answers `null`.
         let services = if body.is_null() {
             BTreeMap::new()
@@ -127,10 +134,7 @@ impl ExportConsul {
 
     /// Instance ids on the node with a check that is not passing.
     pub async fn not_passing(&self) -> Result<Vec<String>> {
-        let (body, _) = self
-            .consul
-            .get(&format!("/v1/health/node/{}", self.node))
-            .await?;
+        let (body, _) = self.get(&format!("/v1/health/node/{}", self.node)).await?;
         let checks: Vec<Check> = if body.is_null() {
             Vec::new()
         } else {
@@ -190,15 +194,44 @@ impl ExportConsul {
         } else {
             format!("/v1/health/service/{service}")
         };
-        let (body, index) = self.consul.get(&path).await?;
+        let (body, index) = self.get(&path).await?;
         Ok((status_of(&body, &self.node, ip), index))
     }
 
     /// Removes the node and every registration on it (`/v1/catalog/deregister`).
     pub async fn deregister_node(&self) -> Result<()> {
-        self.consul
-            .put("/v1/catalog/deregister", &json!({ "Node": self.node }))
-            .await
+        let body = json!({ "Node": self.node });
+        let mut attempt = 1;
+        loop {
+            match self.consul.put("/v1/catalog/deregister", &body).await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < ATTEMPTS => {
+                    eprintln!(
+                        "bench: deregistering node {} (attempt {attempt}): {e:#}",
+                        self.node
+                    );
+                    attempt += 1;
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// A GET of `path`, tried again after a pause when it fails (see [`ATTEMPTS`]).
+    async fn get(&self, path: &str) -> Result<(Value, u64)> {
+        let mut attempt = 1;
+        loop {
+            match self.consul.get(path).await {
+                Ok(answer) => return Ok(answer),
+                Err(e) if attempt < ATTEMPTS => {
+                    eprintln!("bench: GET {path} (attempt {attempt}): {e:#}");
+                    attempt += 1;
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
