@@ -139,6 +139,9 @@ pub struct ZookeeperCommand {
     pub sync: SyncArgs,
 
     #[command(flatten)]
+    pub export: super::export_args::ExportArgs,
+
+    #[command(flatten)]
     pub operation: OperationArgs,
 }
 

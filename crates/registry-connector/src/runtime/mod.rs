@@ -572,17 +572,34 @@ async fn run_nacos(cmd: cli::NacosCommand) -> Result<()> {
 }
 
 async fn run_zookeeper(cmd: cli::ZookeeperCommand) -> Result<()> {
-    use crate::registry::zookeeper::ZookeeperSource;
+    use crate::registry::zookeeper::{writer::ZookeeperWriter, ZookeeperSource};
     let config = cmd.zookeeper.to_config(&cmd.source)?;
     let mut registry = Registry::with_prefix("registry_connector");
-    let source = ZookeeperSource::new(config).context("configuring the ZooKeeper source")?;
-    source.register_metrics(&mut registry);
-    let directions = Directions {
+    let mut directions = Directions {
+        source: None,
         source_name: "zookeeper",
-        note: source.note(),
-        source: Some(source_task(source)),
+        note: Default::default(),
         export: None,
     };
+    let mut source_metrics = None;
+    if cmd.export.sync.to_kubernetes() {
+        let source =
+            ZookeeperSource::new(config.clone()).context("configuring the ZooKeeper source")?;
+        source.register_metrics(&mut registry);
+        source_metrics = Some(source.metrics());
+        directions.note = source.note();
+        directions.source = Some(source_task(source));
+    }
+    if cmd.export.sync.to_registry() {
+        let id = &cmd.sync.connector_id;
+        // One set of ZooKeeper request metrics for both directions.
+        let writer = match source_metrics {
+            Some(metrics) => ZookeeperWriter::with_source_metrics(&config, id, metrics),
+            None => ZookeeperWriter::new(&config, id),
+        }
+        .context("configuring the Kubernetes → ZooKeeper writer")?;
+        directions.export = Some(exporter(&cmd.sync, &cmd.export, writer).await?);
+    }
     run_connector(&cmd.sync, &cmd.operation, registry, directions).await
 }
 

@@ -105,6 +105,39 @@ impl ZookeeperMetrics {
     }
 }
 
+/// The Kubernetes → ZooKeeper writer's own counters (its requests are in
+/// [`ZookeeperMetrics::common`], endpoints `multi`, `get_ephemerals`, `mkdir`, ...).
+#[derive(Debug, Default)]
+pub struct WriterMetrics {
+    /// Sessions the writer opened (the first, and one after each expiry).
+    pub sessions: Counter,
+    /// Owned nodes re-created under this process's session because another session
+    /// held them (a predecessor's, or the replica that led before).
+    pub takeovers: Counter,
+    /// 1 while the writer's session is connected.
+    pub connected: Gauge,
+}
+
+impl WriterMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "zookeeper_writer_sessions",
+            "ZooKeeper sessions opened by the Kubernetes -> ZooKeeper writer",
+            self.sessions.clone(),
+        );
+        registry.register(
+            "zookeeper_writer_takeovers",
+            "Owned ZooKeeper nodes re-created under this process's session (taken over from a predecessor's)",
+            self.takeovers.clone(),
+        );
+        registry.register(
+            "zookeeper_writer_connected",
+            "1 while the Kubernetes -> ZooKeeper writer's session is connected",
+            self.connected.clone(),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,8 +26,11 @@ pub mod error;
 pub mod events;
 pub mod metrics;
 pub mod mirror;
+pub mod register;
 pub mod select;
+mod session;
 mod watch;
+pub mod writer;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,47 +58,13 @@ impl ZookeeperSource {
     /// Checks the configuration and reads the password file. Does not contact
     /// ZooKeeper: a source started while ZooKeeper is down waits for it.
     pub fn new(cfg: ZookeeperConfig) -> Result<Self, ZookeeperError> {
-        let connect = config::connect_string(&cfg.connect)?;
+        let session = session_config(&cfg)?;
         let base = cfg.checked_base_path()?;
-        let tls = tls_options(&cfg)?;
-        if cfg.session_timeout < Duration::from_secs(1)
-            || cfg.session_timeout > Duration::from_secs(3600)
-        {
-            return Err(ZookeeperError::Config(format!(
-                "the session timeout must be between 1s and 1h, got {}",
-                humantime::format_duration(cfg.session_timeout)
-            )));
-        }
-        let password = secret::resolve(
-            "ZooKeeper digest password",
-            cfg.digest_password.as_deref(),
-            cfg.digest_password_file.as_deref(),
-        )?;
-        let user = cfg.digest_user.filter(|u| !u.trim().is_empty());
-        let digest = match (user, password) {
-            (Some(user), Some(password)) => {
-                if user.contains(':') {
-                    return Err(ZookeeperError::Config(
-                        "the ZooKeeper digest user must not contain ':'".into(),
-                    ));
-                }
-                Some((user, password))
-            }
-            (None, None) => None,
-            _ => {
-                return Err(ZookeeperError::Config(
-                    "the ZooKeeper digest user and password go together".into(),
-                ))
-            }
-        };
         Ok(Self {
             watch: watch::WatchConfig {
-                tls,
-                connect,
+                session,
                 base,
                 layout: cfg.layout,
-                session_timeout: cfg.session_timeout,
-                digest,
                 read_concurrency: cfg.read_concurrency,
                 pacing: cfg.pacing,
             },
@@ -115,6 +84,49 @@ impl ZookeeperSource {
     pub fn metrics(&self) -> Arc<ZookeeperMetrics> {
         Arc::clone(&self.metrics)
     }
+}
+
+/// The session settings of `cfg`, checked; reads the password file. Shared by the
+/// source and the writer.
+pub(crate) fn session_config(cfg: &ZookeeperConfig) -> Result<session::SessionConfig, ZookeeperError> {
+        let connect = config::connect_string(&cfg.connect)?;
+        let tls = tls_options(cfg)?;
+        if cfg.session_timeout < Duration::from_secs(1)
+            || cfg.session_timeout > Duration::from_secs(3600)
+        {
+            return Err(ZookeeperError::Config(format!(
+                "the session timeout must be between 1s and 1h, got {}",
+                humantime::format_duration(cfg.session_timeout)
+            )));
+        }
+        let password = secret::resolve(
+            "ZooKeeper digest password",
+            cfg.digest_password.as_deref(),
+            cfg.digest_password_file.as_deref(),
+        )?;
+        let user = cfg.digest_user.clone().filter(|u| !u.trim().is_empty());
+        let digest = match (user, password) {
+            (Some(user), Some(password)) => {
+                if user.contains(':') {
+                    return Err(ZookeeperError::Config(
+                        "the ZooKeeper digest user must not contain ':'".into(),
+                    ));
+                }
+                Some((user, password))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(ZookeeperError::Config(
+                    "the ZooKeeper digest user and password go together".into(),
+                ))
+            }
+        };
+    Ok(session::SessionConfig {
+        connect,
+        tls,
+        session_timeout: cfg.session_timeout,
+        digest,
+    })
 }
 
 /// The TLS options of `cfg`: none without a CA file; the client certificate and key go
@@ -182,12 +194,12 @@ impl crate::registry::RegistrySource for ZookeeperSource {
         shutdown: CancellationToken,
     ) -> Result<(), ZookeeperError> {
         info!(
-            connect = %self.watch.connect,
+            connect = %self.watch.session.connect,
             base_path = %self.watch.base,
             layout = self.watch.layout.as_str(),
             service_by = ?self.selection.dubbo_service_by,
-            digest_user = self.watch.digest.as_ref().map(|(u, _)| u.as_str()),
-            tls = self.watch.tls.is_some(),
+            digest_user = self.watch.session.digest.as_ref().map(|(u, _)| u.as_str()),
+            tls = self.watch.session.tls.is_some(),
             passing_only = self.selection.passing_only,
             "starting the ZooKeeper source"
         );

@@ -34,7 +34,6 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use futures::{FutureExt, StreamExt};
-use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use zookeeper_client::{
@@ -52,19 +51,16 @@ use super::events;
 use super::metrics::ZookeeperMetrics;
 use super::mirror::Mirror;
 use super::select::Selection;
+use super::session::SessionConfig;
 
 /// Events taken from the watch at once: one burst of changes becomes one pass over the
 /// services it touches.
 const MAX_BATCH: usize = 1024;
 
 pub(super) struct WatchConfig {
-    pub connect: String,
-    /// TLS to every server of the connect string (`secure_connect`).
-    pub tls: Option<zookeeper_client::TlsOptions>,
+    pub session: SessionConfig,
     pub base: String,
     pub layout: Layout,
-    pub session_timeout: std::time::Duration,
-    pub digest: Option<(String, SecretString)>,
     pub read_concurrency: usize,
     pub pacing: PacerConfig,
 }
@@ -159,27 +155,7 @@ impl Watcher {
     }
 
     async fn connect(&self) -> Result<Client, ZookeeperError> {
-        let mut connector = Client::connector()
-            .with_session_timeout(self.cfg.session_timeout)
-            .with_fail_eagerly();
-        if let Some((user, password)) = &self.cfg.digest {
-            // Given at connect time, the credentials go again with every reconnection.
-            let auth = zeroizing(format!("{user}:{}", password.expose_secret()));
-            connector = connector.with_auth("digest", auth.expose_secret().as_bytes());
-        }
-        let session = match &self.cfg.tls {
-            Some(tls) => {
-                connector
-                    .with_tls(tls.clone())
-                    .secure_connect(&self.cfg.connect)
-                    .await
-            }
-            None => connector.connect(&self.cfg.connect).await,
-        };
-        session.map_err(|source| ZookeeperError::Connect {
-            connect: self.cfg.connect.clone(),
-            source,
-        })
+        self.cfg.session.open(false).await
     }
 
     /// One session: the watch, then reads and events until the session ends.
@@ -584,7 +560,3 @@ fn is_terminal(event: Option<&WatchedEvent>) -> bool {
     event.is_some_and(|e| e.event_type == EventType::Session && e.session_state.is_terminated())
 }
 
-/// `text` in a [`SecretString`]: zeroed when dropped, redacted in `Debug`.
-fn zeroizing(text: String) -> SecretString {
-    SecretString::from(text)
-}
