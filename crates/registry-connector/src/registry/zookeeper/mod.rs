@@ -88,39 +88,41 @@ impl ZookeeperSource {
 
 /// The session settings of `cfg`, checked; reads the password file. Shared by the
 /// source and the writer.
-pub(crate) fn session_config(cfg: &ZookeeperConfig) -> Result<session::SessionConfig, ZookeeperError> {
-        let connect = config::connect_string(&cfg.connect)?;
-        let tls = tls_options(cfg)?;
-        if cfg.session_timeout < Duration::from_secs(1)
-            || cfg.session_timeout > Duration::from_secs(3600)
-        {
-            return Err(ZookeeperError::Config(format!(
-                "the session timeout must be between 1s and 1h, got {}",
-                humantime::format_duration(cfg.session_timeout)
-            )));
-        }
-        let password = secret::resolve(
-            "ZooKeeper digest password",
-            cfg.digest_password.as_deref(),
-            cfg.digest_password_file.as_deref(),
-        )?;
-        let user = cfg.digest_user.clone().filter(|u| !u.trim().is_empty());
-        let digest = match (user, password) {
-            (Some(user), Some(password)) => {
-                if user.contains(':') {
-                    return Err(ZookeeperError::Config(
-                        "the ZooKeeper digest user must not contain ':'".into(),
-                    ));
-                }
-                Some((user, password))
-            }
-            (None, None) => None,
-            _ => {
+pub(crate) fn session_config(
+    cfg: &ZookeeperConfig,
+) -> Result<session::SessionConfig, ZookeeperError> {
+    let connect = config::connect_string(&cfg.connect)?;
+    let tls = tls_options(cfg)?;
+    if cfg.session_timeout < Duration::from_secs(1)
+        || cfg.session_timeout > Duration::from_secs(3600)
+    {
+        return Err(ZookeeperError::Config(format!(
+            "the session timeout must be between 1s and 1h, got {}",
+            humantime::format_duration(cfg.session_timeout)
+        )));
+    }
+    let password = secret::resolve(
+        "ZooKeeper digest password",
+        cfg.digest_password.as_deref(),
+        cfg.digest_password_file.as_deref(),
+    )?;
+    let user = cfg.digest_user.clone().filter(|u| !u.trim().is_empty());
+    let digest = match (user, password) {
+        (Some(user), Some(password)) => {
+            if user.contains(':') {
                 return Err(ZookeeperError::Config(
-                    "the ZooKeeper digest user and password go together".into(),
-                ))
+                    "the ZooKeeper digest user must not contain ':'".into(),
+                ));
             }
-        };
+            Some((user, password))
+        }
+        (None, None) => None,
+        _ => {
+            return Err(ZookeeperError::Config(
+                "the ZooKeeper digest user and password go together".into(),
+            ))
+        }
+    };
     Ok(session::SessionConfig {
         connect,
         tls,

@@ -42,7 +42,8 @@ pub const STATUS_KEY: &str = "instance_status";
 const STATUS_UP: &str = "UP";
 const STATUS_OUT_OF_SERVICE: &str = "OUT_OF_SERVICE";
 /// The payload class Spring Cloud Zookeeper's Jackson mapper needs to decode a payload.
-pub const SPRING_PAYLOAD_CLASS: &str = "org.springframework.cloud.zookeeper.discovery.ZookeeperInstance";
+pub const SPRING_PAYLOAD_CLASS: &str =
+    "org.springframework.cloud.zookeeper.discovery.ZookeeperInstance";
 
 /// Dubbo URL parameters the writer sets itself: the Service's metadata cannot set them.
 const DUBBO_OWN_PARAMS: [&str; 4] = ["interface", "side", "enabled", INSTANCE_KEY];
@@ -118,12 +119,18 @@ pub fn normalize(layout: super::Layout, instance: &mut Instance) {
 fn common_meta(instance: &Instance, connector_id: &str) -> BTreeMap<String, String> {
     let mut out = instance.meta.clone();
     out.insert(meta_keys::SOURCE.into(), meta_keys::SOURCE_VALUE.into());
-    out.insert(meta_keys::NAMESPACE.into(), instance.source.namespace.clone());
+    out.insert(
+        meta_keys::NAMESPACE.into(),
+        instance.source.namespace.clone(),
+    );
     out.insert(meta_keys::SERVICE.into(), instance.source.name.clone());
     out.insert(meta_keys::CONNECTOR.into(), connector_id.into());
     out.insert(INSTANCE_KEY.into(), instance.id.clone());
     for (name, port) in &instance.ports {
-        out.insert(format!("{}{name}", meta_keys::PORT_PREFIX), port.to_string());
+        out.insert(
+            format!("{}{name}", meta_keys::PORT_PREFIX),
+            port.to_string(),
+        );
     }
     if !instance.tags.is_empty() {
         out.insert(meta_keys::TAGS.into(), instance.tags.join(","));
@@ -180,7 +187,10 @@ pub fn dubbo_node(base: &str, instance: &Instance, connector_id: &str) -> Result
     let name = java_url_encode(&url);
     // Dubbo encodes the interface's directory name too (an identity for Java names).
     Ok(Node {
-        path: api::join(base, &[&java_url_encode(&instance.service), PROVIDERS, &name]),
+        path: api::join(
+            base,
+            &[&java_url_encode(&instance.service), PROVIDERS, &name],
+        ),
         data: Vec::new(),
     })
 }
@@ -260,7 +270,12 @@ fn from_meta(
         .collect();
     let tags = meta
         .get(meta_keys::TAGS)
-        .map(|t| t.split(',').filter(|t| !t.is_empty()).map(str::to_string).collect())
+        .map(|t| {
+            t.split(',')
+                .filter(|t| !t.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
         .unwrap_or_default();
     let extra = meta
         .iter()
@@ -329,17 +344,18 @@ pub fn decode_curator(service_dir: &str, data: &[u8], connector_id: &str) -> Cur
     if !is_owned(&meta, connector_id) {
         return CuratorRead::Foreign;
     }
-    let Some(id) = parsed.id.clone().or_else(|| meta.get(INSTANCE_KEY).cloned()) else {
+    let Some(id) = parsed
+        .id
+        .clone()
+        .or_else(|| meta.get(INSTANCE_KEY).cloned())
+    else {
         return CuratorRead::Foreign;
     };
     let health = match meta.get(STATUS_KEY).map(String::as_str) {
         None | Some(STATUS_UP) => Health::Passing,
         Some(_) => Health::Critical,
     };
-    let port = parsed
-        .port
-        .and_then(|p| u16::try_from(p).ok())
-        .unwrap_or(0);
+    let port = parsed.port.and_then(|p| u16::try_from(p).ok()).unwrap_or(0);
     CuratorRead::Owned(from_meta(
         id,
         service_dir.to_string(),
@@ -381,7 +397,9 @@ mod tests {
         for health in [Health::Passing, Health::Critical] {
             let want = instance(health);
             let node = dubbo_node("/dubbo", &want, CONNECTOR).unwrap();
-            assert!(node.path.starts_with("/dubbo/com.example.Web/providers/dubbo%3A%2F%2F"));
+            assert!(node
+                .path
+                .starts_with("/dubbo/com.example.Web/providers/dubbo%3A%2F%2F"));
             assert!(node.data.is_empty());
             let got = decode_dubbo("com.example.Web", name_of(&node), CONNECTOR).unwrap();
             assert_eq!(got, want);
@@ -411,13 +429,19 @@ mod tests {
         let url = api::parse_dubbo_url(name_of(&node)).unwrap();
         assert_eq!(url.protocol, "tri");
         assert_eq!((url.host.as_str(), url.port), ("2001:db8::10", Some(20880)));
-        assert_eq!(decode_dubbo("com.example.Web", name_of(&node), CONNECTOR), Some(v6));
+        assert_eq!(
+            decode_dubbo("com.example.Web", name_of(&node), CONNECTOR),
+            Some(v6)
+        );
     }
 
     #[test]
     fn somebody_elses_provider_is_not_ours() {
         let node = dubbo_node("/dubbo", &instance(Health::Passing), CONNECTOR).unwrap();
-        assert_eq!(decode_dubbo("com.example.Web", name_of(&node), "other"), None);
+        assert_eq!(
+            decode_dubbo("com.example.Web", name_of(&node), "other"),
+            None
+        );
         assert!(dubbo_is_foreign(name_of(&node), "other"));
         assert!(!dubbo_is_foreign(name_of(&node), CONNECTOR));
         let vm = "dubbo%3A%2F%2F192.0.2.1%3A20880%2Fcom.example.Web%3Fside%3Dprovider";
@@ -439,7 +463,10 @@ mod tests {
             "a value may hold `=`, not `&`; own keys are the writer's"
         );
         let node = dubbo_node("/dubbo", &want, CONNECTOR).unwrap();
-        assert_eq!(decode_dubbo("com.example.Web", name_of(&node), CONNECTOR), Some(want));
+        assert_eq!(
+            decode_dubbo("com.example.Web", name_of(&node), CONNECTOR),
+            Some(want)
+        );
     }
 
     #[test]
@@ -477,7 +504,10 @@ mod tests {
     fn names_that_cannot_be_nodes_are_refused() {
         let mut bad = instance(Health::Passing);
         bad.service = "a/b".into();
-        assert!(matches!(dubbo_node("/dubbo", &bad, CONNECTOR), Err(Unwritable::ServiceName(_))));
+        assert!(matches!(
+            dubbo_node("/dubbo", &bad, CONNECTOR),
+            Err(Unwritable::ServiceName(_))
+        ));
         bad.service = "..".into();
         assert!(curator_node("/services", &bad, CONNECTOR, 0).is_err());
         let mut bad_id = instance(Health::Passing);

@@ -47,7 +47,12 @@ impl SessionConfig {
             connector = connector.with_auth("digest", auth.expose_secret().as_bytes());
         }
         let session = match &self.tls {
-            Some(tls) => connector.with_tls(tls.clone()).secure_connect(&self.connect).await,
+            Some(tls) => {
+                connector
+                    .with_tls(tls.clone())
+                    .secure_connect(&self.connect)
+                    .await
+            }
             None => connector.connect(&self.connect).await,
         };
         session.map_err(|source| ZookeeperError::Connect {

@@ -559,4 +559,3 @@ fn change_of(kind: EventType) -> Option<events::Change> {
 fn is_terminal(event: Option<&WatchedEvent>) -> bool {
     event.is_some_and(|e| e.event_type == EventType::Session && e.session_state.is_terminated())
 }
-

@@ -171,6 +171,12 @@ impl ZookeeperWriter {
         Arc::clone(&self.writer_metrics)
     }
 
+    /// The id of the session the writer's nodes belong to (a node's `ephemeralOwner`),
+    /// once one is open.
+    pub async fn session_id(&self) -> Option<i64> {
+        self.client.lock().await.as_ref().map(|c| c.session_id().0)
+    }
+
     /// The session's client, opening a session when there is none or the last one
     /// ended (then the engine is told: the old session's nodes are gone).
     async fn client(&self) -> Result<Client, ZookeeperError> {
@@ -180,7 +186,10 @@ impl ZookeeperWriter {
             if !state.is_terminated() {
                 return Ok(client.clone());
             }
-            warn!(?state, "the writer's ZooKeeper session ended; its nodes are gone, registering them again");
+            warn!(
+                ?state,
+                "the writer's ZooKeeper session ended; its nodes are gone, registering them again"
+            );
             self.writer_metrics.connected.set(0);
             lock(&self.dirs).clear();
             lock(&self.owned).clear();
@@ -212,7 +221,10 @@ impl ZookeeperWriter {
     /// The children of `path`; none when it does not exist.
     async fn children(&self, client: &Client, path: &str) -> Result<Vec<String>, ZookeeperError> {
         let listed = client.list_children(path).await;
-        self.metrics.record("get_children", !matches!(&listed, Err(e) if *e != zookeeper_client::Error::NoNode));
+        self.metrics.record(
+            "get_children",
+            !matches!(&listed, Err(e) if *e != zookeeper_client::Error::NoNode),
+        );
         match listed {
             Ok(children) => Ok(children),
             Err(zookeeper_client::Error::NoNode) => Ok(Vec::new()),
@@ -221,7 +233,11 @@ impl ZookeeperWriter {
     }
 
     /// The owned nodes of one service directory, and whether it holds others' nodes.
-    async fn read_dir(&self, client: &Client, dir: &str) -> Result<(Vec<(String, Instance)>, bool), ZookeeperError> {
+    async fn read_dir(
+        &self,
+        client: &Client,
+        dir: &str,
+    ) -> Result<(Vec<(String, Instance)>, bool), ZookeeperError> {
         let mut owned = Vec::new();
         let mut foreign = false;
         match self.layout {
@@ -247,12 +263,17 @@ impl ZookeeperWriter {
                     })
                     .buffer_unordered(READ_CONCURRENCY);
                 while let Some((path, data)) = reads.next().await {
-                    self.metrics.record("get_data", !matches!(&data, Err(e) if *e != zookeeper_client::Error::NoNode));
+                    self.metrics.record(
+                        "get_data",
+                        !matches!(&data, Err(e) if *e != zookeeper_client::Error::NoNode),
+                    );
                     match data {
-                        Ok((data, _)) => match register::decode_curator(dir, &data, &self.connector_id) {
-                            CuratorRead::Owned(instance) => owned.push((path, instance)),
-                            CuratorRead::Foreign => foreign = true,
-                        },
+                        Ok((data, _)) => {
+                            match register::decode_curator(dir, &data, &self.connector_id) {
+                                CuratorRead::Owned(instance) => owned.push((path, instance)),
+                                CuratorRead::Foreign => foreign = true,
+                            }
+                        }
                         // Gone since the listing.
                         Err(zookeeper_client::Error::NoNode) => {}
                         Err(e) => return Err(ZookeeperError::request("getData", &path, e)),
@@ -337,7 +358,11 @@ impl ZookeeperWriter {
         let _writes = self.writes.lock().await;
         let client = self.client().await?;
         let strays: Vec<String> = std::mem::take(&mut *lock(&self.strays));
-        let foreign: Vec<Held> = lock(&self.owned).values().filter(|h| !h.ours).cloned().collect();
+        let foreign: Vec<Held> = lock(&self.owned)
+            .values()
+            .filter(|h| !h.ours)
+            .cloned()
+            .collect();
         if foreign.is_empty() && strays.is_empty() {
             return Ok(0);
         }
@@ -352,7 +377,9 @@ impl ZookeeperWriter {
             let mut ops = Vec::with_capacity(chunk.len() * 2);
             let mut paths = Vec::with_capacity(chunk.len());
             for held in chunk {
-                let Ok(node) = self.node(&held.instance) else { continue };
+                let Ok(node) = self.node(&held.instance) else {
+                    continue;
+                };
                 ops.push(Op::Delete(held.path.clone()));
                 paths.push((held.instance.id.clone(), node.path.clone()));
                 ops.push(Op::Create(node));
@@ -453,25 +480,49 @@ impl RegistryWriter for ZookeeperWriter {
             let ours = ephemerals.contains(&path);
             match owned.get_mut(&instance.id) {
                 None => {
-                    owned.insert(instance.id.clone(), Held { path, instance, ours });
+                    owned.insert(
+                        instance.id.clone(),
+                        Held {
+                            path,
+                            instance,
+                            ours,
+                        },
+                    );
                 }
                 // Keep the one this session holds, remove the other.
                 Some(held) if ours && !held.ours => {
-                    strays.push(std::mem::replace(held, Held { path, instance, ours }).path);
+                    strays.push(
+                        std::mem::replace(
+                            held,
+                            Held {
+                                path,
+                                instance,
+                                ours,
+                            },
+                        )
+                        .path,
+                    );
                 }
                 Some(_) => strays.push(path),
             }
         }
         let foreign = owned.values().filter(|h| !h.ours).count();
         if foreign > 0 || !strays.is_empty() {
-            info!(nodes = foreign, duplicates = strays.len(), "owned ZooKeeper nodes held by another session; taking them over");
+            info!(
+                nodes = foreign,
+                duplicates = strays.len(),
+                "owned ZooKeeper nodes held by another session; taking them over"
+            );
             self.takeover.notify_one();
         }
         let instances = owned.values().map(|h| h.instance.clone()).collect();
         *lock(&self.owned) = owned;
         *lock(&self.strays) = strays;
         lock(&self.dirs).extend(known_dirs);
-        Ok(Registered { instances, shared_names })
+        Ok(Registered {
+            instances,
+            shared_names,
+        })
     }
 
     async fn apply(&self, writes: &[Write]) -> Result<Applied, ZookeeperError> {
@@ -491,14 +542,21 @@ impl RegistryWriter for ZookeeperWriter {
                         let node = match self.node(instance) {
                             Ok(node) => node,
                             Err(e) => {
-                                rejected.push(Rejected { index, reason: e.to_string() });
+                                rejected.push(Rejected {
+                                    index,
+                                    reason: e.to_string(),
+                                });
                                 continue;
                             }
                         };
                         let path = node.path.clone();
                         match held {
                             // Curator's node keeps its name: its data changes in place.
-                            Some(h) if h.ours && h.path == node.path && self.layout == Layout::Curator => {
+                            Some(h)
+                                if h.ours
+                                    && h.path == node.path
+                                    && self.layout == Layout::Curator =>
+                            {
                                 ops.push(Op::SetData(node));
                             }
                             Some(h) => {
@@ -507,7 +565,14 @@ impl RegistryWriter for ZookeeperWriter {
                             }
                             None => ops.push(Op::Create(node)),
                         }
-                        after.push((instance.id.clone(), Some(Held { path, instance: instance.clone(), ours: true })));
+                        after.push((
+                            instance.id.clone(),
+                            Some(Held {
+                                path,
+                                instance: instance.clone(),
+                                ours: true,
+                            }),
+                        ));
                     }
                     Write::Deregister(_) => {
                         if let Some(h) = held {
@@ -544,7 +609,10 @@ impl RegistryWriter for ZookeeperWriter {
             }
             match self.take_over().await {
                 Ok(0) => {}
-                Ok(n) => info!(nodes = n, "took over owned ZooKeeper nodes from another session"),
+                Ok(n) => info!(
+                    nodes = n,
+                    "took over owned ZooKeeper nodes from another session"
+                ),
                 Err(e) => debug!(error = %error_chain(&e), "ZooKeeper writer maintenance"),
             }
         }
