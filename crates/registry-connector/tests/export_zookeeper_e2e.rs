@@ -158,3 +158,121 @@ async fn pods_become_dubbo_providers_and_nothing_loops() -> Result<()> {
     connector.terminate().await?;
     Ok(())
 }
+
+/// `scripts/lib/zookeeper-java-register lookup ARGS...`: the lines between the JVM's
+/// start and its `done`.
+async fn java_lookup(args: &[&str]) -> Result<Vec<String>> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../scripts/lib/zookeeper-java-register");
+    let out = tokio::time::timeout(
+        // A fresh machine may build the fixture with Maven first.
+        std::time::Duration::from_secs(300),
+        tokio::process::Command::new("bash")
+            .arg(&script)
+            .arg("lookup")
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output(),
+    )
+    .await
+    .context("the Java lookup did not finish within 300 s")??;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    anyhow::ensure!(
+        out.status.success() && stdout.lines().last() == Some("done"),
+        "lookup {args:?} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines: Vec<String> = stdout
+        .lines()
+        .filter(|l| *l != "done")
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    Ok(lines)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dubbo_and_spring_consumers_find_what_was_written() -> Result<()> {
+    let s = Scenario::new("k2z-java").await?;
+    let zs = ZkScenario::new("k2z-java-zk").await?;
+    let t = &unique_name("t")[2..];
+    let pay = format!("com.example.K2zPay{t}");
+    // Version 2.0.0 as a registry meta annotation: what Dubbo consumers match on.
+    s.service("pay", &pay).await?;
+    let services: kube::Api<k8s_openapi::api::core::v1::Service> =
+        kube::Api::namespaced(s.client.clone(), s.ns.name());
+    let patch = serde_json::json!({"metadata": {"annotations": {"connector.flomesh.io/registry-meta-version": "2.0.0"}}});
+    services
+        .patch(
+            "pay",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await?;
+    s.pod("pay", "pay-0", "192.0.2.70", true).await?;
+    s.pod("pay", "pay-1", "192.0.2.71", false).await?;
+
+    let (dubbo_base, curator_base) = (zs.dubbo_base(), zs.curator_base());
+    let start = |layout: &str, base: &str, id: &str| {
+        Connector::builder(s.env, s.ns.name())
+            .zookeeper()
+            .args([
+                "--zookeeper-layout",
+                layout,
+                "--zookeeper-base-path",
+                base,
+                "--sync",
+                "to-registry",
+                "--k8s-allow-namespaces",
+                s.ns.name(),
+                "--connector-id",
+                id,
+            ])
+            .start()
+    };
+    let dubbo = start("dubbo", &dubbo_base, &format!("{}-d", s.connector_id))?;
+    let curator = start("curator", &curator_base, &format!("{}-c", s.connector_id))?;
+    let dir = format!("{dubbo_base}/{}/providers", url_encode(&pay));
+    wait_providers(
+        &zs.zk,
+        &dir,
+        &[("192.0.2.70", "true"), ("192.0.2.71", "false")],
+    )
+    .await
+    .map_err(|e| e.context(dubbo.log_tail()))?;
+    let curator_dir = format!("{curator_base}/{pay}");
+    wait_for("two Curator instances", WAIT, || async {
+        (zs.zk.list_children(&curator_dir).await.ok()?.len() == 2).then_some(())
+    })
+    .await
+    .map_err(|e| e.context(curator.log_tail()))?;
+
+    // Dubbo's own parsing and matching: a consumer of 2.0.0 matches the ready Pod's
+    // provider and not the disabled one (Dubbo's `isMatch` drops `enabled=false`); a
+    // consumer of 1.0.0 matches neither. The port named `http` names no Dubbo protocol:
+    // `dubbo`.
+    let v2 = java_lookup(&[&zs.addr, "dubbo", &dubbo_base, &pay, "2.0.0"]).await?;
+    assert_eq!(
+        v2,
+        [
+            "provider dubbo 192.0.2.70 8080 enabled=true match=true",
+            "provider dubbo 192.0.2.71 8080 enabled=false match=false",
+        ]
+    );
+    let v1 = java_lookup(&[&zs.addr, "dubbo", &dubbo_base, &pay, "1.0.0"]).await?;
+    assert!(v1.iter().all(|l| l.ends_with("match=false")), "{v1:?}");
+
+    // Curator's ServiceDiscovery with Spring's payload class decodes both.
+    let spring = java_lookup(&[&zs.addr, "curator", &curator_base, &pay]).await?;
+    assert_eq!(
+        spring,
+        [
+            "instance 192.0.2.70 8080 status=UP uri=http://192.0.2.70:8080",
+            "instance 192.0.2.71 8080 status=OUT_OF_SERVICE uri=http://192.0.2.71:8080",
+        ]
+    );
+    dubbo.terminate().await?;
+    curator.terminate().await?;
+    Ok(())
+}

@@ -125,8 +125,7 @@ pub struct NacosCommand {
     pub operation: OperationArgs,
 }
 
-/// The shared selection, Kubernetes and operation flags with ZooKeeper's own in front;
-/// no `--sync` yet (only the ZooKeeper → Kubernetes direction exists).
+/// The same shared flag sets as [`ConsulCommand`], with ZooKeeper's own in front.
 #[derive(Debug, Args)]
 pub struct ZookeeperCommand {
     #[command(flatten)]

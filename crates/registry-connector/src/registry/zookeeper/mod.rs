@@ -16,9 +16,12 @@
 //!
 //! The client is the `zookeeper-client` crate (async, tokio, persistent watches, digest
 //! auth); ZooKeeper 3.6 or later is needed for persistent recursive watches. Like every
-//! source it knows nothing about Kubernetes objects or names; only the ZooKeeper →
-//! Kubernetes direction exists. TLS (the ensemble's secure client port) is on when a CA
-//! file is given.
+//! source it knows nothing about Kubernetes objects or names. TLS (the ensemble's secure
+//! client port) is on when a CA file is given.
+//!
+//! The Kubernetes → ZooKeeper direction: [`writer`] (the export engine's
+//! `RegistryWriter`, ephemeral nodes of its own detached session) and [`register`] (the
+//! node forms of both layouts, pure); `session` opens the sessions of both.
 
 pub mod api;
 pub mod config;

@@ -12,8 +12,8 @@
 //! <service>&side=provider&...`. The URL's parameters carry everything: the ownership
 //! keys ([`meta_keys`]), the instance id ([`INSTANCE_KEY`]), one `port-<name>` per port,
 //! the tags, the Service's extra metadata (a `version` or `group` there is what Dubbo
-//! consumers match on). Health is `enabled`: Dubbo consumers skip a provider with
-//! `enabled=false`, and it stays listed for people to see. Because the name is the
+//! consumers match on). Health is `enabled`: Dubbo's consumer matching (`UrlUtils.isMatch`)
+//! drops a provider with `enabled=false`, and it stays listed for people to see. Because the name is the
 //! data, a changed instance is a new node: the old one is deleted and the new one
 //! created in one multi-operation, atomically.
 //!
@@ -48,9 +48,10 @@ pub const SPRING_PAYLOAD_CLASS: &str =
 /// Dubbo URL parameters the writer sets itself: the Service's metadata cannot set them.
 const DUBBO_OWN_PARAMS: [&str; 4] = ["interface", "side", "enabled", INSTANCE_KEY];
 /// Port names that name a Dubbo protocol: the main port's name becomes the URL's
-/// protocol when it is one of them (`triple` is spelled `tri`), else `dubbo`.
-const DUBBO_PROTOCOLS: [&str; 9] = [
-    "dubbo", "tri", "triple", "rest", "grpc", "http", "hessian", "rmi", "thrift",
+/// protocol when it is one of them (`triple` is spelled `tri`), else `dubbo`. Not
+/// `http`: that is any web port's name, and Dubbo's `http` protocol is not plain HTTP.
+const DUBBO_PROTOCOLS: [&str; 7] = [
+    "dubbo", "tri", "triple", "rest", "grpc", "hessian", "thrift",
 ];
 
 /// Java's `URLEncoder`: everything but `[A-Za-z0-9.*_-]` is `%XX` (a space too, where

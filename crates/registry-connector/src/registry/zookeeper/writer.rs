@@ -25,7 +25,7 @@
 //!   changed or removed.
 //!
 //! Not watched: an owned node deleted by hand is written again at the next resync
-//! (`--registry-resync-period`), not at once.
+//! (`--resync-period`), not at once.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
