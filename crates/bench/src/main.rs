@@ -41,6 +41,7 @@ use registry::consul::Consul;
 use registry::consul_link::{ConnectorLink, Tls};
 use registry::eureka::Eureka;
 use registry::nacos::Nacos;
+use registry::zookeeper::Zookeeper;
 use registry::{Kind, Registry};
 use workloads::export_subject::{ConsulK8s, Subject};
 use workloads::Ctx;
@@ -78,6 +79,9 @@ struct Args {
     /// Nacos's HTTP API (127.0.0.1:PORT; gRPC on PORT + 1000), with --registry nacos.
     #[arg(long, env = "NACOS_ADDR")]
     nacos_addr: Option<String>,
+    /// ZooKeeper's client port (127.0.0.1:PORT), with --registry zookeeper.
+    #[arg(long, env = "ZOOKEEPER_ADDR")]
+    zookeeper_addr: Option<String>,
     /// The connector's --eureka-poll-interval. Eureka has no blocking queries, so a
     /// change waits up to this long in the server before the connector reads it.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
@@ -213,7 +217,7 @@ impl Args {
     }
 
     /// The client of the registry chosen with `--registry`.
-    fn registry(&self) -> Result<Registry> {
+    async fn registry(&self) -> Result<Registry> {
         Ok(match self.registry {
             Kind::Consul => {
                 let addr = self
@@ -245,6 +249,16 @@ impl Args {
                     bail!("--consul-tls is for --registry consul");
                 }
                 Registry::Nacos(Nacos::new(addr)?)
+            }
+            Kind::Zookeeper => {
+                let addr = self
+                    .zookeeper_addr
+                    .as_deref()
+                    .context("--registry zookeeper needs --zookeeper-addr (or ZOOKEEPER_ADDR)")?;
+                if self.consul_tls {
+                    bail!("--consul-tls is for --registry consul");
+                }
+                Registry::Zookeeper(Zookeeper::connect(addr).await?)
             }
         })
     }
@@ -279,7 +293,7 @@ fn short_id() -> String {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let plan = plan::plan(args.profile, args.registry, &args.overrides());
-    let registry = args.registry()?;
+    let registry = args.registry().await?;
     let root = testenv::repo_root();
     let bin = args
         .connector_bin

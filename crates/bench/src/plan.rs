@@ -137,7 +137,7 @@ pub fn curve_plan(registry: Kind, o: &CurveOverrides) -> CurvePlan {
         restart_timeout: Duration::from_secs(60),
         max_instances: o.max_instances.or(match registry {
             Kind::Eureka => Some(EUREKA_MAX_INSTANCES),
-            Kind::Consul | Kind::Nacos => None,
+            Kind::Consul | Kind::Nacos | Kind::Zookeeper => None,
         }),
         namespace_gone_max: Duration::from_secs(600),
     }

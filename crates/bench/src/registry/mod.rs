@@ -1,7 +1,7 @@
 //! The registry under test. The workloads are registry-neutral: they load data sets,
 //! make changes, start connectors and clean up through [`Registry`], which forwards to
-//! the Consul, the Eureka or the Nacos client. An enum rather than a trait object: there
-//! are three registries, the methods are async, and each variant keeps its own quirks (Consul's
+//! the Consul, Eureka, Nacos or ZooKeeper client. An enum rather than a trait object: there
+//! are four registries, the methods are async, and each variant keeps its own quirks (Consul's
 //! abandoned long polls, Eureka's poll interval) behind the same few calls.
 
 pub mod consul;
@@ -12,6 +12,7 @@ pub mod eureka;
 pub mod eureka_export;
 pub mod export_reader;
 pub mod nacos;
+pub mod zookeeper;
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -24,6 +25,7 @@ use crate::model::{Instance, Service};
 use consul::{ConnRelease, Consul};
 use eureka::Eureka;
 use nacos::Nacos;
+use zookeeper::Zookeeper;
 
 /// Which registry a run drives (`--registry`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -32,6 +34,7 @@ pub enum Kind {
     Consul,
     Eureka,
     Nacos,
+    Zookeeper,
 }
 
 impl Kind {
@@ -41,6 +44,7 @@ impl Kind {
             Kind::Consul => "Consul",
             Kind::Eureka => "Eureka",
             Kind::Nacos => "Nacos",
+            Kind::Zookeeper => "ZooKeeper",
         }
     }
 }
@@ -51,6 +55,7 @@ pub enum Registry {
     Consul(Consul),
     Eureka(Eureka),
     Nacos(Nacos),
+    Zookeeper(Zookeeper),
 }
 
 /// What happens to a data set once the connector reading it has stopped.
@@ -68,6 +73,7 @@ impl Registry {
             Registry::Consul(_) => Kind::Consul,
             Registry::Eureka(_) => Kind::Eureka,
             Registry::Nacos(_) => Kind::Nacos,
+            Registry::Zookeeper(_) => Kind::Zookeeper,
         }
     }
 
@@ -82,6 +88,7 @@ impl Registry {
             Registry::Consul(_) => "consul",
             Registry::Eureka(_) => "eureka",
             Registry::Nacos(_) => "nacos",
+            Registry::Zookeeper(_) => "zookeeper",
         }
     }
 
@@ -89,14 +96,14 @@ impl Registry {
     pub fn consul(&self) -> Option<&Consul> {
         match self {
             Registry::Consul(c) => Some(c),
-            Registry::Eureka(_) | Registry::Nacos(_) => None,
+            Registry::Eureka(_) | Registry::Nacos(_) | Registry::Zookeeper(_) => None,
         }
     }
 
     /// The Eureka client, when the registry is Eureka.
     pub fn eureka(&self) -> Option<&Eureka> {
         match self {
-            Registry::Consul(_) | Registry::Nacos(_) => None,
+            Registry::Consul(_) | Registry::Nacos(_) | Registry::Zookeeper(_) => None,
             Registry::Eureka(e) => Some(e),
         }
     }
@@ -108,6 +115,7 @@ impl Registry {
             Registry::Consul(c) => c.connector_port(),
             Registry::Eureka(e) => e.port(),
             Registry::Nacos(n) => n.port(),
+            Registry::Zookeeper(z) => z.port(),
         }
     }
 
@@ -119,6 +127,7 @@ impl Registry {
             Registry::Consul(_) => "Consul over HTTP",
             Registry::Eureka(_) => "Eureka over HTTP",
             Registry::Nacos(_) => "Nacos over gRPC",
+            Registry::Zookeeper(_) => "ZooKeeper (one persistent recursive watch)",
         }
     }
 
@@ -135,7 +144,7 @@ impl Registry {
                     None
                 }
             },
-            Registry::Eureka(_) | Registry::Nacos(_) => None,
+            Registry::Eureka(_) | Registry::Nacos(_) | Registry::Zookeeper(_) => None,
         }
     }
 
@@ -144,7 +153,7 @@ impl Registry {
     pub fn agent_connections(&self) -> Option<usize> {
         match self {
             Registry::Consul(c) => Some(c.open_connections()),
-            Registry::Eureka(_) | Registry::Nacos(_) => None,
+            Registry::Eureka(_) | Registry::Nacos(_) | Registry::Zookeeper(_) => None,
         }
     }
 
@@ -154,6 +163,7 @@ impl Registry {
             Registry::Consul(_) => "PUT /v1/catalog/register",
             Registry::Eureka(_) => "POST /apps/{APP}",
             Registry::Nacos(_) => "POST /nacos/v1/ns/instance",
+            Registry::Zookeeper(_) => "create <base>/<interface>/providers/<URL> (ephemeral)",
         }
     }
 
@@ -163,6 +173,7 @@ impl Registry {
             Registry::Consul(c) => c.selection_flags(set),
             Registry::Eureka(e) => e.selection_flags(set),
             Registry::Nacos(n) => n.selection_flags(set),
+            Registry::Zookeeper(z) => z.selection_flags(set),
         }
     }
 
@@ -172,6 +183,7 @@ impl Registry {
             Registry::Consul(c) => c.tuning_flags(),
             Registry::Eureka(e) => e.tuning_flags(),
             Registry::Nacos(n) => n.tuning_flags(),
+            Registry::Zookeeper(z) => z.tuning_flags(),
         }
     }
 
@@ -183,6 +195,7 @@ impl Registry {
             Registry::Consul(_) => Duration::ZERO,
             Registry::Eureka(e) => e.poll_interval,
             Registry::Nacos(n) => n.read_delay(),
+            Registry::Zookeeper(_) => Duration::ZERO,
         }
     }
 
@@ -193,6 +206,7 @@ impl Registry {
             Registry::Consul(c) => c.register_all(services, concurrency).await?,
             Registry::Eureka(e) => e.register_all(services, concurrency).await?,
             Registry::Nacos(n) => n.register_all(services, concurrency).await?,
+            Registry::Zookeeper(z) => z.register_all(services, concurrency).await?,
         }
         Ok(started.elapsed())
     }
@@ -203,6 +217,7 @@ impl Registry {
             Registry::Consul(c) => c.register(svc, inst).await,
             Registry::Eureka(e) => e.register(svc, inst).await,
             Registry::Nacos(n) => n.register(svc, inst).await,
+            Registry::Zookeeper(z) => z.register(svc, inst).await,
         }
     }
 
@@ -212,6 +227,7 @@ impl Registry {
             Registry::Consul(c) => c.deregister(svc, inst).await,
             Registry::Eureka(e) => e.cancel(svc, inst).await,
             Registry::Nacos(n) => n.deregister(svc, inst).await,
+            Registry::Zookeeper(z) => z.deregister(svc, inst).await,
         }
     }
 
@@ -222,6 +238,7 @@ impl Registry {
             Registry::Consul(c) => c.set_ready(svc, inst, ready).await,
             Registry::Eureka(e) => e.set_ready(svc, inst, ready).await,
             Registry::Nacos(n) => n.set_ready(svc, inst, ready).await,
+            Registry::Zookeeper(z) => z.set_ready(svc, inst, ready).await,
         }
     }
 
@@ -231,6 +248,7 @@ impl Registry {
             Registry::Consul(c) => c.instance_count(service).await,
             Registry::Eureka(e) => e.instance_count(service).await,
             Registry::Nacos(n) => n.instance_count(service).await,
+            Registry::Zookeeper(z) => z.instance_count(service).await,
         }
     }
 
@@ -272,6 +290,15 @@ impl Registry {
                 }
                 Ok(None)
             }
+            Registry::Zookeeper(z) => {
+                if then == AfterStop::Remove {
+                    if let Some(s) = services.first() {
+                        let n = z.remove_set(&s.set, concurrency).await?;
+                        crate::say(format!("deleted the {n} providers of {} {when}", s.set));
+                    }
+                }
+                Ok(None)
+            }
         }
     }
 
@@ -281,6 +308,7 @@ impl Registry {
             Registry::Consul(c) => c.cleanup().await,
             Registry::Eureka(e) => e.cleanup(concurrency).await,
             Registry::Nacos(n) => n.cleanup(concurrency).await,
+            Registry::Zookeeper(z) => z.cleanup(concurrency).await,
         }
     }
 
@@ -289,7 +317,7 @@ impl Registry {
     /// a failure to read it is reported and yields `None`.
     pub async fn delta_instances(&self) -> Option<usize> {
         match self {
-            Registry::Consul(_) | Registry::Nacos(_) => None,
+            Registry::Consul(_) | Registry::Nacos(_) | Registry::Zookeeper(_) => None,
             Registry::Eureka(e) => match e.delta_instances().await {
                 Ok(n) => Some(n),
                 Err(err) => {

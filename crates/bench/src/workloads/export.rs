@@ -75,8 +75,8 @@ impl ExportEnv {
                 ep.registry_poll,
                 ep.registry_poll_all,
             )?),
-            Registry::Nacos(_) => {
-                anyhow::bail!("the export workload writes to Consul or Eureka (Kubernetes -> Nacos is not built yet)")
+            Registry::Nacos(_) | Registry::Zookeeper(_) => {
+                anyhow::bail!("the export workload writes to Consul or Eureka (not yet to Nacos or ZooKeeper)")
             }
         };
         Ok(Self {

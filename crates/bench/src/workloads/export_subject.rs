@@ -232,11 +232,11 @@ impl Subject {
                 .to_vec();
                 launch.extra = vec!["--log-level".into(), ctx.log_level.clone()];
             }
-            (Subject::ConsulK8s(_), Kind::Eureka | Kind::Nacos) => {
+            (Subject::ConsulK8s(_), Kind::Eureka | Kind::Nacos | Kind::Zookeeper) => {
                 bail!("consul-k8s writes to Consul only")
             }
-            (Subject::RegistryConnector, Kind::Nacos) => {
-                bail!("Kubernetes -> Nacos is not built yet")
+            (Subject::RegistryConnector, Kind::Nacos | Kind::Zookeeper) => {
+                bail!("the export workload measures Consul and Eureka only")
             }
             (Subject::ConsulK8s(c), Kind::Consul) => {
                 let consul = ctx.registry.consul().context("no Consul client")?;
@@ -287,7 +287,7 @@ impl Subject {
             (Subject::RegistryConnector, Kind::Eureka) => {
                 "an instance with status OUT_OF_SERVICE (the connector's status override)"
             }
-            (Subject::RegistryConnector, Kind::Nacos) => "(Kubernetes -> Nacos is not built yet)",
+            (Subject::RegistryConnector, Kind::Nacos | Kind::Zookeeper) => "(not measured)",
             (Subject::ConsulK8s(_), _) => {
                 "no instance (this consul-k8s registers the Endpoints' ready addresses only)"
             }
@@ -299,7 +299,7 @@ impl Subject {
         match kind {
             Kind::Consul => "passing",
             Kind::Eureka => "UP",
-            Kind::Nacos => "(not built yet)",
+            Kind::Nacos | Kind::Zookeeper => "(not measured)",
         }
     }
 
@@ -309,7 +309,7 @@ impl Subject {
         match (self, kind) {
             (Subject::RegistryConnector, Kind::Consul) => Some("critical"),
             (Subject::RegistryConnector, Kind::Eureka) => Some("OUT_OF_SERVICE"),
-            (Subject::RegistryConnector, Kind::Nacos) => None,
+            (Subject::RegistryConnector, Kind::Nacos | Kind::Zookeeper) => None,
             (Subject::ConsulK8s(_), _) => None,
         }
     }
